@@ -1,0 +1,139 @@
+"""``ALQInit``: attach multi-bit state in ``setup`` and initialise it by structured sketching."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..core import QuadraticConfig
+from ..network import MultiBitNetwork
+from ..quantizer import QUANTIZABLE_TYPES, LayerSelection, attach
+from ..summary import bit_summary
+
+CHECKPOINT_KEY = "alq"
+_REFUSED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
+
+
+class ALQInit(Callback):
+    """Quantize the selected Linear/Conv layers of any LightningModule into multi-bit form.
+
+    In ``setup`` the layers get fixed-shape multi-bit buffers (before DDP wraps the model and before a
+    checkpoint is restored); at the start of fitting each layer is initialised from its float weight by
+    structured sketching, unless a checkpoint already carried the state. The multi-bit tensors travel in
+    the checkpoint under ``"alq"``; the weights in ``state_dict`` stay dense and equal to ŵ.
+
+    Outside every stage window the quantized weights are frozen (their gradients are dropped), while the
+    module's own optimizer keeps training every other parameter.
+
+    Args:
+        max_bits: binary bases per group (1..8).
+        structures: ``{name pattern: structure}``, e.g. ``{"conv1": "kernelwise", "fc*": "subchannelwise(2)"}``;
+            unmatched layers use the automatic choice.
+        include / exclude: module-name patterns selecting the layers.
+        types: module types to quantize (default all of Linear, Conv1d/2d/3d).
+        max_bits_overrides: ``{name pattern: max_bits}``.
+        keep_first / keep_last: leave the first / last quantizable layer in float.
+        beta1 / beta2 / eps: AMSGrad constants of the quadratic model.
+    """
+
+    def __init__(
+        self,
+        max_bits: int = 6,
+        structures: Mapping[str, str] | None = None,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        types: Sequence[str] = tuple(QUANTIZABLE_TYPES),
+        max_bits_overrides: Mapping[str, int] | None = None,
+        keep_first: bool = False,
+        keep_last: bool = False,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+    ) -> None:
+        self.selection = LayerSelection(
+            max_bits=max_bits, include=tuple(include), exclude=tuple(exclude), types=tuple(types),
+            structures=dict(structures or {}), max_bits_overrides=dict(max_bits_overrides or {}),
+            keep_first=keep_first, keep_last=keep_last,
+        )
+        self.config = QuadraticConfig(beta1, beta2, eps)
+        self.network: MultiBitNetwork | None = None
+        self.initialized = False
+        self.stages: list[Any] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(max_bits=self.selection.max_bits)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        name = type(trainer.strategy).__name__
+        if any(refused in name for refused in _REFUSED_STRATEGIES):
+            raise ValueError(
+                f"strategy {name} shards parameters, which ALQ's per-group state cannot follow; "
+                f"use strategy='ddp' (or 'ddp_spawn'/'ddp_fork') or a single device"
+            )
+        if self.network is None:
+            layers, float_layers = attach(pl_module, self.selection)
+            self.network = MultiBitNetwork(layers, float_layers, self.config)
+            ignored = [f"{layer}.alq_{key}" for layer, q in layers.items() for key in q.multibit_tensors()]
+            pl_module._ddp_params_and_buffers_to_ignore = (
+                list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", [])) + ignored
+            )
+            floats = ", ".join(f"{n} ({why})" for n, why in float_layers.items()) or "none"
+            rank_zero_info(f"ALQ quantizes {len(layers)} layers; left in float: {floats}")
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.initialized:
+            self.network.initialize()
+            self.initialized = True
+            rank_zero_info(f"ALQ initialised at {self.network.avg_bits:.3f} average bits\n{bit_summary(pl_module)}")
+
+    def register(self, stage: Any) -> None:
+        """Stages register themselves so that gradients are dropped only when none of them is active."""
+        if stage not in self.stages:
+            self.stages.append(stage)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if not any(stage.active(trainer) for stage in self.stages):
+            self.network.drop_grads()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        summary = bit_summary(pl_module)
+        metrics = {"alq/avg_bits": summary.avg_bits, "alq/storage_bytes": float(summary.storage_bytes)}
+        metrics.update({f"alq/{row.name}/bits": row.avg_bits for row in summary.rows})
+        pl_module.log_dict(metrics, rank_zero_only=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        scalars = self.network.scalars() if self.network is not None else {}
+        return {"initialized": self.initialized, **scalars}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initialized = bool(state_dict["initialized"])
+        if self.network is not None and "weight_step" in state_dict:
+            self.network.load_scalars(state_dict)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = self.network.state_tensors()
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        tensors = checkpoint.get(CHECKPOINT_KEY)
+        if tensors is None:
+            raise ValueError(
+                "the checkpoint holds no ALQ multi-bit state (key 'alq'); it was not written with ALQInit/"
+                "ALQCallback attached. Load its dense weights with LightningModule.load_from_checkpoint instead"
+            )
+        self.network.load_state_tensors(tensors)
+
+
+def find_init(trainer: Trainer, owner: object) -> ALQInit:
+    """The ``ALQInit`` callback of ``trainer`` (exactly one), or a clear error naming ``owner``."""
+    found = [cb for cb in trainer.callbacks if isinstance(cb, ALQInit)]
+    found += [cb.init for cb in trainer.callbacks if isinstance(getattr(cb, "init", None), ALQInit)]
+    if len(found) != 1:
+        raise ValueError(
+            f"{type(owner).__name__} needs exactly one ALQInit (or ALQCallback) in Trainer(callbacks=...), "
+            f"found {len(found)}"
+        )
+    return found[0]
+

@@ -1,0 +1,164 @@
+"""``ALQCallback``: the whole ALQ pipeline on any LightningModule."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from ..core import check_target_bits
+from ..quantizer import QUANTIZABLE_TYPES
+from .init import ALQInit
+from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune, _check, _is_int
+
+PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}
+_HOOKS = ("on_fit_start", "on_train_epoch_start", "on_train_epoch_end", "on_train_batch_start",
+          "on_train_batch_end", "on_before_optimizer_step", "on_save_checkpoint", "on_load_checkpoint", "teardown")
+
+
+class ALQCallback(Callback):
+    """Adaptive Loss-aware Quantization of a LightningModule to an average of ``target_bits`` bits per weight.
+
+    Schedule (epochs, from ``start_epoch``)::
+
+        init (structured sketching)
+        rounds × [basis_epochs of BasisRefit, coordinate_epochs of CoordinateRefit, pruning_epochs of pruning]
+        ste_epochs of STEFineTune, then final_coordinate_epochs of CoordinateRefit
+
+    Within a round the learning rate restarts at ``lr`` and decays by ``lr_decay`` per epoch through basis,
+    coordinate and pruning epochs; STE starts at ``ste_lr`` decaying by ``ste_lr_decay``; the final
+    coordinate epochs continue from where STE ended (or start at ``final_lr``) decaying by ``final_lr_decay``.
+    The bit budget follows a geometric path from the initial average to ``target_bits`` over the rounds
+    and ends at or below it by less than one slot's bits.
+
+    Paper defaults (Qu et al., 2020): ``max_bits=6`` (ResNets 8), ``rounds=5`` (LeNet5 4), basis/coordinate
+    epochs 20/10 (ResNets 10/5), one pruning epoch, ``ste_epochs=50`` (ResNets 80), 20 final coordinate
+    epochs, ``lr=1e-3`` (ResNets 2e-4), ``lr_decay=0.8``.
+
+    Args:
+        target_bits: average bits per quantized weight at the end, in ``(0, max_bits)``.
+        pruning: ``"coordinates"`` (ALQ's bitwidth reduction, one slot at a time) or ``"groups"``
+            (whole groups, ranked by loss increase per bit saved).
+        per_bit: rank coordinates by loss increase per bit saved (only with ``pruning="coordinates"``).
+        max_bits, structures, include, exclude, types, max_bits_overrides, keep_first, keep_last, beta1,
+            beta2, eps: see :class:`ALQInit`.
+    """
+
+    def __init__(
+        self,
+        target_bits: float,
+        max_bits: int = 6,
+        rounds: int = 5,
+        basis_epochs: int = 20,
+        coordinate_epochs: int = 10,
+        pruning_epochs: int = 1,
+        ste_epochs: int = 50,
+        final_coordinate_epochs: int = 20,
+        lr: float = 1e-3,
+        lr_decay: float = 0.8,
+        ste_lr: float = 1e-3,
+        ste_lr_decay: float = 0.95,
+        final_lr: float | None = None,
+        final_lr_decay: float = 0.9,
+        pruning: str = "coordinates",
+        per_bit: bool = False,
+        start_epoch: int = 0,
+        structures: Mapping[str, str] | None = None,
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+        types: Sequence[str] = tuple(QUANTIZABLE_TYPES),
+        max_bits_overrides: Mapping[str, int] | None = None,
+        keep_first: bool = False,
+        keep_last: bool = False,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+    ) -> None:
+        self.init = ALQInit(max_bits, structures, include, exclude, types, max_bits_overrides,
+                            keep_first, keep_last, beta1, beta2, eps)
+        widest = max([max_bits, *(max_bits_overrides or {}).values()])
+        self.target_bits = check_target_bits(target_bits, widest)
+        for name, value in (("basis_epochs", basis_epochs), ("coordinate_epochs", coordinate_epochs),
+                            ("ste_epochs", ste_epochs), ("final_coordinate_epochs", final_coordinate_epochs),
+                            ("start_epoch", start_epoch)):
+            _check(name, value, _is_int(value) and value >= 0, "an integer >= 0")
+        _check("rounds", rounds, _is_int(rounds) and rounds >= 1, "an integer >= 1")
+        _check("pruning_epochs", pruning_epochs, _is_int(pruning_epochs) and pruning_epochs >= 1,
+               "an integer >= 1")
+        _check("pruning", pruning, pruning in PRUNING, f"one of {sorted(PRUNING)}")
+        _check("per_bit", per_bit, not (per_bit and pruning == "groups"),
+               "False with pruning='groups' (groups are always ranked per bit)")
+        self.stages: list[ALQStage] = []
+        epoch = start_epoch
+        for round_index in range(1, rounds + 1):
+            self._add(BasisRefit, epoch, basis_epochs, lr, lr_decay)
+            self._add(CoordinateRefit, epoch + basis_epochs, coordinate_epochs, lr * lr_decay**basis_epochs, lr_decay)
+            epoch += basis_epochs + coordinate_epochs
+            self.stages.append(PRUNING[pruning](
+                epoch, self.target_bits, pruning_epochs, rounds, round_index,
+                lr * lr_decay ** (basis_epochs + coordinate_epochs), lr_decay, per_bit,
+            ))
+            epoch += pruning_epochs
+        self._add(STEFineTune, epoch, ste_epochs, ste_lr, ste_lr_decay)
+        epoch += ste_epochs
+        final_lr = ste_lr * ste_lr_decay**ste_epochs if final_lr is None else final_lr
+        self._add(CoordinateRefit, epoch, final_coordinate_epochs, final_lr, final_lr_decay)
+        self.total_epochs = epoch + final_coordinate_epochs
+        for stage in self.stages:
+            stage.bind(self.init)
+
+    def _add(self, kind: type[ALQStage], start: int, epochs: int, lr: float, lr_decay: float) -> None:
+        if epochs:
+            self.stages.append(kind(start, epochs, lr, lr_decay))
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(target_bits=self.target_bits, total_epochs=self.total_epochs)
+
+    @property
+    def network(self):
+        return self.init.network
+
+    def stage_at(self, epoch: int) -> ALQStage | None:
+        return next((s for s in self.stages if s.start_epoch <= epoch < s.end_epoch), None)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        max_epochs = trainer.max_epochs
+        if stage == "fit" and max_epochs is not None and 0 <= max_epochs < self.total_epochs:
+            raise ValueError(
+                f"Trainer(max_epochs={max_epochs}) cannot hold the ALQ schedule of {self.total_epochs} epochs; "
+                f"set Trainer(max_epochs={self.total_epochs}) (see ALQCallback(...).total_epochs)"
+            )
+        for callback in (self.init, *self.stages):
+            callback.setup(trainer, pl_module, stage)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for callback in (self.init, *self.stages):
+            callback.on_train_epoch_end(trainer, pl_module)
+        stage = self.stage_at(trainer.current_epoch)
+        rounds = [s for s in self.stages if isinstance(s, BitwidthReduction)]
+        done = sum(s.end_epoch <= trainer.current_epoch + 1 for s in rounds)
+        pl_module.log_dict({"alq/round": float(done), "alq/lr": stage.current_lr(trainer) if stage else 0.0},
+                           rank_zero_only=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"init": self.init.state_dict(), "stages": [stage.state_dict() for stage in self.stages]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.init.load_state_dict(state_dict["init"])
+        for stage, state in zip(self.stages, state_dict["stages"], strict=True):
+            stage.load_state_dict(state)
+
+
+def _forward(hook: str):
+    def forward(self: ALQCallback, *args: Any, **kwargs: Any) -> None:
+        for callback in (self.init, *self.stages):
+            getattr(callback, hook)(*args, **kwargs)
+
+    forward.__name__ = hook
+    return forward
+
+
+for _hook in _HOOKS:
+    if _hook not in ALQCallback.__dict__:
+        setattr(ALQCallback, _hook, _forward(_hook))

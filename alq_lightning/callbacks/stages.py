@@ -1,0 +1,205 @@
+"""The ALQ stages as Lightning callbacks, each active over a window of epochs.
+
+A stage consumes the quantized weights' gradients in ``on_before_optimizer_step`` (after accumulation,
+all-reduce and AMP unscaling), updates the multi-bit state through :class:`~alq_lightning.network.MultiBitNetwork`
+and writes ŵ back into the weights; the module's own optimizer never sees those gradients. Every decision
+is a function of the epoch and the optimizer step, so a resumed run repeats an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from ..core import step_budget
+from ..network import MultiBitNetwork
+from .init import ALQInit, find_init
+
+
+def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed; expected {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class ALQStage(Callback, ABC):
+    """A stage active for ``epochs`` epochs from ``start_epoch``, with learning rate ``lr · lr_decay^e``
+    in its ``e``-th epoch. Needs an :class:`ALQInit` (or :class:`ALQCallback`) in the same Trainer."""
+
+    def __init__(self, start_epoch: int, epochs: int, lr: float = 1e-3, lr_decay: float = 1.0) -> None:
+        _check("start_epoch", start_epoch, _is_int(start_epoch) and start_epoch >= 0, "an integer >= 0")
+        _check("epochs", epochs, _is_int(epochs) and epochs >= 1, "an integer >= 1")
+        _check("lr", lr, _is_number(lr) and lr > 0, "a number > 0")
+        _check("lr_decay", lr_decay, _is_number(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]")
+        self.start_epoch, self.epochs, self.lr, self.lr_decay = start_epoch, epochs, float(lr), float(lr_decay)
+        self.init: ALQInit | None = None
+
+    @property
+    def end_epoch(self) -> int:
+        """First epoch after the window."""
+        return self.start_epoch + self.epochs
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(start_epoch=self.start_epoch, epochs=self.epochs)
+
+    @property
+    def network(self) -> MultiBitNetwork:
+        return self.init.network
+
+    def bind(self, init: ALQInit) -> None:
+        self.init = init
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.init is None:
+            self.init = find_init(trainer, self)
+        self.init.register(self)
+
+    def active(self, trainer: Trainer) -> bool:
+        return self.start_epoch <= trainer.current_epoch < self.end_epoch
+
+    def current_lr(self, trainer: Trainer) -> float:
+        return self.lr * self.lr_decay ** (trainer.current_epoch - self.start_epoch)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if not self.active(trainer):
+            return
+        grads = self.network.take_grads()
+        if grads is None:
+            return
+        if not self.network.all_finite(grads):
+            rank_zero_warn(f"{type(self).__name__}: skipped the ALQ update of step {trainer.global_step}: "
+                           f"a quantized weight's gradient is not finite")
+            return
+        self.apply(trainer, grads)
+
+    @abstractmethod
+    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
+        """Update the multi-bit state from ``{layer: [G, n] gradient}``."""
+
+
+class BasisRefit(ALQStage):
+    """Basis step every training step: nearest bases to the AMSGrad target, then a weighted coordinate refit."""
+
+    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
+        self.network.basis_step(grads, self.current_lr(trainer))
+
+
+class CoordinateRefit(ALQStage):
+    """Coordinate step every training step: AMSGrad on the live coordinates with the bases fixed."""
+
+    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
+        self.network.coordinate_step(grads, self.current_lr(trainer))
+
+
+class STEFineTune(ALQStage):
+    """Straight-through fine-tuning: latent float weights (starting at ŵ) take AMSGrad steps from the
+    gradient at ŵ; bases and coordinates are refit to them after every step."""
+
+    def __init__(self, start_epoch: int, epochs: int, lr: float = 1e-3, lr_decay: float = 0.95) -> None:
+        super().__init__(start_epoch, epochs, lr, lr_decay)
+        self.started = False
+
+    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
+        if not self.started:
+            self.network.start_ste()
+            self.started = True
+        self.network.ste_step(grads, self.current_lr(trainer))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"started": self.started}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.started = bool(state_dict["started"])
+
+
+class BitwidthReduction(ALQStage):
+    """Smooth pruning of the least important coordinates toward an average-bits budget.
+
+    The budget path is geometric over ``rounds`` from the average after initialisation to ``target_bits``;
+    this stage covers round ``round_index`` and spreads it evenly over every optimizer step of its window,
+    ending at or below the round's budget by less than one slot's bits. Coordinates are not stepped; their
+    statistics keep updating; normalisation layers use their running statistics.
+
+    Args:
+        target_bits: final average bitwidth of the whole schedule.
+        rounds / round_index: this window is round ``round_index`` of ``rounds`` (default: the only one).
+        per_bit: rank slots by loss increase per bit saved instead of per slot.
+    """
+
+    def __init__(self, start_epoch: int, target_bits: float, epochs: int = 1, rounds: int = 1,
+                 round_index: int = 1, lr: float = 1e-3, lr_decay: float = 1.0, per_bit: bool = False) -> None:
+        super().__init__(start_epoch, epochs, lr, lr_decay)
+        _check("target_bits", target_bits, _is_number(target_bits) and target_bits > 0, "a number > 0")
+        _check("rounds", rounds, _is_int(rounds) and rounds >= 1, "an integer >= 1")
+        _check("round_index", round_index, _is_int(round_index) and 1 <= round_index <= rounds,
+               f"an integer in [1, rounds={rounds}]")
+        self.target_bits, self.rounds, self.round_index = float(target_bits), rounds, round_index
+        self.per_bit = per_bit
+        self.window_start_step: int | None = None
+        self._frozen_norms: list[nn.Module] = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        max_bits = max(layer.state.max_bits for layer in self.network.layers.values())
+        _check("target_bits", self.target_bits, self.target_bits < max_bits, f"a number in (0, max_bits={max_bits})")
+
+    def steps_per_epoch(self, trainer: Trainer) -> int:
+        return math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+
+    def budget(self, trainer: Trainer, step: int) -> float:
+        """Average-bits budget after window step ``step``."""
+        return step_budget(self.network.initial_bits, self.target_bits, self.round_index, self.rounds,
+                           step, self.epochs * self.steps_per_epoch(trainer))
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.active(trainer):
+            self._frozen_norms = [m for m in pl_module.modules()
+                                  if isinstance(m, nn.modules.batchnorm._NormBase) and m.training]
+            for module in self._frozen_norms:
+                module.eval()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        for module in self._frozen_norms:
+            module.train()
+        self._frozen_norms = []
+
+    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
+        if self.window_start_step is None:
+            self.window_start_step = trainer.global_step
+        self.network.observe(grads)
+        total = self.epochs * self.steps_per_epoch(trainer)
+        step = min(trainer.global_step - self.window_start_step, total - 1)
+        excess = self.network.binary_bits - self.budget(trainer, step) * self.network.numel
+        if excess > 0:
+            self.prune(excess, self.current_lr(trainer))
+
+    def prune(self, bits: float, lr: float) -> int:
+        return self.network.prune_slots(bits, lr, self.per_bit)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window_start_step": self.window_start_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.window_start_step = state_dict["window_start_step"]
+
+
+class GroupPruning(BitwidthReduction):
+    """Like :class:`BitwidthReduction`, but removes whole groups (all their live slots), ranked by the
+    modelled loss increase per bit saved, within the same bit budget."""
+
+    def prune(self, bits: float, lr: float) -> int:
+        return self.network.prune_groups(bits, lr)

@@ -1,0 +1,188 @@
+"""Multi-bit state of one layer and its greedy initialisation (structured sketching).
+
+Shapes, with ``G = num_groups``, ``K = max_bits`` and ``n = group_size``:
+
+- ``codes``  ``[G, n]`` uint8: the binary bases, packed per weight. Bit ``k`` of ``codes[g, j]`` is set iff
+  ``β_{g,k,j} = +1``; :attr:`MultiBitState.bases` unpacks them to ``[G, K, n]`` ±1;
+- ``coords`` ``[G, K]`` float >= 0: the coordinates ``α_{g,k}``;
+- ``mask``   ``[G, K]`` bool: live slots. A group with no live slot is all zeros (pruned).
+
+The reconstruction is ``ŵ_g = Σ_k mask_{g,k} α_{g,k} β_{g,k}``: each weight reads its value from the
+group's codebook of ``2^K`` pattern values. Shapes never change; pruning clears mask bits. Dead slots keep
+``β = +1`` and ``α = 0``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_BITS_LIMIT = 8
+
+
+def check_max_bits(max_bits: int) -> int:
+    """Validate ``max_bits`` (an integer in ``[1, 8]``) and return it."""
+    if isinstance(max_bits, bool) or not isinstance(max_bits, int) or not 1 <= max_bits <= MAX_BITS_LIMIT:
+        raise ValueError(f"max_bits={max_bits!r} must be an integer in [1, {MAX_BITS_LIMIT}]")
+    return max_bits
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other float type computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def all_patterns(max_bits: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
+    """``[2^K, K]`` ±1: row ``i`` has ``+1`` in column ``k`` iff bit ``k`` of ``i`` is set."""
+    index = torch.arange(2**max_bits, device=device)
+    bits = (index[:, None] >> torch.arange(max_bits, device=device)) & 1
+    return (2 * bits - 1).to(dtype)
+
+
+def slot_bits(flags: torch.Tensor) -> torch.Tensor:
+    """``[G, K]`` bool -> ``[G]`` int64 with bit ``k`` set where ``flags[:, k]``."""
+    return (flags.long() << torch.arange(flags.shape[1], device=flags.device)).sum(dim=1)
+
+
+def pattern_sums(codes: torch.Tensor, values: torch.Tensor, max_bits: int) -> torch.Tensor:
+    """``[G, 2^K]``: per group, the sum of ``values [G, n]`` over the weights whose code is each pattern."""
+    num_groups, num_patterns = codes.shape[0], 2**max_bits
+    offsets = torch.arange(num_groups, device=codes.device)[:, None] * num_patterns
+    sums = torch.zeros(num_groups * num_patterns, dtype=values.dtype, device=values.device)
+    flat = (codes.long() + offsets).reshape(-1)
+    return sums.index_add_(0, flat, values.reshape(-1)).view(num_groups, num_patterns)
+
+
+@dataclass
+class MultiBitState:
+    """References to one layer's ``codes [G, n]``, ``coords [G, K]`` and ``mask [G, K]``.
+
+    Steps update these tensors in place, so a state built over a module's buffers keeps them current.
+    """
+
+    codes: torch.Tensor
+    coords: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def from_bases(cls, bases: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor) -> "MultiBitState":
+        """Build from unpacked ``bases [G, K, n]`` (signs; zero counts as +1)."""
+        weights = (1 << torch.arange(bases.shape[1], device=bases.device))[None, :, None]
+        codes = ((bases >= 0).long() * weights).sum(dim=1).to(torch.uint8)
+        return cls(codes, coords, mask)
+
+    @property
+    def num_groups(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def max_bits(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def group_size(self) -> int:
+        return self.codes.shape[1]
+
+    @property
+    def bases(self) -> torch.Tensor:
+        """``[G, K, n]`` int8 ±1, unpacked from :attr:`codes`."""
+        shifts = torch.arange(self.max_bits, device=self.codes.device)[None, :, None]
+        return (2 * ((self.codes[:, None, :].long() >> shifts) & 1) - 1).to(torch.int8)
+
+    def live_coords(self) -> torch.Tensor:
+        """``[G, K]``: coordinates with dead slots zeroed."""
+        return self.coords * self.mask
+
+    def codebook(self) -> torch.Tensor:
+        """``[G, 2^K]``: the value ``Σ_k mask α_k b_k`` of every pattern ``b``."""
+        live = self.live_coords()
+        return live @ all_patterns(self.max_bits, live.dtype, live.device).T
+
+    def reconstruct(self) -> torch.Tensor:
+        """``[G, n]``: ``Σ_k mask α β`` in the coordinates' dtype."""
+        return self.codebook().gather(1, self.codes.long())
+
+    def bits_per_group(self) -> torch.Tensor:
+        """``[G]`` int: live slots per group (the group's bitwidth ``I_g``)."""
+        return self.mask.sum(dim=1)
+
+    def bits(self) -> int:
+        """Binary bits of the layer: ``Σ_g I_g · n``."""
+        return int(self.mask.sum()) * self.group_size
+
+
+def flip_negative(state: MultiBitState, first_moment: torch.Tensor | None = None) -> None:
+    """Make every coordinate >= 0 by negating ``(α, β)`` pairs (and that slot's first moment) in place."""
+    negative = state.coords < 0
+    state.coords.abs_()
+    state.codes.bitwise_xor_(slot_bits(negative).to(torch.uint8)[:, None])
+    if first_moment is not None:
+        first_moment.mul_(1 - 2 * negative.to(first_moment.dtype))
+
+
+def solve_normal_equations(gram: torch.Tensor, rhs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Solve ``gram [G, K, K] α = rhs [G, K]`` on the live slots of ``mask [G, K]``; dead slots get 0.
+
+    A ridge of ``16·eps`` times the mean live diagonal keeps collinear bases (tiny groups) solvable;
+    no explicit inverse is formed.
+    """
+    live = mask.to(gram.dtype)
+    gram = gram * (live[:, :, None] * live[:, None, :])
+    diagonal = gram.diagonal(dim1=1, dim2=2)
+    scale = diagonal.sum(dim=1, keepdim=True) / live.sum(dim=1, keepdim=True).clamp(min=1)
+    diagonal.add_(torch.where(mask, 16 * torch.finfo(gram.dtype).eps * scale, 1.0))
+    return torch.linalg.solve(gram, rhs * live) * live
+
+
+def refit_coords(codes: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted least squares ``argmin_α Σ_j weight_j (Σ_k mask_k α_k β_{j,k} - target_j)²`` per group.
+
+    ``codes [G, n]``, ``mask [G, K]``, ``target, weight [G, n]`` -> ``coords [G, K]`` (dead slots 0).
+    The normal equations depend only on per-pattern sums of ``weight`` and ``weight · target``, so they
+    are formed as ``[G, 2^K] @ [2^K, K·K]`` products, without materialising float bases.
+    """
+    max_bits = mask.shape[1]
+    patterns = all_patterns(max_bits, target.dtype, target.device)
+    outer = (patterns[:, :, None] * patterns[:, None, :]).reshape(-1, max_bits * max_bits)
+    gram = (pattern_sums(codes, weight, max_bits) @ outer).view(-1, max_bits, max_bits)
+    rhs = pattern_sums(codes, weight * target, max_bits) @ patterns
+    return solve_normal_equations(gram, rhs, mask)
+
+
+def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6) -> MultiBitState:
+    """Structured sketching of ``groups [G, n]`` into ``max_bits`` slots, batched over all groups.
+
+    Slot k takes ``β_k = sign(r)`` (sign(0) = +1) of the residual; all coordinates so far are refit by
+    least squares; a group stops once ``‖r‖² / ‖w‖² < tol`` (all-zero groups get no slot). Finally every
+    ``α >= 0`` (sign moved into ``β``) and live slots are ordered by ascending ``α``, dead slots last.
+    """
+    check_max_bits(max_bits)
+    if groups.dim() != 2:
+        raise ValueError(f"groups must be [num_groups, group_size], got shape {tuple(groups.shape)}")
+    w = groups.detach().to(compute_dtype(groups.dtype))
+    num_groups, group_size = w.shape
+    state = MultiBitState(
+        codes=torch.full((num_groups, group_size), 2**max_bits - 1, dtype=torch.uint8, device=w.device),
+        coords=torch.zeros(num_groups, max_bits, dtype=w.dtype, device=w.device),
+        mask=torch.zeros(num_groups, max_bits, dtype=torch.bool, device=w.device),
+    )
+    norm = w.square().sum(dim=1)
+    residual, active, ones = w, norm > 0, torch.ones_like(w)
+    for k in range(max_bits):
+        clear = torch.where(active[:, None] & (residual < 0), 1 << k, 0).to(torch.uint8)
+        state.codes.bitwise_xor_(clear)
+        state.mask[:, k] = active
+        fitted = refit_coords(state.codes, state.mask, w, ones)
+        state.coords.copy_(torch.where(active[:, None], fitted, state.coords))
+        residual = w - state.reconstruct()
+        active = active & (residual.square().sum(dim=1) >= tol * norm)
+    flip_negative(state)
+    order = torch.where(state.mask, state.coords, torch.inf).argsort(dim=1, stable=True)
+    return permute_slots(state, order)
+
+
+def permute_slots(state: MultiBitState, order: torch.Tensor) -> MultiBitState:
+    """A new state whose slot ``k`` is slot ``order[g, k]`` of ``state`` (``order [G, K]`` per-group permutation)."""
+    bits = (state.codes[:, None, :].long() >> order[:, :, None]) & 1
+    codes = (bits << torch.arange(state.max_bits, device=order.device)[None, :, None]).sum(dim=1)
+    return MultiBitState(codes.to(torch.uint8), state.coords.gather(1, order), state.mask.gather(1, order))

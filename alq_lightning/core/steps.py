@@ -1,0 +1,105 @@
+"""The loss-aware steps of ALQ: coordinate step, basis step, STE step.
+
+All tensors are in group layout: ``grad``, ``target`` and weight-domain statistics are ``[G, n]``,
+coordinate-domain statistics are ``[G, K]``. Every function updates ``state`` (and statistics) in place.
+"""
+from __future__ import annotations
+
+import torch
+
+from .multibit import MultiBitState, all_patterns, flip_negative, pattern_sums, refit_coords, slot_bits
+from .stats import AmsgradStats, QuadraticConfig, quadratic_model, update_stats
+
+
+def project_grad(state: MultiBitState, grad: torch.Tensor) -> torch.Tensor:
+    """``[G, n]`` gradient w.r.t. ŵ -> ``[G, K]`` gradient w.r.t. the coordinates (``βᵀ g``; dead slots 0)."""
+    patterns = all_patterns(state.max_bits, grad.dtype, grad.device)
+    return (pattern_sums(state.codes, grad, state.max_bits) @ patterns) * state.mask
+
+
+def coordinate_step(
+    state: MultiBitState,
+    coord_stats: AmsgradStats,
+    grad: torch.Tensor,
+    step: int,
+    lr: float,
+    config: QuadraticConfig,
+) -> None:
+    """One AMSGrad step on the live coordinates (bases fixed), then flip negative ``(α, β, m_α)``.
+
+    ``grad [G, n]`` is the gradient w.r.t. ŵ; ``step`` counts updates of ``coord_stats`` including this one.
+    """
+    update_stats(coord_stats, project_grad(state, grad), config)
+    p, h = quadratic_model(coord_stats, step, lr, config)
+    state.coords.sub_(torch.where(state.mask, p / h, 0))
+    flip_negative(state, coord_stats.m)
+
+
+def nearest_patterns(live_coords: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """For each weight, the pattern index whose value ``Σ_k α_k b_k`` is nearest to ``target``.
+
+    ``live_coords [G, K]`` (dead slots 0), ``target [G, n]`` -> ``[G, n]`` int64 in ``[0, 2^K)``.
+    Each group's ``2^K`` values are sorted once and every weight is located by a binary search among the
+    midpoints of consecutive values, so memory is ``O(G·2^K + G·n)``. On a tie the smaller value wins.
+    """
+    patterns = all_patterns(live_coords.shape[1], live_coords.dtype, live_coords.device)
+    values, order = (live_coords @ patterns.T).sort(dim=1)
+    midpoints = (values[:, 1:] + values[:, :-1]) / 2
+    position = torch.searchsorted(midpoints, target.to(values.dtype).contiguous())
+    return order.gather(1, position)
+
+
+def fit_bases(state: MultiBitState, target: torch.Tensor, weight: torch.Tensor) -> None:
+    """Bases nearest to ``target [G, n]`` for the current coordinates, then a ``weight``-ed coordinate refit.
+
+    Dead slots keep ``β = +1`` and ``α = 0``; coordinates end non-negative.
+    """
+    index = nearest_patterns(state.live_coords().to(target.dtype), target)
+    index |= slot_bits(~state.mask)[:, None]
+    state.codes.copy_(index)
+    state.coords.copy_(refit_coords(state.codes, state.mask, target, weight))
+    flip_negative(state)
+
+
+def rederive_coord_stats(state: MultiBitState, weight_stats: AmsgradStats, coord_stats: AmsgradStats) -> None:
+    """Coordinate statistics from weight statistics: ``m_α = βᵀ m``, ``v_α = Σ_g v``, ``v̄_α = Σ_g v̄``."""
+    coord_stats.m.copy_(project_grad(state, weight_stats.m))
+    coord_stats.v.copy_(weight_stats.v.sum(dim=1, keepdim=True).expand_as(coord_stats.v))
+    coord_stats.vmax.copy_(weight_stats.vmax.sum(dim=1, keepdim=True).expand_as(coord_stats.vmax))
+
+
+def basis_step(
+    state: MultiBitState,
+    weight_stats: AmsgradStats,
+    coord_stats: AmsgradStats,
+    grad: torch.Tensor,
+    step: int,
+    lr: float,
+    config: QuadraticConfig,
+) -> None:
+    """Basis step: target ``w* = ŵ - p/h``, nearest bases, ``h``-weighted refit, re-derived coordinate stats.
+
+    ``grad [G, n]`` is the gradient w.r.t. ŵ; ``step`` counts updates of ``weight_stats`` including this one.
+    """
+    update_stats(weight_stats, grad, config)
+    p, h = quadratic_model(weight_stats, step, lr, config)
+    fit_bases(state, state.reconstruct() - p / h, h)
+    rederive_coord_stats(state, weight_stats, coord_stats)
+
+
+def ste_step(
+    state: MultiBitState,
+    latent: torch.Tensor,
+    weight_stats: AmsgradStats,
+    coord_stats: AmsgradStats,
+    grad: torch.Tensor,
+    step: int,
+    lr: float,
+    config: QuadraticConfig,
+) -> None:
+    """Straight-through step: ``latent [G, n] ← latent - p/h`` from the gradient at ŵ, then fit bases to it."""
+    update_stats(weight_stats, grad, config)
+    p, h = quadratic_model(weight_stats, step, lr, config)
+    latent.sub_(p / h)
+    fit_bases(state, latent, h)
+    rederive_coord_stats(state, weight_stats, coord_stats)

@@ -1,0 +1,91 @@
+"""``bit_summary``: per-layer bits and storage of a multi-bit model, printable and loggable."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .core import LayerBits, average_bits, check_coord_bits
+from .quantizer import find_layers
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    name: str
+    shape: tuple[int, ...]
+    structure: str
+    bits: LayerBits
+    coord_bits: int
+
+    @property
+    def avg_bits(self) -> float:
+        return self.bits.avg_bits
+
+    @property
+    def storage_bytes(self) -> int:
+        return self.bits.storage_bytes(self.coord_bits)
+
+
+@dataclass(frozen=True)
+class BitSummary:
+    """Per-layer rows and totals. ``storage_bytes`` counts bases, live coordinates and masks;
+    ``binary_bytes`` counts bases only; ``float_bytes`` is what the quantized weights take in float32."""
+
+    rows: tuple[LayerRow, ...]
+    coord_bits: int
+
+    @property
+    def numel(self) -> int:
+        return sum(row.bits.numel for row in self.rows)
+
+    @property
+    def avg_bits(self) -> float:
+        return average_bits([row.bits for row in self.rows])
+
+    @property
+    def binary_bytes(self) -> int:
+        return sum(-(-row.bits.binary_bits // 8) for row in self.rows)
+
+    @property
+    def storage_bytes(self) -> int:
+        return sum(row.storage_bytes for row in self.rows)
+
+    @property
+    def float_bytes(self) -> int:
+        return 4 * self.numel
+
+    @property
+    def compression(self) -> float:
+        """float32 size of the quantized weights over their multi-bit storage."""
+        return self.float_bytes / max(self.storage_bytes, 1)
+
+    HEADER = ("layer", "shape", "structure", "groups", "group_size", "max_bits", "avg_bits", "bytes")
+
+    def table(self) -> list[tuple]:
+        """Rows of :attr:`HEADER` values, one per layer."""
+        return [(r.name, "x".join(map(str, r.shape)), r.structure, r.bits.num_groups, r.bits.group_size,
+                 r.bits.max_bits, round(r.avg_bits, 4), r.storage_bytes) for r in self.rows]
+
+    def __str__(self) -> str:
+        cells = [tuple(map(str, self.HEADER))] + [tuple(map(str, row)) for row in self.table()]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.HEADER))]
+        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                 for row in cells]
+        rule = "-" * len(lines[0])
+        totals = (f"total: {self.numel} weights, {self.avg_bits:.4f} avg bits, binary {self.binary_bytes} B, "
+                  f"storage {self.storage_bytes} B ({self.coord_bits}-bit coords), "
+                  f"{self.compression:.1f}x smaller than float32")
+        return "\n".join([lines[0], rule, *lines[1:], rule, totals])
+
+
+def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
+    """Summarise every multi-bit layer of ``model`` (coordinates counted at ``coord_bits``: 16 or 32)."""
+    check_coord_bits(coord_bits)
+    layers = find_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no multi-bit layer; attach ALQ first (ALQInit/ALQCallback)")
+    rows = tuple(
+        LayerRow(name, layer.layout.shape, layer.layout.describe(), layer.bits, coord_bits)
+        for name, layer in layers.items()
+    )
+    return BitSummary(rows, coord_bits)
