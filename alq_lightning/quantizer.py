@@ -123,6 +123,9 @@ class LayerSelection:
         allowed = tuple(QUANTIZABLE_TYPES[name] for name in self.types)
         candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, tuple(QUANTIZABLE_TYPES.values()))]
         names = [name for name, _ in candidates]
+        if not candidates:
+            raise ValueError(f"no layer to quantize in {type(model).__name__}: candidates none; "
+                             f"quantizable types are {list(QUANTIZABLE_TYPES)}")
         for argument, patterns in (("include", self.include), ("exclude", self.exclude),
                                    ("structures", self.structures), ("max_bits_overrides", self.max_bits_overrides)):
             for pattern in patterns:

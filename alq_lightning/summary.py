@@ -89,3 +89,27 @@ def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
         for name, layer in layers.items()
     )
     return BitSummary(rows, coord_bits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m alq_lightning.summary FILE.alq``: per-layer table and totals of a packed file, from its header."""
+    import argparse
+    import sys
+
+    from alq_lightning.export import packed_summary, read_header
+
+    parser = argparse.ArgumentParser(prog="python -m alq_lightning.summary", description=main.__doc__)
+    parser.add_argument("path", help="packed file written by alq_lightning.export_packed")
+    args = parser.parse_args(argv)
+    try:
+        header = read_header(args.path)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(packed_summary(header))
+    print(f"float remainder: {header['float_bytes']} B in {len(header['float'])} tensors")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

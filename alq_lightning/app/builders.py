@@ -1,0 +1,109 @@
+"""Objects of one run built from the composed config: data module, network, ALQ callback, Trainer arguments."""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from lightning.pytorch import Callback, LightningDataModule
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from alq_lightning.callbacks import ALQCallback
+from alq_lightning.data import build_datamodule
+from alq_lightning.models import PAPER_MAX_BITS, build_model, paper_structures
+
+MODEL_PREFIX = "model."
+APP_ONLY_ALQ_KEYS = ("float_lr",)
+APP_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "logger", "callbacks", "default_root_dir")
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message names the key, the value and what is allowed."""
+
+
+def to_container(cfg: Any) -> Any:
+    """Plain Python containers of a (possibly nested) OmegaConf node, interpolations resolved."""
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def build_data(cfg: DictConfig) -> LightningDataModule:
+    """The data module ``cfg.name`` constructed with the other keys of ``cfg`` (the ``data`` group)."""
+    kwargs = to_container(cfg)
+    name = kwargs.pop("name")
+    try:
+        return build_datamodule(name, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"data={name}: {err}; remove or fix the offending data.* key") from err
+
+
+def build_network(cfg: DictConfig, datamodule: LightningDataModule) -> nn.Module:
+    """Model ``cfg.name`` (the ``model`` group) shaped for the data: channels, classes, input size."""
+    kwargs = to_container(cfg)
+    name = kwargs.pop("name")
+    try:
+        return build_model(name, datamodule.in_channels, datamodule.num_classes, datamodule.input_size, **kwargs)
+    except TypeError as err:
+        raise ConfigError(f"model={name}: {err}; remove or fix the offending model.* key") from err
+    except ValueError as err:
+        raise ConfigError(f"model: {err}") from err
+
+
+def alq_arguments(cfg: DictConfig, model_name: str, network: nn.Module) -> dict[str, Any]:
+    """``ALQCallback`` keyword arguments from the ``alq`` group for a ``ClassifierModule`` around ``network``.
+
+    ``structures: paper`` becomes the model's preset with keys prefixed ``"model."``; ``max_bits: null``
+    becomes the preset's max_bits; app-only keys are dropped; unknown keys raise :class:`ConfigError`.
+    """
+    kwargs = {k: v for k, v in to_container(cfg).items() if k not in APP_ONLY_ALQ_KEYS}
+    allowed = set(inspect.signature(ALQCallback).parameters) - {"start_epoch"}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ConfigError(f"alq.{unknown[0]} is not an ALQCallback argument; allowed: {', '.join(sorted(allowed))}")
+    if kwargs.get("max_bits") is None:
+        kwargs["max_bits"] = PAPER_MAX_BITS[model_name]
+    structures = kwargs.get("structures")
+    if structures == "paper":
+        kwargs["structures"] = {MODEL_PREFIX + k: v for k, v in paper_structures(model_name, network).items()}
+    elif structures is not None and not isinstance(structures, dict):
+        raise ConfigError(f"alq.structures={structures!r} must be 'paper', null or a mapping {{pattern: structure}}")
+    return kwargs
+
+
+def build_alq_callback(cfg: DictConfig, model_name: str, network: nn.Module) -> ALQCallback:
+    """The ``ALQCallback`` of the ``alq`` group; bad values fail here, before any training."""
+    kwargs = alq_arguments(cfg, model_name, network)
+    try:
+        return ALQCallback(**kwargs)
+    except ValueError as err:
+        raise ConfigError(f"alq: {err} (model={model_name}, max_bits={kwargs['max_bits']})") from err
+
+
+def float_lr(cfg: DictConfig) -> float:
+    """Adam learning rate of the float parameters during ALQ (``alq.float_lr``, default ``alq.lr``)."""
+    return float(cfg.float_lr if cfg.get("float_lr") is not None else cfg.lr)
+
+
+def trainer_arguments(cfg: DictConfig) -> dict[str, Any]:
+    """``lightning.Trainer`` keyword arguments of the ``trainer`` group, minus what the app sets itself."""
+    kwargs = to_container(cfg)
+    taken = sorted(set(kwargs) & set(APP_TRAINER_KEYS))
+    if taken:
+        raise ConfigError(
+            f"trainer.{taken[0]} is set by the app (pretraining runs pretrain.epochs, ALQ the schedule's "
+            "total_epochs); remove it and change pretrain.* or alq.* instead"
+        )
+    return kwargs
+
+
+def progress_bar(enabled: bool) -> list[Callback]:
+    """A Rich progress bar (the TQDM one when ``rich`` is missing), or none when disabled."""
+    if not enabled:
+        return []
+    try:
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        return [RichProgressBar()]
+    except (ImportError, ModuleNotFoundError):
+        from lightning.pytorch.callbacks import TQDMProgressBar
+
+        return [TQDMProgressBar()]

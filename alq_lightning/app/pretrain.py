@@ -1,0 +1,92 @@
+"""Float weights before ALQ: a given checkpoint, the cache, or a fresh pretraining run (then cached)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from alq_lightning.app.builders import MODEL_PREFIX, ConfigError, to_container
+
+PRETRAIN_KEYS = ("epochs", "optimizer", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
+DATA_KEYS_IGNORED = ("root", "download", "eval_batch_size", "val_limit", "test_limit", "num_workers", "pin_memory")
+
+
+def cache_key(cfg: DictConfig, shape: dict[str, int]) -> str:
+    """Short hash of what decides the pretrained weights: model, data, seed, pretraining settings, precision."""
+    data = {k: v for k, v in to_container(cfg.data).items() if k not in DATA_KEYS_IGNORED}
+    pretrain = {k: to_container(cfg.pretrain.get(k)) for k in PRETRAIN_KEYS}
+    identity = {"model": to_container(cfg.model), "data": data, "shape": shape, "seed": cfg.seed,
+                "pretrain": pretrain, "precision": str(cfg.trainer.get("precision", "32-true"))}
+    blob = json.dumps(identity, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def cache_path(cfg: DictConfig, shape: dict[str, int]) -> Path:
+    """``<pretrain.cache_dir>/<model>-<data>-s<seed>-e<epochs>-<hash>.pt``."""
+    name = f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}-e{cfg.pretrain.epochs}-{cache_key(cfg, shape)}.pt"
+    return Path(os.path.expanduser(str(cfg.pretrain.cache_dir))) / name
+
+
+def save_atomic(payload: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it onto ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights in ``path``: a Lightning checkpoint (``state_dict`` key), a cache file or a plain
+    state_dict; a ``"model."`` prefix (from ``ClassifierModule``) is removed."""
+    path = Path(os.path.expanduser(str(path)))
+    if not path.is_file():
+        raise ConfigError(f"pretrain.checkpoint={str(path)!r} does not exist or is not a file")
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ConfigError(f"pretrain.checkpoint={str(path)!r} is not a readable PyTorch checkpoint: {err}") from err
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise ConfigError(
+            f"pretrain.checkpoint={str(path)!r} holds no state_dict of tensors (expected a Lightning checkpoint "
+            "or the result of torch.save(model.state_dict()))"
+        )
+    if all(k.startswith(MODEL_PREFIX) for k in state):
+        state = {k[len(MODEL_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
+def load_weights(network: nn.Module, state: dict[str, torch.Tensor], source: str, described: str) -> None:
+    """Load ``state`` into ``network``; a mismatch raises :class:`ConfigError` naming both shapes."""
+    expected = network.state_dict()
+    shapes = [f"{k} is {list(v.shape)} in the checkpoint but {list(expected[k].shape)} in the model"
+              for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = shapes[:3]
+    if missing:
+        problems.append(f"missing in the checkpoint: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"not in the model: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+    if problems:
+        raise ConfigError(f"{source} does not fit {described}: " + "; ".join(problems))
+    network.load_state_dict(state)
+
+
+def describe(cfg: DictConfig, shape: dict[str, int]) -> str:
+    """``model=lenet5 for data=fashion_mnist (1 channel(s), 28x28 inputs, 10 classes)``."""
+    return (f"model={cfg.model.name} for data={cfg.data.name} ({shape['in_channels']} channel(s), "
+            f"{shape['input_size']}x{shape['input_size']} inputs, {shape['num_classes']} classes)")

@@ -1,0 +1,318 @@
+"""Bit-packed export of a multi-bit model: ``export_packed(model, path)`` / ``load_packed(path, model)``.
+
+File format (version 1), all integers little-endian::
+
+    preamble   8 bytes  magic b"ALQPACK\\0"
+               uint16   format version
+               uint32   header length H
+               uint64   file size in bytes (everything, checksum included)
+    header     H bytes  UTF-8 JSON, see below
+    payload             per quantized layer, in the model's registration order:
+                            mask    ceil(G·K / 8) bytes   [G, K] live mask, 1 bit per slot
+                            bases   ceil(L·n / 8) bytes   n sign bits of each live slot, (g, k) order
+                            coords  L·4 or L·2 bytes      live coordinates, float32 or float16, same order
+                        then the float remainder: every ``state_dict()`` tensor that is not a quantized
+                        weight (biases, normalisation parameters and buffers, float layers), raw bytes
+    checksum  32 bytes  SHA-256 of everything before it
+
+Bits are packed least significant first (see :mod:`alq_lightning.packing`). The header holds
+``coord_bits``, ``coord_dtype``, ``quantized_bytes``, ``float_bytes``, the list ``layers`` (``name``,
+``structure``, ``shape``, ``weight_dtype``, ``num_groups``, ``group_size``, ``max_bits``, ``live_slots`` and
+``{"offset", "length"}`` of its ``mask``, ``bases`` and ``coords``) and the list ``float`` (``name``,
+``dtype``, ``shape``, ``offset``, ``length``). Offsets count from the start of the payload.
+
+The layer sections are exactly the accounted storage: their sizes sum to
+``bit_summary(model, coord_bits).storage_bytes``.
+
+Command line: ``python -m alq_lightning.export CHECKPOINT.ckpt OUT.alq [--coord-bits 16|32] [--model NAME
+--in-channels C --num-classes N --input-size S]``.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import nn
+
+from .core import LayerBits, MultiBitState, check_coord_bits
+from .packing import COORD_DTYPES, decode_layer, dtype_name, encode_layer, parse_dtype, tensor_bytes
+from .quantizer import QUANTIZABLE_TYPES, LayerSelection, QuantizedLayer, attach, find_layers
+from .summary import BitSummary, LayerRow, bit_summary
+
+MAGIC = b"ALQPACK\0"
+FORMAT_VERSION = 1
+PREAMBLE = struct.Struct("<8sHIQ")
+CHECKSUM_BYTES = hashlib.sha256().digest_size
+LAYER_SECTIONS = ("mask", "bases", "coords")
+
+
+@dataclass(frozen=True)
+class ExportReport:
+    """Byte counts of one packed file: ``total_bytes = header + quantized + float + checksum = file_bytes``."""
+
+    path: str
+    coord_bits: int
+    avg_bits: float
+    quantized_bytes: int
+    float_bytes: int
+    header_bytes: int
+    checksum_bytes: int
+    total_bytes: int
+    file_bytes: int
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.file_bytes} bytes = quantized layers {self.quantized_bytes} "
+                f"+ float remainder {self.float_bytes} + header {self.header_bytes} + checksum {self.checksum_bytes}"
+                f" ({self.avg_bits:.4f} avg bits, {self.coord_bits}-bit coords)")
+
+
+@dataclass(frozen=True)
+class PackedFile:
+    """A verified packed file: its JSON ``header`` and ``payload`` (``[P]`` uint8, from the first layer on)."""
+
+    header: dict[str, Any]
+    payload: torch.Tensor
+
+    def section(self, entry: dict[str, Any]) -> torch.Tensor:
+        """The ``[length]`` uint8 bytes of a header entry's ``{"offset", "length"}``."""
+        if entry["offset"] < 0 or entry["offset"] + entry["length"] > self.payload.numel():
+            raise ValueError(f"section {entry} lies outside the {self.payload.numel()}-byte payload")
+        return self.payload[entry["offset"]: entry["offset"] + entry["length"]]
+
+
+def weight_key(name: str) -> str:
+    """``state_dict`` key of the weight of module ``name``."""
+    return f"{name}.weight" if name else "weight"
+
+
+def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 32) -> ExportReport:
+    """Write the multi-bit layers and float remainder of ``model`` to ``path`` (atomically; see module doc)."""
+    coord_dtype = COORD_DTYPES[check_coord_bits(coord_bits)]
+    summary = bit_summary(model, coord_bits)
+    chunks, layers, offset = [], [], 0
+    for name, layer in find_layers(model).items():
+        try:
+            parts = encode_layer(layer.state, coord_dtype)
+        except ValueError as error:
+            raise ValueError(f"layer {name!r}: {error}") from None
+        entry = {"name": name, "structure": layer.layout.describe(), "shape": list(layer.layout.shape),
+                 "weight_dtype": dtype_name(layer.module.weight.dtype), "num_groups": layer.layout.num_groups,
+                 "group_size": layer.layout.group_size, "max_bits": layer.state.max_bits,
+                 "live_slots": layer.bits.live_slots}
+        for key, part in zip(LAYER_SECTIONS, parts):
+            chunks.append(tensor_bytes(part))
+            entry[key] = {"offset": offset, "length": len(chunks[-1])}
+            offset += len(chunks[-1])
+        layers.append(entry)
+    quantized_bytes = offset
+    if quantized_bytes != summary.storage_bytes:
+        raise RuntimeError(f"packed layers take {quantized_bytes} bytes, the accounting says {summary.storage_bytes}")
+    floats = []
+    for key, tensor in float_remainder(model, [entry["name"] for entry in layers]).items():
+        chunks.append(tensor_bytes(tensor))
+        floats.append({"name": key, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape),
+                       "offset": offset, "length": len(chunks[-1])})
+        offset += len(chunks[-1])
+    header = {"coord_bits": coord_bits, "coord_dtype": dtype_name(coord_dtype), "quantized_bytes": quantized_bytes,
+              "float_bytes": offset - quantized_bytes, "layers": layers, "float": floats}
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    total = PREAMBLE.size + len(text) + offset + CHECKSUM_BYTES
+    chunks[:0] = [PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text), total), text]
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
+    write_atomic(Path(path), [*chunks, digest.digest()])
+    return ExportReport(str(path), coord_bits, summary.avg_bits, quantized_bytes, offset - quantized_bytes,
+                        PREAMBLE.size + len(text), CHECKSUM_BYTES, total, os.path.getsize(path))
+
+
+def float_remainder(model: nn.Module, layer_names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Every ``state_dict`` tensor of ``model`` except the weights of ``layer_names``."""
+    skip = {weight_key(name) for name in layer_names}
+    remainder = {}
+    for key, value in model.state_dict().items():
+        if key in skip:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; it cannot be packed")
+        remainder[key] = value
+    return remainder
+
+
+def write_chunks(handle: BinaryIO, chunks: Iterable[bytes]) -> None:
+    for chunk in chunks:
+        handle.write(chunk)
+
+
+def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write to a temporary file beside ``path``, fsync, rename over ``path``; on failure leave ``path`` as it was."""
+    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            write_chunks(handle, chunks)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def _read_preamble(path: Path, data: bytes) -> tuple[int, int]:
+    """``(header length, file size)`` from the first bytes of ``data``, after magic and version checks."""
+    if len(data) < 10 or data[:8] != MAGIC:
+        raise ValueError(f"{path} is not an ALQ packed file (bad magic bytes)")
+    version = struct.unpack("<H", data[8:10])[0]
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} has packed format version {version}; this alq_lightning reads versions up to "
+                         f"{FORMAT_VERSION}: upgrade alq_lightning to load it")
+    if version < 1:
+        raise ValueError(f"{path} has packed format version {version}, which does not exist")
+    if len(data) < PREAMBLE.size:
+        raise ValueError(f"{path} is truncated: {len(data)} bytes, shorter than the {PREAMBLE.size}-byte preamble")
+    _, _, header_length, file_size = PREAMBLE.unpack(data[:PREAMBLE.size])
+    return header_length, file_size
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a packed file, read alone (the payload is neither read nor checksummed)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        header_length, _ = _read_preamble(path, handle.read(PREAMBLE.size))
+        text = handle.read(header_length)
+    if len(text) < header_length:
+        raise ValueError(f"{path} is truncated inside its header")
+    return json.loads(text)
+
+
+def read_packed(path: str | os.PathLike) -> PackedFile:
+    """Read and verify ``path``: magic, version, size (truncation) and SHA-256 checksum (corruption)."""
+    path = Path(path)
+    data = path.read_bytes()
+    header_length, file_size = _read_preamble(path, data)
+    if len(data) != file_size:
+        state = "truncated" if len(data) < file_size else "longer than written"
+        raise ValueError(f"{path} is {state}: {len(data)} bytes, its preamble says {file_size}")
+    if hashlib.sha256(data[:-CHECKSUM_BYTES]).digest() != data[-CHECKSUM_BYTES:]:
+        raise ValueError(f"{path} is corrupted: its SHA-256 checksum does not match its contents")
+    start = PREAMBLE.size + header_length
+    header = json.loads(data[PREAMBLE.size:start])
+    payload = torch.frombuffer(bytearray(data[start:-CHECKSUM_BYTES]), dtype=torch.uint8)
+    return PackedFile(header, payload)
+
+
+def check_model(header: dict[str, Any], model: nn.Module, attached_must_match: bool = True) -> dict[str, nn.Module]:
+    """Raise ValueError naming the first way ``model`` differs from the file; else ``{layer name: module}``.
+
+    With ``attached_must_match``, a layer that already carries multi-bit state must have the file's structure
+    and ``max_bits``, and every such layer must be in the file.
+    """
+    modules = dict(model.named_modules())
+    found = {}
+    for entry in header["layers"]:
+        name, shape = entry["name"], tuple(entry["shape"])
+        module = modules.get(name)
+        if not isinstance(module, tuple(QUANTIZABLE_TYPES.values())):
+            what = "missing from" if module is None else f"a {type(module).__name__} in"
+            raise ValueError(f"quantized layer {name!r} of the file is {what} the model")
+        if tuple(module.weight.shape) != shape:
+            raise ValueError(f"layer {name!r}: the model's weight is {tuple(module.weight.shape)}, the file's {shape}")
+        mask = getattr(module, "alq_mask", None)
+        expected = (entry["structure"], (entry["num_groups"], entry["max_bits"]))
+        if attached_must_match and isinstance(mask, torch.Tensor) and (module.alq_structure, tuple(mask.shape)) != expected:
+            raise ValueError(f"layer {name!r} is attached as {module.alq_structure} with mask {tuple(mask.shape)}; the "
+                             f"file has {entry['structure']} with {entry['num_groups']} groups x {entry['max_bits']} bits")
+        found[name] = module
+    if attached_must_match:
+        extra = [name for name in find_layers(model) if name not in found]
+        if extra:
+            raise ValueError(f"layer {extra[0]!r} of the model carries multi-bit state, the file stores it in float")
+    stored = {entry["name"]: entry for entry in header["float"]}
+    remainder = float_remainder(model, found)
+    for key, tensor in remainder.items():
+        if key not in stored:
+            raise ValueError(f"the model's tensor {key!r} is not in the file")
+        if tuple(tensor.shape) != tuple(stored[key]["shape"]):
+            raise ValueError(f"tensor {key!r} is {tuple(tensor.shape)} in the model, {tuple(stored[key]['shape'])} "
+                             f"in the file")
+    unknown = [key for key in stored if key not in remainder]
+    if unknown:
+        raise ValueError(f"the file's tensor {unknown[0]!r} is not in the model")
+    return found
+
+
+def decode_entry(packed: PackedFile, entry: dict[str, Any], dtype: torch.dtype) -> MultiBitState:
+    """The multi-bit state of one header layer entry, coordinates in ``dtype``."""
+    return decode_layer(*(packed.section(entry[key]).clone() for key in LAYER_SECTIONS), entry["num_groups"],
+                        entry["group_size"], entry["max_bits"], parse_dtype(packed.header["coord_dtype"]), dtype)
+
+
+def float_tensors(packed: PackedFile) -> dict[str, torch.Tensor]:
+    """The float remainder ``{state_dict key: tensor}``."""
+    return {entry["name"]: packed.section(entry).clone().view(parse_dtype(entry["dtype"])).reshape(entry["shape"])
+            for entry in packed.header["float"]}
+
+
+def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
+    """Load a packed file into ``model`` (same architecture) and return it.
+
+    Everything is verified before the model is touched. Layers without multi-bit buffers get them
+    (:func:`alq_lightning.quantizer.attach` with the file's structures); codes, coordinates and masks are
+    written (dead slots canonical: ``α = 0``, ``β = +1``), AMSGrad statistics and latent weights are zeroed,
+    the dense weights are set to the reconstruction and the float remainder is loaded. Coordinates take the
+    stored values exactly (float16-rounded when exported with ``coord_bits=16``).
+    """
+    packed = read_packed(path)
+    modules = check_model(packed.header, model)
+    entries = {entry["name"]: entry for entry in packed.header["layers"]}
+    missing = [name for name, module in modules.items() if not isinstance(getattr(module, "alq_mask", None), torch.Tensor)]
+    if missing:
+        attach(model, LayerSelection(
+            max_bits=entries[missing[0]]["max_bits"], include=missing,
+            structures={name: entries[name]["structure"] for name in missing},
+            max_bits_overrides={name: entries[name]["max_bits"] for name in missing},
+        ))
+    layers = find_layers(model)
+    with torch.no_grad():
+        for name, entry in entries.items():
+            write_layer(layers[name], decode_entry(packed, entry, layers[name].buffer("coords").dtype))
+        model.load_state_dict(float_tensors(packed), strict=False)
+    return model
+
+
+def write_layer(layer: QuantizedLayer, state: MultiBitState) -> None:
+    """Copy ``state`` into the layer's buffers, zero its statistics and latent weights, write ŵ into its weight."""
+    target = layer.state
+    for current, new in zip((target.codes, target.coords, target.mask), (state.codes, state.coords, state.mask)):
+        current.copy_(new)
+    for stats in (layer.weight_stats, layer.coord_stats):
+        stats.reset()
+    layer.buffer("latent").zero_()
+    layer.write_weight()
+
+
+def packed_summary(header: dict[str, Any]) -> BitSummary:
+    """The :class:`BitSummary` of a packed file, from its header alone."""
+    rows = tuple(
+        LayerRow(entry["name"], tuple(entry["shape"]), entry["structure"],
+                 LayerBits(entry["num_groups"] * entry["group_size"], entry["num_groups"], entry["group_size"],
+                           entry["max_bits"], entry["live_slots"]), header["coord_bits"])
+        for entry in header["layers"]
+    )
+    return BitSummary(rows, header["coord_bits"])
+
+
+if __name__ == "__main__":
+    from alq_lightning.export_cli import main
+
+    raise SystemExit(main())

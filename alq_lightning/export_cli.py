@@ -1,0 +1,128 @@
+"""``python -m alq_lightning.export CHECKPOINT.ckpt OUT.alq``: a Lightning checkpoint to a packed file.
+
+The model is built with :func:`alq_lightning.models.build_model` from ``--model/--in-channels/--num-classes/
+--input-size``, each falling back to the checkpoint's hyper-parameters (``ClassifierModule`` stores only
+``num_classes``). Its dense weights come from the checkpoint's ``state_dict`` (keys under ``--prefix``,
+default ``model.``), its multi-bit tensors from the ``"alq"`` key; each layer's structure is the one under
+which those tensors reproduce the dense weight.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core import GroupLayout, MultiBitState, auto_layout
+from .export import export_packed
+from .models import MODEL_NAMES, build_model
+from .quantizer import LayerSelection, attach
+from .summary import bit_summary
+
+_ARCHITECTURE = ("in_channels", "num_classes", "input_size")
+_CONV_STRUCTURES = ("kernelwise", "pixelwise", "channelwise")
+
+
+def candidate_layouts(shape: tuple[int, ...], group_size: int) -> list[GroupLayout]:
+    """Layouts of a weight ``shape`` whose groups hold ``group_size`` weights."""
+    if len(shape) == 2:
+        names = [f"subchannelwise({shape[1] // group_size})"] if shape[1] % group_size == 0 else []
+    else:
+        names = list(_CONV_STRUCTURES)
+    layouts = [auto_layout(shape, name) for name in names]
+    return [layout for layout in layouts if layout.group_size == group_size]
+
+
+def infer_structure(name: str, weight: torch.Tensor, state: MultiBitState) -> str:
+    """The structure under which ``state`` reconstructs the dense ``weight`` most closely (it must match)."""
+    errors = {}
+    for layout in candidate_layouts(tuple(weight.shape), state.group_size):
+        if layout.num_groups == state.num_groups:
+            rebuilt = layout.from_groups(state.reconstruct()).to(weight.dtype)
+            errors[layout.describe()] = float((rebuilt - weight).abs().max())
+    tolerance = 1e-5 * max(1.0, float(weight.abs().max()))
+    best = min(errors, key=errors.get, default=None)
+    if best is None or errors[best] > tolerance:
+        raise ValueError(f"the multi-bit tensors of layer {name!r} (codes {tuple(state.codes.shape)}) do not "
+                         f"reproduce its dense weight {tuple(weight.shape)} under any structure")
+    return best
+
+
+def architecture(hparams: Mapping[str, Any], **given: Any) -> tuple[str, dict[str, int]]:
+    """``(model name, build_model keyword arguments)`` from ``given`` values, else the hyper-parameters."""
+    nested = hparams.get("model") if isinstance(hparams.get("model"), Mapping) else {}
+    values = {key: given.get(key) or nested.get(key) or hparams.get(key) for key in _ARCHITECTURE}
+    name = given.get("model") or nested.get("name") or hparams.get("model_name")
+    if isinstance(hparams.get("model"), str):
+        name = name or hparams["model"]
+    missing = [f"--{key.replace('_', '-')}" for key, value in (("model", name), *values.items()) if value is None]
+    if missing:
+        raise ValueError(f"the checkpoint's hyper-parameters do not give the model architecture; pass {' '.join(missing)}"
+                         f" (models: {', '.join(MODEL_NAMES)})")
+    return name, {key: int(value) for key, value in values.items()}
+
+
+def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.", **given: Any) -> nn.Module:
+    """The quantized model stored in a Lightning checkpoint (dense ``state_dict`` + ``"alq"`` tensors)."""
+    name, kwargs = architecture(checkpoint.get("hyper_parameters") or {}, **given)
+    model = build_model(name, **kwargs)
+    state = {key[len(prefix):]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"the checkpoint's state_dict under {prefix!r} does not fit {name} {kwargs}: {error}") from None
+    tensors = {layer[len(prefix):]: value for layer, value in (checkpoint.get("alq") or {}).items()
+               if layer.startswith(prefix)}
+    if not tensors:
+        raise ValueError(f"the checkpoint holds no multi-bit tensors under 'alq' for layers under {prefix!r}")
+    attach_tensors(model, tensors)
+    return model
+
+
+def attach_tensors(model: nn.Module, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Attach multi-bit state holding ``{layer: {"codes", "coords", "mask", ...}}`` to ``model``."""
+    modules = dict(model.named_modules())
+    structures, max_bits = {}, {}
+    for name, layer in tensors.items():
+        if name not in modules:
+            raise ValueError(f"multi-bit layer {name!r} of the checkpoint is not a module of the model")
+        state = MultiBitState(layer["codes"], layer["coords"], layer["mask"].bool())
+        structures[name] = infer_structure(name, modules[name].weight.detach(), state)
+        max_bits[name] = state.max_bits
+    layers, _ = attach(model, LayerSelection(max_bits=next(iter(max_bits.values())), include=list(tensors),
+                                             structures=structures, max_bits_overrides=max_bits))
+    for name, layer in layers.items():
+        for key, tensor in layer.multibit_tensors().items():
+            if key in tensors[name]:
+                tensor.copy_(tensors[name][key])
+        layer.write_weight()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Export a checkpoint; print the bit summary and the file's size. Returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m alq_lightning.export",
+                                     description="Write a Lightning checkpoint's ALQ model as a bit-packed file.")
+    parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) written with ALQ attached")
+    parser.add_argument("output", help="packed file to write (.alq)")
+    parser.add_argument("--coord-bits", type=int, choices=(16, 32), default=32, help="coordinate precision")
+    parser.add_argument("--model", choices=MODEL_NAMES, help="architecture, when the hyper-parameters lack it")
+    parser.add_argument("--in-channels", type=int)
+    parser.add_argument("--num-classes", type=int)
+    parser.add_argument("--input-size", type=int)
+    parser.add_argument("--prefix", default="model.", help="state_dict prefix of the model inside the module")
+    args = parser.parse_args(argv)
+    try:
+        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        model = model_from_checkpoint(checkpoint, args.prefix, model=args.model, in_channels=args.in_channels,
+                                      num_classes=args.num_classes, input_size=args.input_size)
+        report = export_packed(model, args.output, args.coord_bits)
+    except (OSError, ValueError, pickle.UnpicklingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(bit_summary(model, args.coord_bits))
+    print(report)
+    return 0

@@ -1,0 +1,94 @@
+"""Tiny LightningModules, data and trainers for the callback tests."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class TinyModule(L.LightningModule):
+    """Classifier around ``net`` trained by Adam (its float parameters keep training under ALQ)."""
+
+    def __init__(self, net: nn.Module, lr: float = 1e-3) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/acc", (self(x).argmax(1) == y).float().mean())
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test/acc", (self(x).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def small_cnn() -> nn.Module:
+    """Conv + BatchNorm + grouped conv + depthwise conv + Linear."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 4),
+    )
+
+
+class WithFloatParts(nn.Module):
+    """Has an Embedding, a LayerNorm and a Conv1d the callback must treat correctly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(8, 8)
+        self.conv = nn.Conv1d(8, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x).transpose(1, 2)
+        h = self.conv(h).relu().mean(dim=2)
+        return self.head(self.norm(h))
+
+
+def make_data(kind: str, n: int = 256, seed: int = 0) -> TensorDataset:
+    """A learnable 4-class problem: images ``[n, 1, 8, 8]`` or token sequences ``[n, 8]``."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "tokens":
+        x = torch.randint(0, 8, (n, 8), generator=g)
+        y = (x[:, 0] % 4)
+    else:
+        x = torch.randn(n, 1, 8, 8, generator=g)
+        y = (x[:, 0, :4].mean((1, 2)) > 0).long() * 2 + (x[:, 0, :, :4].mean((1, 2)) > 0).long()
+    return TensorDataset(x, y)
+
+
+def loader(kind: str = "image", n: int = 256, batch_size: int = 32) -> DataLoader:
+    return DataLoader(make_data(kind, n), batch_size=batch_size, shuffle=False)
+
+
+def trainer(callbacks, max_epochs: int, **kwargs) -> L.Trainer:
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    options.update(kwargs)
+    return L.Trainer(callbacks=callbacks, max_epochs=max_epochs, **options)
+
+
+def build(kind: str, seed: int = 0) -> TinyModule:
+    torch.manual_seed(seed)
+    return TinyModule({"mlp": mlp, "cnn": small_cnn, "float_parts": WithFloatParts}[kind]())
