@@ -1,18 +1,32 @@
-"""alq_lightning: Adaptive Loss-aware Quantization (ALQ) for PyTorch Lightning."""
-from .callbacks import (
-    ALQCallback,
-    ALQInit,
-    ALQStage,
-    BasisRefit,
-    BitwidthReduction,
-    CoordinateRefit,
-    GroupPruning,
-    STEFineTune,
-)
-from .summary import BitSummary, bit_summary
+"""alq_lightning: Adaptive Loss-aware Quantization (ALQ) for PyTorch Lightning.
+
+Public names load on first use, so ``python -m alq_lightning.export`` / ``.summary`` run their module once.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "ALQCallback", "ALQInit", "ALQStage", "BasisRefit", "BitwidthReduction", "CoordinateRefit", "GroupPruning",
-    "STEFineTune", "BitSummary", "bit_summary", "__version__",
-]
+
+_EXPORTS = {
+    "callbacks": ("ALQCallback", "ALQInit", "ALQStage", "BasisRefit", "BitwidthReduction", "CoordinateRefit",
+                  "GroupPruning", "STEFineTune"),
+    "summary": ("BitSummary", "bit_summary"),
+    "export": ("ExportReport", "export_packed", "load_packed"),
+    "packed": ("PackedModel", "load_packed_for_inference"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = [*_MODULE_OF, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'alq_lightning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

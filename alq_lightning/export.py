@@ -29,22 +29,20 @@ Command line: ``python -m alq_lightning.export CHECKPOINT.ckpt OUT.alq [--coord-
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from torch import nn
 
 from .core import LayerBits, MultiBitState, check_coord_bits
-from .packing import COORD_DTYPES, decode_layer, dtype_name, encode_layer, parse_dtype, tensor_bytes
+from .packing import COORD_DTYPES, decode_layer, dtype_name, encode_layer, parse_dtype, tensor_bytes, write_atomic
 from .quantizer import QUANTIZABLE_TYPES, LayerSelection, QuantizedLayer, attach, find_layers
 from .summary import BitSummary, LayerRow, bit_summary
 
@@ -146,26 +144,6 @@ def float_remainder(model: nn.Module, layer_names: Iterable[str]) -> dict[str, t
             raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; it cannot be packed")
         remainder[key] = value
     return remainder
-
-
-def write_chunks(handle: BinaryIO, chunks: Iterable[bytes]) -> None:
-    for chunk in chunks:
-        handle.write(chunk)
-
-
-def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename over ``path``; on failure leave ``path`` as it was."""
-    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write_chunks(handle, chunks)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise
 
 
 def _read_preamble(path: Path, data: bytes) -> tuple[int, int]:

@@ -26,10 +26,6 @@ from .core.multibit import compute_dtype
 from .export import LAYER_SECTIONS, PackedFile, check_model, float_tensors, read_packed
 from .packing import decode_layer, parse_dtype
 
-_MULTIBIT_BUFFERS = ("codes", "coords", "mask", "weight_m", "weight_v", "weight_vmax",
-                     "coord_m", "coord_v", "coord_vmax", "latent")
-
-
 @dataclass(frozen=True)
 class PackedSpec:
     """What a quantized module needs to unpack its weight."""
@@ -61,9 +57,9 @@ def _release(module: nn.Module, args: Any, output: Any) -> None:
 def pack_module(module: nn.Module, packed: PackedFile, entry: dict[str, Any]) -> None:
     """Turn one quantized module into its packed form in place (its dense weight and multi-bit buffers go)."""
     weight = module.weight
-    for key in _MULTIBIT_BUFFERS:
-        if hasattr(module, f"alq_{key}"):
-            delattr(module, f"alq_{key}")
+    for key, _ in list(module.named_buffers(recurse=False)):
+        if key.startswith("alq_"):
+            delattr(module, key)
     for key in LAYER_SECTIONS:
         module.register_buffer(f"alq_packed_{key}", packed.section(entry[key]).clone().to(weight.device),
                                persistent=False)

@@ -157,7 +157,11 @@ class BitwidthReduction(ALQStage):
         _check("target_bits", self.target_bits, self.target_bits < max_bits, f"a number in (0, max_bits={max_bits})")
 
     def steps_per_epoch(self, trainer: Trainer) -> int:
-        return math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(f"{type(self).__name__} spreads pruning over the optimizer steps of an epoch, so the "
+                             f"training dataloader needs a length (num_training_batches={batches})")
+        return math.ceil(batches / trainer.accumulate_grad_batches)
 
     def budget(self, trainer: Trainer, step: int) -> float:
         """Average-bits budget after window step ``step``."""

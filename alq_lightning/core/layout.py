@@ -58,8 +58,10 @@ class GroupLayout:
             if len(shape) != 2:
                 raise ValueError(f"structure='subchannelwise' needs a Linear weight (out, in), got shape={shape}")
             if self.subchannels < 1 or shape[1] % self.subchannels:
+                divisors = [d for d in range(1, shape[1] + 1) if shape[1] % d == 0]
                 raise ValueError(
-                    f"subchannels={self.subchannels} must be a positive divisor of the input size {shape[1]}"
+                    f"subchannels={self.subchannels} must be a positive divisor of the input size {shape[1]}: "
+                    f"one of {divisors}"
                 )
         elif self.subchannels != 1:
             raise ValueError(f"subchannels={self.subchannels} is only allowed with structure='subchannelwise'")
@@ -91,7 +93,7 @@ class GroupLayout:
         return weight.reshape(self.num_groups, self.group_size)
 
     def from_groups(self, groups: torch.Tensor) -> torch.Tensor:
-        """``[num_groups, group_size]`` (or ``[num_groups, group_size, ...]``) -> a tensor of :attr:`shape`."""
+        """``[num_groups, group_size]`` -> a tensor of :attr:`shape` (inverse of :meth:`to_groups`)."""
         if self.structure == "pixelwise":
             co, ci, *kernel = self.shape
             return groups.reshape(co, *kernel, ci).movedim(-1, 1).contiguous()

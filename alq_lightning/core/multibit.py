@@ -45,12 +45,12 @@ def slot_bits(flags: torch.Tensor) -> torch.Tensor:
 
 
 def pattern_sums(codes: torch.Tensor, values: torch.Tensor, max_bits: int) -> torch.Tensor:
-    """``[G, 2^K]``: per group, the sum of ``values [G, n]`` over the weights whose code is each pattern."""
-    num_groups, num_patterns = codes.shape[0], 2**max_bits
-    offsets = torch.arange(num_groups, device=codes.device)[:, None] * num_patterns
-    sums = torch.zeros(num_groups * num_patterns, dtype=values.dtype, device=values.device)
-    flat = (codes.long() + offsets).reshape(-1)
-    return sums.index_add_(0, flat, values.reshape(-1)).view(num_groups, num_patterns)
+    """``[G, 2^K]``: per group, the sum of ``values [G, n]`` over the weights whose code is each pattern.
+
+    ``codes [G, n]`` are pattern indices (uint8 or int64).
+    """
+    sums = torch.zeros(codes.shape[0], 2**max_bits, dtype=values.dtype, device=values.device)
+    return sums.scatter_add_(1, codes.long(), values)
 
 
 @dataclass
@@ -137,7 +137,8 @@ def solve_normal_equations(gram: torch.Tensor, rhs: torch.Tensor, mask: torch.Te
 def refit_coords(codes: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Weighted least squares ``argmin_α Σ_j weight_j (Σ_k mask_k α_k β_{j,k} - target_j)²`` per group.
 
-    ``codes [G, n]``, ``mask [G, K]``, ``target, weight [G, n]`` -> ``coords [G, K]`` (dead slots 0).
+    ``codes [G, n]`` (uint8 or int64 pattern indices), ``mask [G, K]``, ``target, weight [G, n]``
+    -> ``coords [G, K]`` (dead slots 0).
     The normal equations depend only on per-pattern sums of ``weight`` and ``weight · target``, so they
     are formed as ``[G, 2^K] @ [2^K, K·K]`` products, without materialising float bases.
     """
@@ -161,28 +162,30 @@ def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6) -> Multi
         raise ValueError(f"groups must be [num_groups, group_size], got shape {tuple(groups.shape)}")
     w = groups.detach().to(compute_dtype(groups.dtype))
     num_groups, group_size = w.shape
-    state = MultiBitState(
-        codes=torch.full((num_groups, group_size), 2**max_bits - 1, dtype=torch.uint8, device=w.device),
-        coords=torch.zeros(num_groups, max_bits, dtype=w.dtype, device=w.device),
-        mask=torch.zeros(num_groups, max_bits, dtype=torch.bool, device=w.device),
-    )
-    norm = w.square().sum(dim=1)
+    index = torch.full((num_groups, group_size), 2**max_bits - 1, dtype=torch.long, device=w.device)
+    coords = torch.zeros(num_groups, max_bits, dtype=w.dtype, device=w.device)
+    mask = torch.zeros(num_groups, max_bits, dtype=torch.bool, device=w.device)
+    norm = torch.linalg.vector_norm(w, dim=1).square()
     residual, active, ones = w, norm > 0, torch.ones_like(w)
     for k in range(max_bits):
-        clear = torch.where(active[:, None] & (residual < 0), 1 << k, 0).to(torch.uint8)
-        state.codes.bitwise_xor_(clear)
-        state.mask[:, k] = active
-        fitted = refit_coords(state.codes, state.mask, w, ones)
-        state.coords.copy_(torch.where(active[:, None], fitted, state.coords))
-        residual = w - state.reconstruct()
-        active = active & (residual.square().sum(dim=1) >= tol * norm)
+        index.sub_(torch.logical_and(residual < 0, active[:, None]).long() << k)
+        mask[:, k] = active
+        coords = torch.where(active[:, None], refit_coords(index, mask, w, ones), coords)
+        residual = w - MultiBitState(index, coords, mask).codebook().gather(1, index)
+        active = active & (torch.linalg.vector_norm(residual, dim=1).square() >= tol * norm)
+    state = MultiBitState(index.to(torch.uint8), coords, mask)
     flip_negative(state)
     order = torch.where(state.mask, state.coords, torch.inf).argsort(dim=1, stable=True)
     return permute_slots(state, order)
 
 
 def permute_slots(state: MultiBitState, order: torch.Tensor) -> MultiBitState:
-    """A new state whose slot ``k`` is slot ``order[g, k]`` of ``state`` (``order [G, K]`` per-group permutation)."""
-    bits = (state.codes[:, None, :].long() >> order[:, :, None]) & 1
-    codes = (bits << torch.arange(state.max_bits, device=order.device)[None, :, None]).sum(dim=1)
-    return MultiBitState(codes.to(torch.uint8), state.coords.gather(1, order), state.mask.gather(1, order))
+    """A new state whose slot ``k`` is slot ``order[g, k]`` of ``state`` (``order [G, K]`` per-group permutation).
+
+    Codes are remapped through a per-group table of all ``2^K`` patterns, one gather over the weights.
+    """
+    patterns = torch.arange(2**state.max_bits, device=order.device)
+    moved = (patterns[None, :, None] >> order[:, None, :]) & 1
+    table = (moved << torch.arange(state.max_bits, device=order.device)).sum(dim=2)
+    codes = table.gather(1, state.codes.long()).to(torch.uint8)
+    return MultiBitState(codes, state.coords.gather(1, order), state.mask.gather(1, order))

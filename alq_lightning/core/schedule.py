@@ -36,4 +36,4 @@ def step_budget(
         raise ValueError(f"step={step} must be in [0, steps={steps}) with steps >= 1")
     start = round_budget(initial_bits, target_bits, round_index - 1, rounds)
     end = round_budget(initial_bits, target_bits, round_index, rounds)
-    return start + (end - start) * (step + 1) / steps
+    return end if step == steps - 1 else start + (end - start) * (step + 1) / steps

@@ -57,7 +57,7 @@ def fit_bases(state: MultiBitState, target: torch.Tensor, weight: torch.Tensor) 
     index = nearest_patterns(state.live_coords().to(target.dtype), target)
     index |= slot_bits(~state.mask)[:, None]
     state.codes.copy_(index)
-    state.coords.copy_(refit_coords(state.codes, state.mask, target, weight))
+    state.coords.copy_(refit_coords(index, state.mask, target, weight))
     flip_negative(state)
 
 

@@ -1,0 +1,198 @@
+"""Group layouts against the structure table of the specification (§1), checked with explicit index loops."""
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from alq_lightning.core.layout import STRUCTURES, GroupLayout, auto_layout, auto_subchannels, parse_structure
+
+CONV_SHAPES = {
+    "conv1d": (4, 3, 5),
+    "conv2d": (4, 3, 3, 3),
+    "conv3d": (2, 3, 2, 3, 2),
+    "grouped": (6, 2, 3, 3),  # Conv2d(6, 6, 3, groups=3): Ci per group = 2
+    "depthwise": (8, 1, 3, 3),
+    "pointwise": (5, 4, 1, 1),
+    "rect": (3, 2, 1, 4),
+}
+LINEAR_CASES = [((6, 12), s) for s in (1, 2, 3, 4, 6, 12)] + [((3, 7), 1), ((3, 7), 7), ((1, 1), 1)]
+
+
+def oracle_groups(structure, w, subchannels=1):
+    """The groups of the spec table, built element by element, in row-major group order."""
+    if structure == "subchannelwise":
+        rows, cols = w.shape
+        n = cols // subchannels
+        return [[w[o, s * n + j].item() for j in range(n)] for o in range(rows) for s in range(subchannels)]
+    co, ci, *kernel = w.shape
+    taps = list(itertools.product(*(range(k) for k in kernel)))
+    if structure == "kernelwise":  # one kernel W[o, i, ...]
+        return [[w[(o, i, *t)].item() for t in taps] for o in range(co) for i in range(ci)]
+    if structure == "pixelwise":  # all input channels at one tap W[o, :, tap]
+        return [[w[(o, i, *t)].item() for i in range(ci)] for o in range(co) for t in taps]
+    assert structure == "channelwise"  # one whole filter W[o]
+    return [[w[(o, i, *t)].item() for i in range(ci) for t in taps] for o in range(co)]
+
+
+def expected_size(structure, shape, subchannels=1):
+    """(num_groups, group_size) from the spec table."""
+    if structure == "subchannelwise":
+        return shape[0] * subchannels, shape[1] // subchannels
+    co, ci, *kernel = shape
+    taps = math.prod(kernel)
+    return {"kernelwise": (co * ci, taps), "pixelwise": (co * taps, ci), "channelwise": (co, ci * taps)}[structure]
+
+
+def unique_weight(shape):
+    return torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape) * 0.5 - 3.0
+
+
+CASES = [(s, shape, 1) for s in ("kernelwise", "pixelwise", "channelwise") for shape in CONV_SHAPES.values()]
+CASES += [("subchannelwise", shape, s) for shape, s in LINEAR_CASES]
+
+
+@pytest.mark.parametrize("structure,shape,subchannels", CASES)
+def test_groups_match_spec_definition(structure, shape, subchannels):
+    layout = GroupLayout(structure, shape, subchannels)
+    w = unique_weight(shape)
+    groups = layout.to_groups(w)
+    assert (layout.num_groups, layout.group_size) == expected_size(structure, shape, subchannels)
+    assert tuple(groups.shape) == (layout.num_groups, layout.group_size)
+    assert layout.num_groups * layout.group_size == layout.numel == w.numel()
+    assert groups.tolist() == oracle_groups(structure, w, subchannels)
+
+
+@pytest.mark.parametrize("structure,shape,subchannels", CASES)
+def test_round_trip_is_exact(structure, shape, subchannels):
+    layout = GroupLayout(structure, shape, subchannels)
+    w = torch.randn(shape, dtype=torch.float64)
+    back = layout.from_groups(layout.to_groups(w))
+    assert back.shape == w.shape and torch.equal(back, w)
+    groups = torch.randn(layout.num_groups, layout.group_size, dtype=torch.float64)
+    assert torch.equal(layout.to_groups(layout.from_groups(groups)), groups)
+
+
+@given(
+    kernel=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    co=st.integers(1, 4),
+    ci=st.integers(1, 5),
+    structure=st.sampled_from(["kernelwise", "pixelwise", "channelwise"]),
+)
+@settings(max_examples=40, deadline=None)
+def test_conv_layouts_property(kernel, co, ci, structure):
+    shape = (co, ci, *kernel)
+    layout = GroupLayout(structure, shape)
+    w = unique_weight(shape)
+    assert (layout.num_groups, layout.group_size) == expected_size(structure, shape)
+    assert layout.to_groups(w).tolist() == oracle_groups(structure, w)
+    assert torch.equal(layout.from_groups(layout.to_groups(w)), w)
+
+
+@given(rows=st.integers(1, 4), chunk=st.integers(1, 6), subchannels=st.integers(1, 5))
+@settings(max_examples=30, deadline=None)
+def test_linear_layouts_property(rows, chunk, subchannels):
+    shape = (rows, chunk * subchannels)
+    layout = GroupLayout("subchannelwise", shape, subchannels)
+    w = unique_weight(shape)
+    assert (layout.num_groups, layout.group_size) == (rows * subchannels, chunk)
+    assert layout.to_groups(w).tolist() == oracle_groups("subchannelwise", w, subchannels)
+    assert torch.equal(layout.from_groups(layout.to_groups(w)), w)
+
+
+def test_unknown_structure_names_argument_and_allowed_values():
+    pattern = r"structure='blockwise'.*kernelwise.*pixelwise.*channelwise.*subchannelwise"
+    with pytest.raises(ValueError, match=pattern):
+        GroupLayout("blockwise", (4, 3, 3, 3))
+    with pytest.raises(ValueError, match=pattern):
+        parse_structure("blockwise")
+    with pytest.raises(ValueError, match=pattern):
+        auto_layout((4, 3, 3, 3), "blockwise")
+    with pytest.raises(ValueError, match=r"structure='pixelwise\(2\)'.*subchannelwise"):
+        parse_structure("pixelwise(2)")
+
+
+@pytest.mark.parametrize("subchannels", [3, 4, 0, -2])
+def test_subchannels_not_dividing_input(subchannels):
+    with pytest.raises(ValueError, match=rf"subchannels={subchannels}\b.*divisor.*\b10\b"):
+        GroupLayout("subchannelwise", (4, 10), subchannels)
+    if subchannels > 0:
+        with pytest.raises(ValueError, match=rf"subchannels={subchannels}\b.*divisor.*\b10\b"):
+            auto_layout((4, 10), f"subchannelwise({subchannels})")
+
+
+def test_structure_and_shape_mismatch():
+    with pytest.raises(ValueError, match=r"structure='pixelwise'.*subchannelwise"):
+        GroupLayout("pixelwise", (4, 10))
+    with pytest.raises(ValueError, match=r"structure='subchannelwise'.*\(out, in\)"):
+        GroupLayout("subchannelwise", (4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"subchannels=2.*subchannelwise"):
+        GroupLayout("kernelwise", (4, 3, 3, 3), 2)
+    with pytest.raises(ValueError, match=r"shape"):
+        GroupLayout("kernelwise", (4, 0, 3, 3))
+
+
+@pytest.mark.parametrize("structure,shape,subchannels", [CASES[0], CASES[7], ("subchannelwise", (6, 12), 3)])
+def test_to_groups_rejects_wrong_shape(structure, shape, subchannels):
+    layout = GroupLayout(structure, shape, subchannels)
+    wrong = torch.zeros(math.prod(shape))
+    with pytest.raises(ValueError, match=r"shape"):
+        layout.to_groups(wrong)
+    with pytest.raises(ValueError, match=r"shape"):
+        layout.to_groups(torch.zeros(*shape[:-1], shape[-1] + 1))
+
+
+def test_parse_structure():
+    assert parse_structure("pixelwise") == ("pixelwise", 1)
+    assert parse_structure("kernelwise") == ("kernelwise", 1)
+    assert parse_structure("channelwise") == ("channelwise", 1)
+    assert parse_structure("subchannelwise") == ("subchannelwise", 1)
+    assert parse_structure("subchannelwise(4)") == ("subchannelwise", 4)
+    assert parse_structure("subchannelwise:16") == ("subchannelwise", 16)
+    assert set(STRUCTURES) == {"kernelwise", "pixelwise", "channelwise", "subchannelwise"}
+
+
+@pytest.mark.parametrize("ci", [16, 17, 64, 512])
+@pytest.mark.parametrize("kernel", [(3,), (3, 3), (1, 1), (3, 3, 3)])
+def test_auto_layout_pixelwise_for_wide_inputs(ci, kernel):
+    layout = auto_layout((8, ci, *kernel))
+    assert layout.structure == "pixelwise" and layout.group_size == ci
+
+
+@pytest.mark.parametrize("ci", [1, 3, 15])
+@pytest.mark.parametrize("kernel", [(3,), (3, 3), (5, 5), (1, 1), (2, 2), (3, 3, 3)])
+def test_auto_layout_narrow_inputs(ci, kernel):
+    layout = auto_layout(torch.Size((8, ci, *kernel)))
+    assert layout.structure in ("kernelwise", "channelwise")
+    # documented rule: kernelwise when the kernel has at least 9 taps
+    assert layout.structure == ("kernelwise" if math.prod(kernel) >= 9 else "channelwise")
+
+
+def test_auto_layout_explicit_structure_wins():
+    assert auto_layout((8, 32, 3, 3), "kernelwise").structure == "kernelwise"
+    layout = auto_layout((10, 64), "subchannelwise(4)")
+    assert (layout.structure, layout.subchannels, layout.group_size) == ("subchannelwise", 4, 16)
+    with pytest.raises(ValueError, match="shape"):
+        auto_layout((10,))
+
+
+@given(in_features=st.integers(1, 5000))
+@settings(max_examples=50, deadline=None)
+def test_auto_subchannels_chunk_size(in_features):
+    layout = auto_layout((3, in_features))
+    s = layout.subchannels
+    assert layout.structure == "subchannelwise" and in_features % s == 0 and s == auto_subchannels(in_features)
+    chunk = in_features // s
+    assert chunk <= 1024
+    if in_features <= 1024:
+        assert s == 1
+    # whenever a chunk of 256..1024 weights is possible, the automatic choice holds one
+    if any(in_features % d == 0 for d in range(256, 1025)):
+        assert 256 <= chunk <= 1024
+
+
+@pytest.mark.parametrize("in_features,chunk", [(784, 784), (2048, 1024), (4096, 1024), (3072, 1024), (1500, 750)])
+def test_auto_subchannels_figures(in_features, chunk):
+    assert auto_layout((10, in_features)).group_size == chunk

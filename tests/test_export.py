@@ -1,0 +1,302 @@
+"""Bit-packed export: round trips, size accounting, verification, atomic writes and the command lines."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import alq_lightning.packing as packing_module
+from alq_lightning.core import slot_bits
+from alq_lightning.export import FORMAT_VERSION, export_packed, load_packed, packed_summary, read_header
+from alq_lightning.export_cli import main as export_main
+from alq_lightning.models import LeNet5, paper_structures
+from alq_lightning.module import ClassifierModule
+from alq_lightning.network import MultiBitNetwork
+from alq_lightning.quantizer import LayerSelection, attach, find_layers
+from alq_lightning.summary import bit_summary
+from alq_lightning.summary import main as summary_main
+
+
+def small_cnn() -> nn.Module:
+    """Conv + BatchNorm, grouped conv + BatchNorm, Linear."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
+    )
+
+
+def lenet() -> nn.Module:
+    return LeNet5(1, 10, 28)
+
+
+INPUTS = {small_cnn: (3, 8, 8), lenet: (1, 28, 28)}
+
+
+def clear_slots(network: MultiBitNetwork, chosen: dict[str, torch.Tensor]) -> None:
+    """Clear the ``[G, K]`` slots ``chosen`` per layer, in canonical form (α = 0, β = +1)."""
+    for name, slots in chosen.items():
+        state = network.layers[name].state
+        state.mask.masked_fill_(slots, False)
+        state.coords.masked_fill_(slots, 0)
+        state.codes.bitwise_or_(slot_bits(slots).to(torch.uint8)[:, None])
+    network.write_weights()
+
+
+def quantized(build, seed: int = 0, max_bits: int = 4, keep: float = 0.6) -> nn.Module:
+    """``build()`` with random weights and BatchNorm statistics, initialised, with random slots and some
+    whole groups (always group 0) pruned; in eval mode."""
+    torch.manual_seed(seed)
+    model = build().eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.normal_()
+    network = MultiBitNetwork(*attach(model, LayerSelection(max_bits=max_bits)))
+    network.initialize()
+    gen = torch.Generator().manual_seed(seed)
+    chosen = {}
+    for name, layer in network.layers.items():
+        mask = layer.state.mask
+        slots = torch.rand(mask.shape, generator=gen) > keep
+        slots |= (torch.rand(mask.shape[0], generator=gen) < 0.2)[:, None]
+        slots[0] = True
+        chosen[name] = slots & mask
+    clear_slots(network, chosen)
+    return model
+
+
+def sample(build, seed: int = 1) -> torch.Tensor:
+    return torch.randn(4, *INPUTS[build], generator=torch.Generator().manual_seed(seed))
+
+
+def states(model: nn.Module) -> dict[str, tuple[torch.Tensor, ...]]:
+    return {name: (layer.state.codes, layer.state.coords, layer.state.mask) for name, layer in find_layers(model).items()}
+
+
+def rounded_to_half(model: nn.Module) -> nn.Module:
+    """``model`` with every coordinate rounded to float16 and ŵ rewritten."""
+    for layer in find_layers(model).values():
+        layer.state.coords.copy_(layer.state.coords.half().float())
+        layer.write_weight()
+    return model
+
+
+@pytest.mark.parametrize("coord_bits", [32, 16])
+@pytest.mark.parametrize("build", [small_cnn, lenet], ids=["small_cnn", "lenet5"])
+@pytest.mark.parametrize("attached", [False, True], ids=["bare", "attached"])
+def test_round_trip(tmp_path, build, coord_bits, attached):
+    source = quantized(build)
+    assert any(bool((~layer.state.mask).all(dim=1).any()) for layer in find_layers(source).values())
+    export_packed(source, tmp_path / "m.alq", coord_bits)
+    target = quantized(build, seed=5, max_bits=4) if attached else build().eval()
+    for layer in find_layers(target).values():
+        layer.buffer("coord_vmax").fill_(1.0)
+    assert load_packed(tmp_path / "m.alq", target) is target
+    if coord_bits == 16:
+        source = rounded_to_half(source)
+    for name, (codes, coords, mask) in states(source).items():
+        loaded = states(target)[name]
+        assert torch.equal(loaded[0], codes) and torch.equal(loaded[1], coords) and torch.equal(loaded[2], mask)
+        assert not find_layers(target)[name].buffer("coord_vmax").any()
+    x = sample(build)
+    assert torch.equal(target(x), source(x))
+    for key, tensor in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], tensor), key
+
+
+def test_dead_slots_are_canonical_after_load(tmp_path):
+    source = quantized(lenet)
+    for layer in find_layers(source).values():
+        state = layer.state
+        state.coords.masked_fill_(~state.mask, 0.5)
+        state.codes.bitwise_and_((~slot_bits(~state.mask)).to(torch.uint8)[:, None])
+        assert bool((state.bases[~state.mask] == -1).all())
+    export_packed(source, tmp_path / "m.alq")
+    target = load_packed(tmp_path / "m.alq", lenet())
+    for name, layer in find_layers(target).items():
+        state, dead = layer.state, ~layer.state.mask
+        assert not state.coords[dead].any()
+        assert bool(((state.bases == 1) | ~dead[:, :, None]).all())
+        assert torch.equal(state.reconstruct(), find_layers(source)[name].state.reconstruct())
+    x = sample(lenet)
+    assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("coord_bits", [32, 16])
+@pytest.mark.parametrize("keep", [1.0, 0.1])
+def test_size_matches_accounting(tmp_path, coord_bits, keep):
+    model = quantized(lenet, keep=keep)
+    summary = bit_summary(model, coord_bits)
+    report = export_packed(model, tmp_path / "m.alq", coord_bits)
+    size = os.path.getsize(tmp_path / "m.alq")
+    assert report.quantized_bytes == summary.storage_bytes
+    assert size == report.file_bytes == report.total_bytes
+    assert report.total_bytes == report.header_bytes + report.quantized_bytes + report.float_bytes + report.checksum_bytes
+    payload = size - report.float_bytes - report.header_bytes - report.checksum_bytes
+    assert abs(payload - summary.storage_bytes) <= 0.01 * summary.storage_bytes
+    assert report.float_bytes == sum(4 * p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    from_header = packed_summary(read_header(tmp_path / "m.alq"))
+    assert from_header.storage_bytes == summary.storage_bytes
+    assert from_header.table() == summary.table()
+
+
+def test_corruption_is_detected(tmp_path):
+    path = tmp_path / "m.alq"
+    export_packed(quantized(lenet), path)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted.*checksum"):
+        load_packed(path, lenet())
+
+
+@pytest.mark.parametrize("keep_bytes", [5, 15, 200, -1])
+def test_truncation_is_detected(tmp_path, keep_bytes):
+    path = tmp_path / "m.alq"
+    export_packed(quantized(lenet), path)
+    path.write_bytes(path.read_bytes()[:keep_bytes])
+    with pytest.raises(ValueError, match="bad magic" if 0 <= keep_bytes < 10 else "truncated"):
+        load_packed(path, lenet())
+
+
+def test_newer_version_is_refused(tmp_path):
+    path = tmp_path / "m.alq"
+    export_packed(quantized(lenet), path)
+    data = bytearray(path.read_bytes())
+    data[8:10] = (FORMAT_VERSION + 1).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"version {FORMAT_VERSION + 1}.*up to {FORMAT_VERSION}"):
+        load_packed(path, lenet())
+
+
+def test_not_a_packed_file(tmp_path):
+    path = tmp_path / "m.alq"
+    path.write_bytes(b"PK\x03\x04" + bytes(100))
+    with pytest.raises(ValueError, match="not an ALQ packed file"):
+        load_packed(path, lenet())
+
+
+@pytest.mark.parametrize("wrong, message", [
+    (lambda: LeNet5(1, 12, 28), "fc2.*\\(12, 500\\).*\\(10, 500\\)"),
+    (lambda: LeNet5(3, 10, 28), "conv1"),
+    (small_cnn, "'conv1' of the file is missing"),
+    (lambda: quantized(lenet, seed=3, max_bits=5), "'conv1' is attached as kernelwise with mask \\(20, 5\\)"),
+])
+def test_wrong_model_is_refused_untouched(tmp_path, wrong, message):
+    path = tmp_path / "m.alq"
+    export_packed(quantized(lenet), path)
+    model = wrong()
+    before = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    layers_before = set(find_layers(model))
+    with pytest.raises(ValueError, match=message):
+        load_packed(path, model)
+    assert set(find_layers(model)) == layers_before
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in before.items())
+
+
+def test_float_tensor_mismatch_is_named(tmp_path):
+    path = tmp_path / "m.alq"
+    export_packed(quantized(small_cnn), path)
+    model = small_cnn()
+    model[4] = nn.BatchNorm2d(16, affine=False)
+    with pytest.raises(ValueError, match="file's tensor '4.weight' is not in the model"):
+        load_packed(path, model)
+
+
+def test_model_layer_quantized_but_float_in_file(tmp_path):
+    torch.manual_seed(0)
+    source = lenet()
+    MultiBitNetwork(*attach(source, LayerSelection(max_bits=3, exclude=["fc2"]))).initialize()
+    export_packed(source, tmp_path / "m.alq")
+    with pytest.raises(ValueError, match="'fc2' of the model carries multi-bit state"):
+        load_packed(tmp_path / "m.alq", quantized(lenet, max_bits=3))
+    target = load_packed(tmp_path / "m.alq", lenet())
+    x = sample(lenet)
+    assert set(find_layers(target)) == {"conv1", "conv2", "fc1"} and torch.equal(target(x), source(x))
+
+
+def failing_writer(handle, chunks):
+    handle.write(next(iter(chunks)))
+    raise OSError("disk full")
+
+
+def test_atomic_write(tmp_path, monkeypatch):
+    model = quantized(lenet)
+    monkeypatch.setattr(packing_module, "write_chunks", failing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        export_packed(model, tmp_path / "new.alq")
+    assert list(tmp_path.iterdir()) == []
+    old = tmp_path / "old.alq"
+    old.write_bytes(b"previous contents")
+    with pytest.raises(OSError, match="disk full"):
+        export_packed(model, old)
+    assert old.read_bytes() == b"previous contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["old.alq"]
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    model = quantized(lenet)
+    layer = find_layers(model)["fc2"]
+    group, slot = layer.state.mask.nonzero()[0].tolist()
+    layer.state.coords[group, slot] = 1e6
+    with pytest.raises(ValueError, match="'fc2'.*float16.*coord_bits=32"):
+        export_packed(model, tmp_path / "m.alq", coord_bits=16)
+    assert not (tmp_path / "m.alq").exists()
+
+
+def test_export_needs_multibit_layers(tmp_path):
+    with pytest.raises(ValueError, match="no multi-bit layer"):
+        export_packed(lenet(), tmp_path / "m.alq")
+
+
+def write_checkpoint(path: Path) -> ClassifierModule:
+    """A checkpoint laid out as Lightning + ALQInit write it, with the paper's LeNet5 structures."""
+    torch.manual_seed(0)
+    module = ClassifierModule(LeNet5(1, 10, 28), num_classes=10).eval()
+    structures = {f"model.{name}": s for name, s in paper_structures("lenet5", module.model).items()}
+    network = MultiBitNetwork(*attach(module, LayerSelection(max_bits=3, structures=structures)))
+    network.initialize()
+    torch.save({"state_dict": module.state_dict(), "alq": network.state_tensors(),
+                "hyper_parameters": dict(module.hparams)}, path)
+    return module
+
+
+def test_export_command_line(tmp_path, capsys):
+    module = write_checkpoint(tmp_path / "run.ckpt")
+    out = tmp_path / "run.alq"
+    assert export_main([str(tmp_path / "run.ckpt"), str(out), "--coord-bits", "16"]) == 1
+    assert "--model --in-channels --input-size" in capsys.readouterr().err
+    args = ["--model", "lenet5", "--in-channels", "1", "--input-size", "28", "--coord-bits", "16"]
+    assert export_main([str(tmp_path / "run.ckpt"), str(out), *args]) == 0
+    printed = capsys.readouterr().out
+    assert "kernelwise" in printed and "subchannelwise(2)" in printed and f"{os.path.getsize(out)} bytes" in printed
+    target = load_packed(out, lenet())
+    reference = rounded_to_half(module.model)
+    x = sample(lenet)
+    assert torch.equal(target(x), reference(x))
+    assert summary_main([str(out)]) == 0
+    table = capsys.readouterr().out
+    assert all(name in table for name in ("conv1", "conv2", "fc1", "fc2", "avg bits", "16-bit coords"))
+    assert summary_main([str(tmp_path / "run.ckpt")]) == 1
+    assert "not an ALQ packed file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_modules_run_as_programs(tmp_path):
+    write_checkpoint(tmp_path / "run.ckpt")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "alq_lightning.export", str(tmp_path / "run.ckpt"), str(tmp_path / "run.alq"),
+               "--model", "lenet5", "--in-channels", "1", "--input-size", "28"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sys.executable, "-m", "alq_lightning.summary", str(tmp_path / "run.alq")],
+                          capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "fc1" in done.stdout and "32-bit coords" in done.stdout

@@ -1,0 +1,115 @@
+"""Inference from the packed form: exact outputs, dense weights only during a layer's own forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from alq_lightning.core import slot_bits
+from alq_lightning.export import export_packed, load_packed
+from alq_lightning.models import LeNet5
+from alq_lightning.network import MultiBitNetwork
+from alq_lightning.packed import PackedModel, dense_weight, load_packed_for_inference
+from alq_lightning.quantizer import LayerSelection, attach, find_layers
+
+
+def small_cnn() -> nn.Module:
+    """Conv + BatchNorm, grouped conv + BatchNorm, Linear."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
+    )
+
+
+def lenet() -> nn.Module:
+    return LeNet5(1, 10, 28)
+
+
+INPUTS = {small_cnn: (3, 8, 8), lenet: (1, 28, 28)}
+
+
+def quantized(build, seed: int = 0, max_bits: int = 4) -> nn.Module:
+    """``build()`` initialised multi-bit with random BatchNorm statistics, ~40% of slots and group 0 pruned."""
+    torch.manual_seed(seed)
+    model = build().eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_()
+            module.running_var.uniform_(0.5, 2.0)
+    network = MultiBitNetwork(*attach(model, LayerSelection(max_bits=max_bits)))
+    network.initialize()
+    for layer in network.layers.values():
+        state = layer.state
+        slots = (torch.rand(state.mask.shape) < 0.4) & state.mask
+        slots[0] = state.mask[0]
+        state.mask.masked_fill_(slots, False)
+        state.coords.masked_fill_(slots, 0)
+        state.codes.bitwise_or_(slot_bits(slots).to(torch.uint8)[:, None])
+    network.write_weights()
+    return model
+
+
+def assert_no_dense_weight(model: PackedModel) -> None:
+    modules = dict(model.model.named_modules())
+    for name in model.packed_layers:
+        module = modules[name]
+        assert module.weight.numel() == 0 and module.weight.untyped_storage().nbytes() == 0, name
+        assert "weight" not in dict(module.named_parameters()), name
+        assert not any(key.startswith("alq_") and not key.startswith("alq_packed_") for key, _ in module.named_buffers())
+
+
+@pytest.mark.parametrize("coord_bits", [32, 16])
+@pytest.mark.parametrize("build", [small_cnn, lenet], ids=["small_cnn", "lenet5"])
+def test_outputs_equal_dense_model(tmp_path, build, coord_bits):
+    source = quantized(build)
+    report = export_packed(source, tmp_path / "m.alq", coord_bits)
+    dense = load_packed(tmp_path / "m.alq", build().eval())
+    packed = load_packed_for_inference(tmp_path / "m.alq", build)
+    assert isinstance(packed, PackedModel) and not packed.training
+    assert packed.packed_bytes() == report.quantized_bytes
+    assert_no_dense_weight(packed)
+    x = torch.randn(4, *INPUTS[build])
+    with torch.no_grad():
+        expected = dense(x)
+        assert torch.equal(packed(x), expected)
+        assert_no_dense_weight(packed)
+        assert torch.equal(packed(x), expected)
+    if coord_bits == 32:
+        assert torch.equal(expected, source(x))
+    assert_no_dense_weight(packed)
+
+
+def test_weight_exists_only_during_its_forward(tmp_path):
+    source = quantized(lenet)
+    export_packed(source, tmp_path / "m.alq")
+    packed = load_packed_for_inference(tmp_path / "m.alq", quantized(lenet, seed=4, max_bits=3))
+    seen = {}
+    for name in packed.packed_layers:
+        module = dict(packed.model.named_modules())[name]
+        module.register_forward_pre_hook(lambda m, args, name=name: seen.__setitem__(name, m.weight.clone()))
+    with torch.no_grad():
+        packed(torch.randn(2, 1, 28, 28))
+    for name, module in source.named_modules():
+        if name in seen:
+            assert torch.equal(seen[name], module.weight), name
+    assert torch.equal(dense_weight(packed.model.fc1), source.fc1.weight)
+    assert_no_dense_weight(packed)
+
+
+def test_weight_released_when_forward_raises(tmp_path):
+    export_packed(quantized(lenet), tmp_path / "m.alq")
+    packed = load_packed_for_inference(tmp_path / "m.alq", lenet())
+    with pytest.raises(RuntimeError):
+        packed(torch.randn(2, 1, 20, 20))
+    assert_no_dense_weight(packed)
+
+
+def test_wrong_model_is_refused_untouched(tmp_path):
+    export_packed(quantized(lenet), tmp_path / "m.alq")
+    model = LeNet5(1, 12, 28)
+    before = {key: tensor.clone() for key, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match="fc2"):
+        load_packed_for_inference(tmp_path / "m.alq", model)
+    assert isinstance(model.fc2.weight, nn.Parameter) and set(find_layers(model)) == set()
+    assert all(torch.equal(model.state_dict()[key], tensor) for key, tensor in before.items())
