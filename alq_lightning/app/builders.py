@@ -4,10 +4,14 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import lightning as L
 from lightning.pytorch import Callback, LightningDataModule
-from omegaconf import DictConfig, OmegaConf
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig
 from torch import nn
 
+from alq_lightning.app.common import ConfigError, to_container
+from alq_lightning.app.loggers import PhaseLogger
 from alq_lightning.callbacks import ALQCallback
 from alq_lightning.data import build_datamodule
 from alq_lightning.models import PAPER_MAX_BITS, build_model, paper_structures
@@ -15,15 +19,6 @@ from alq_lightning.models import PAPER_MAX_BITS, build_model, paper_structures
 MODEL_PREFIX = "model."
 APP_ONLY_ALQ_KEYS = ("float_lr",)
 APP_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "logger", "callbacks", "default_root_dir")
-
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed; the message names the key, the value and what is allowed."""
-
-
-def to_container(cfg: Any) -> Any:
-    """Plain Python containers of a (possibly nested) OmegaConf node, interpolations resolved."""
-    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
 def build_data(cfg: DictConfig) -> LightningDataModule:
@@ -75,7 +70,8 @@ def build_alq_callback(cfg: DictConfig, model_name: str, network: nn.Module) -> 
     try:
         return ALQCallback(**kwargs)
     except ValueError as err:
-        raise ConfigError(f"alq: {err} (model={model_name}, max_bits={kwargs['max_bits']})") from err
+        origin = "alq.max_bits" if cfg.get("max_bits") is not None else f"the {model_name} preset (alq.max_bits: null)"
+        raise ConfigError(f"alq: {err}; model={model_name}, max_bits from {origin}") from err
 
 
 def float_lr(cfg: DictConfig) -> float:
@@ -107,3 +103,14 @@ def progress_bar(enabled: bool) -> list[Callback]:
         from lightning.pytorch.callbacks import TQDMProgressBar
 
         return [TQDMProgressBar()]
+
+
+def make_trainer(cfg: DictConfig, logger: Logger | None, prefix: str, max_epochs: int,
+                 callbacks: list[Callback] | None = None, checkpointing: bool | None = None) -> L.Trainer:
+    """A Trainer of the ``trainer`` group for one phase, logging under ``prefix/`` into the run's ``logger``."""
+    kwargs = trainer_arguments(cfg.trainer)
+    if checkpointing is not None:
+        kwargs["enable_checkpointing"] = checkpointing
+    bar = progress_bar(kwargs.get("enable_progress_bar", True))
+    return L.Trainer(max_epochs=max_epochs, logger=PhaseLogger(logger, prefix) if logger is not None else False,
+                     callbacks=[*(callbacks or []), *bar], default_root_dir=str(cfg.paths.output_dir), **kwargs)

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from alq_lightning.app.builders import ConfigError, to_container
+from alq_lightning.app.common import ConfigError, to_container
 
 LOGGER_KINDS = ("wandb", "csv", "none")
 WANDB_MODES = ("online", "offline", "disabled")

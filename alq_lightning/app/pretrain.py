@@ -6,15 +6,21 @@ import json
 import os
 import pickle
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig
 from torch import nn
 
-from alq_lightning.app.builders import MODEL_PREFIX, ConfigError, to_container
+from alq_lightning.app.builders import MODEL_PREFIX, make_trainer
+from alq_lightning.app.common import ConfigError, to_container
+from alq_lightning.module import ClassifierModule
 
 PRETRAIN_KEYS = ("epochs", "optimizer", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
 DATA_KEYS_IGNORED = ("root", "download", "eval_batch_size", "val_limit", "test_limit", "num_workers", "pin_memory")
@@ -48,20 +54,20 @@ def save_atomic(payload: dict[str, Any], path: Path) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, source: str = "pretrain.checkpoint") -> dict[str, torch.Tensor]:
     """The weights in ``path``: a Lightning checkpoint (``state_dict`` key), a cache file or a plain
-    state_dict; a ``"model."`` prefix (from ``ClassifierModule``) is removed."""
+    state_dict; a ``"model."`` prefix (from ``ClassifierModule``) is removed. Errors name ``source``."""
     path = Path(os.path.expanduser(str(path)))
     if not path.is_file():
-        raise ConfigError(f"pretrain.checkpoint={str(path)!r} does not exist or is not a file")
+        raise ConfigError(f"{source}={str(path)!r} does not exist or is not a file")
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise ConfigError(f"pretrain.checkpoint={str(path)!r} is not a readable PyTorch checkpoint: {err}") from err
+        raise ConfigError(f"{source}={str(path)!r} is not a readable PyTorch checkpoint: {err}") from err
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise ConfigError(
-            f"pretrain.checkpoint={str(path)!r} holds no state_dict of tensors (expected a Lightning checkpoint "
+            f"{source}={str(path)!r} holds no state_dict of tensors (expected a Lightning checkpoint "
             "or the result of torch.save(model.state_dict()))"
         )
     if all(k.startswith(MODEL_PREFIX) for k in state):
@@ -90,3 +96,44 @@ def describe(cfg: DictConfig, shape: dict[str, int]) -> str:
     """``model=lenet5 for data=fashion_mnist (1 channel(s), 28x28 inputs, 10 classes)``."""
     return (f"model={cfg.model.name} for data={cfg.data.name} ({shape['in_channels']} channel(s), "
             f"{shape['input_size']}x{shape['input_size']} inputs, {shape['num_classes']} classes)")
+
+
+def pretrain_module(cfg: DictConfig, network: nn.Module, num_classes: int) -> ClassifierModule:
+    """``ClassifierModule`` with the ``pretrain`` group's optimizer settings."""
+    p = cfg.pretrain
+    return ClassifierModule(network, num_classes, optimizer=p.optimizer, lr=float(p.lr), momentum=float(p.momentum),
+                            weight_decay=float(p.weight_decay), lr_milestones=list(p.lr_milestones),
+                            lr_gamma=float(p.lr_gamma))
+
+
+def load_checkpoint(cfg: DictConfig, network: nn.Module, shape: dict[str, int]) -> dict[str, Any]:
+    """Load ``pretrain.checkpoint`` into ``network`` (clear errors when unreadable or mismatching)."""
+    state = read_state_dict(cfg.pretrain.checkpoint)
+    load_weights(network, state, f"pretrain.checkpoint={cfg.pretrain.checkpoint!r}", describe(cfg, shape))
+    return {"source": "checkpoint", "path": str(cfg.pretrain.checkpoint), "seconds": 0.0}
+
+
+def obtain_float_weights(cfg: DictConfig, network: nn.Module, datamodule: LightningDataModule, logger: Logger | None,
+                         shape: dict[str, int]) -> dict[str, Any]:
+    """Put float weights into ``network``: the cached ones, or ``pretrain.epochs`` of fresh training (then
+    cached). Returns where they came from. A given ``pretrain.checkpoint`` is loaded by :func:`load_checkpoint`."""
+    if cfg.pretrain.checkpoint:
+        return load_checkpoint(cfg, network, shape)
+    if cfg.pretrain.epochs == 0:
+        return {"source": "random", "path": None, "seconds": 0.0}
+    path = cache_path(cfg, shape)
+    if path.is_file():
+        try:
+            load_weights(network, read_state_dict(path, "cached weights"), f"cached weights {path}",
+                         describe(cfg, shape))
+            rank_zero_info(f"float weights from the cache: {path}")
+            return {"source": "cache", "path": str(path), "seconds": 0.0}
+        except ConfigError as err:
+            rank_zero_warn(f"ignoring the cache file ({err}); pretraining again")
+    trainer = make_trainer(cfg, logger, "pretrain", int(cfg.pretrain.epochs), checkpointing=False)
+    start = time.perf_counter()
+    trainer.fit(pretrain_module(cfg, network, shape["num_classes"]), datamodule=datamodule)
+    seconds = time.perf_counter() - start
+    if trainer.is_global_zero:
+        save_atomic({"state_dict": network.state_dict(), "key": cache_key(cfg, shape)}, path)
+    return {"source": "trained", "path": str(path), "seconds": seconds}

@@ -1,0 +1,97 @@
+"""``results.json`` of a run: accuracies, bits, storage, per-layer and per-round bits, timings, provenance."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alq_lightning.summary import BitSummary
+
+REQUIRED_KEYS = (
+    "float_test_acc", "test_acc", "target_bits", "avg_bits", "storage_bytes", "compression", "layer_bits",
+    "layers", "rounds", "timings_s", "pretrained", "config", "seed", "git_commit", "hardware",
+)
+
+
+def git_commit(folder: str | Path | None = None) -> str | None:
+    """``git rev-parse HEAD`` of the folder holding ``folder`` (default: this package), or None."""
+    folder = Path(folder or Path(__file__).resolve().parent)
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = done.stdout.strip()
+    return commit if done.returncode == 0 and commit else None
+
+
+def hardware() -> dict[str, Any]:
+    """Host, CPU, thread count, accelerator and library versions."""
+    import lightning
+
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "cuda": None,
+    }
+    if torch.cuda.is_available():
+        info["cuda"] = {"devices": torch.cuda.device_count(), "name": torch.cuda.get_device_name(0),
+                        "version": torch.version.cuda}
+    return info
+
+
+def summarize_bits(summary32: BitSummary, summary16: BitSummary) -> dict[str, Any]:
+    """Average bits, storage (bases only; with 32-bit and 16-bit coordinates), per-layer bits and rows."""
+    return {
+        "avg_bits": summary32.avg_bits,
+        "num_weights": summary32.numel,
+        "storage_bytes": {"binary": summary32.binary_bytes, "coords32": summary32.storage_bytes,
+                          "coords16": summary16.storage_bytes, "float32": summary32.float_bytes},
+        "compression": {"coords32": summary32.compression, "coords16": summary16.compression},
+        "layer_bits": {row.name: row.avg_bits for row in summary32.rows},
+        "layers": [dict(zip(BitSummary.HEADER, row)) for row in summary32.table()],
+    }
+
+
+def clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf become None, tuples lists, tensors numbers."""
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean(v) for v in value]
+    if torch.is_tensor(value):
+        return clean(value.item() if value.numel() == 1 else value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(data: dict[str, Any], path: str | Path) -> Path:
+    """Write ``data`` as indented JSON to a temporary file beside ``path``, then rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(clean(data), out, indent=2, allow_nan=False)
+            out.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

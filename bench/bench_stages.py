@@ -1,0 +1,107 @@
+"""Per-epoch time of every ALQ stage relative to a float training epoch, through Lightning.
+
+LeNet5 on the full Fashion-MNIST training split (50 000 images after a 10 000 validation split, batch 128),
+in one process with a fixed thread count: one float epoch (the module's own Adam on every parameter), then
+an ALQ schedule with one epoch of each stage (basis, coordinate, pruning, STE, final coordinate). Each
+epoch's wall time comes from ``on_train_epoch_start``/``end``; ratios divide by the float epoch. Writes
+``bench/results/stages.json`` and a table between ``<!-- stages:begin -->``/``<!-- stages:end -->`` in
+``bench/RESULTS.md``.
+
+    python bench/bench_stages.py [--threads 2] [--epochs-float 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from alq_lightning import ALQCallback
+from alq_lightning.data import FashionMNISTDataModule
+from alq_lightning.models import LeNet5, paper_structures
+from alq_lightning.module import ClassifierModule
+
+HERE = Path(__file__).resolve().parent
+
+
+class EpochTimer(L.Callback):
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def fit(module: L.LightningModule, data, epochs: int, callbacks: list) -> list[float]:
+    timer = EpochTimer()
+    L.Trainer(max_epochs=epochs, callbacks=[*callbacks, timer], accelerator="cpu", logger=False,
+              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0, limit_val_batches=0).fit(module, data)
+    return timer.seconds
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def write_markdown(path: Path, table: str) -> None:
+    begin, end = "<!-- stages:begin -->", "<!-- stages:end -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--epochs-float", type=int, default=2, help="float epochs; the last one is timed")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "stages.json")
+    parser.add_argument("--markdown", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    L.seed_everything(0)
+    data = FashionMNISTDataModule(batch_size=128, val_size=10000, seed=0, download=False)
+    module = ClassifierModule(LeNet5(), num_classes=10, optimizer="adam", lr=1e-3)
+    float_epoch = fit(module, data, args.epochs_float, [])[-1]
+
+    structures = {f"model.{n}": s for n, s in paper_structures("lenet5", module.model).items()}
+    alq = ALQCallback(0.4, max_bits=6, rounds=1, basis_epochs=1, coordinate_epochs=1, pruning_epochs=1,
+                      ste_epochs=1, final_coordinate_epochs=1, structures=structures)
+    stages = ["basis", "coordinate", "pruning", "STE", "final coordinate"]
+    seconds = fit(ClassifierModule(module.model, num_classes=10, optimizer="adam", lr=1e-3), data,
+                  alq.total_epochs, [alq])
+    rows = [{"stage": "float (Adam)", "seconds": float_epoch, "ratio": 1.0}]
+    rows += [{"stage": s, "seconds": t, "ratio": t / float_epoch} for s, t in zip(stages, seconds)]
+    result = {"date": date.today().isoformat(), "cpu": cpu_name(), "threads": args.threads,
+              "torch": torch.__version__, "model": "LeNet5", "data": "Fashion-MNIST (50k train, batch 128)",
+              "avg_bits_after": alq.network.avg_bits, "epochs": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    lines = [f"### ALQ stage epochs vs a float epoch — LeNet5, Fashion-MNIST, {result['cpu']}, "
+             f"{args.threads} threads, torch {torch.__version__}, {result['date']}", "",
+             "| epoch | seconds | × float epoch | authors' code |", "|---|---|---|---|"]
+    authors = {"basis": "4.4×"}
+    lines += [f"| {r['stage']} | {r['seconds']:.1f} | {r['ratio']:.2f}× | {authors.get(r['stage'], '')} |"
+              for r in rows]
+    table = "\n".join(lines)
+    write_markdown(args.markdown, table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

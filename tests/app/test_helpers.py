@@ -1,0 +1,121 @@
+"""The app's helpers alone: W&B mode and fallback, checkpoint reading, cache keys, atomic results."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.loggers import CSVLogger
+
+from alq_lightning.app import (
+    ConfigError,
+    PhaseLogger,
+    build_logger,
+    cache_key,
+    finish_logger,
+    read_state_dict,
+    resolve_wandb_mode,
+    write_json_atomic,
+)
+from alq_lightning.app import loggers as app_loggers
+from alq_lightning.models import build_model
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+SHAPE = {"in_channels": 1, "num_classes": 10, "input_size": 28}
+
+
+def compose_with(overrides: list[str], tmp_path: Path):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[f"paths.output_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture
+def no_key(monkeypatch, tmp_path):
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+
+
+def test_online_without_key_goes_offline(no_key):
+    with pytest.warns(UserWarning, match="offline"):
+        assert resolve_wandb_mode("online") == "offline"
+    assert resolve_wandb_mode("disabled") == "disabled"
+
+
+def test_netrc_entry_counts_as_key(no_key, tmp_path):
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")
+    (tmp_path / "netrc").chmod(0o600)
+    assert resolve_wandb_mode("online") == "online"
+
+
+def test_wandb_mode_env_wins_and_bad_mode_is_refused(no_key, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_wandb_mode("online") == "offline"
+    monkeypatch.setenv("WANDB_MODE", "sideways")
+    with pytest.raises(ConfigError, match="logger.mode='sideways'"):
+        resolve_wandb_mode("online")
+
+
+def test_wandb_failure_falls_back_to_csv(monkeypatch, tmp_path):
+    def broken(options):
+        raise RuntimeError("no wandb here")
+
+    monkeypatch.setattr(app_loggers, "build_wandb", broken)
+    cfg = compose_with(["logger=wandb"], tmp_path)
+    with pytest.warns(UserWarning, match="W&B is unavailable.*CSV"):
+        logger = build_logger(cfg.logger, {"seed": 0})
+    assert isinstance(logger, CSVLogger)
+    finish_logger(logger, failed=False)
+
+
+def test_phase_logger_prefixes_metrics(tmp_path):
+    inner = CSVLogger(tmp_path)
+    PhaseLogger(inner, "pretrain").log_metrics({"train/loss": 1.0}, step=0)
+    PhaseLogger(inner, "").log_metrics({"test/acc": 0.5}, step=1)
+    inner.save()
+    header = (Path(inner.log_dir) / "metrics.csv").read_text().splitlines()[0]
+    assert "pretrain/train/loss" in header and "test/acc" in header
+
+
+@pytest.mark.parametrize("wrap", ["plain", "prefixed", "lightning"])
+def test_checkpoint_forms_are_read(wrap, tmp_path):
+    state = build_model("lenet5", 1, 10, 28).state_dict()
+    payload = {"plain": state, "prefixed": {f"model.{k}": v for k, v in state.items()},
+               "lightning": {"state_dict": {f"model.{k}": v for k, v in state.items()}, "epoch": 3}}[wrap]
+    torch.save(payload, tmp_path / "ckpt.pt")
+    assert read_state_dict(tmp_path / "ckpt.pt").keys() == state.keys()
+
+
+def test_unreadable_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_state_dict(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable PyTorch checkpoint"):
+        read_state_dict(tmp_path / "junk.pt")
+    torch.save({"epoch": 3}, tmp_path / "empty.pt")
+    with pytest.raises(ConfigError, match="holds no state_dict"):
+        read_state_dict(tmp_path / "empty.pt")
+
+
+def test_cache_key_follows_what_decides_the_weights(tmp_path):
+    base = cache_key(compose_with([], tmp_path), SHAPE)
+    assert base == cache_key(compose_with(["data.root=/elsewhere", "alq.target_bits=0.3"], tmp_path), SHAPE)
+    for override in ("pretrain.epochs=7", "seed=1", "pretrain.lr=0.1", "data.train_limit=100", "model=resnet18"):
+        assert cache_key(compose_with([override], tmp_path), SHAPE) != base, override
+
+
+def test_results_are_written_atomically(tmp_path):
+    path = write_json_atomic({"a": float("nan"), "b": (1, 2), "c": torch.tensor(0.5)}, tmp_path / "r.json")
+    assert json.loads(path.read_text()) == {"a": None, "b": [1, 2], "c": 0.5}
+    with pytest.raises(TypeError):
+        write_json_atomic({"bad": object()}, tmp_path / "r.json")
+    assert json.loads(path.read_text())["c"] == 0.5
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_wandb_is_imported_only_by_the_app():
+    package = Path(__file__).resolve().parents[2] / "alq_lightning"
+    importers = [p for p in package.rglob("*.py") if "import wandb" in p.read_text() and "app" not in p.parts]
+    assert importers == []

@@ -1,0 +1,115 @@
+"""``experiment=smoke`` end to end in-process: real Fashion-MNIST slices for LeNet5, synthetic data for the
+other models; results.json complete and consistent, pretraining cached and reused."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from alq_lightning.app import REQUIRED_KEYS, ConfigError
+from alq_lightning.models import build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from train import train  # noqa: E402
+
+STAGES = ("pretrain", "float_test", "init", "basis", "coordinate", "pruning", "ste", "final_coordinate", "test")
+SYNTHETIC = ["data=synthetic", "data.input_size=8", "data.train_size=64", "data.val_size=32", "data.test_size=64",
+             "data.batch_size=32", "data.eval_batch_size=64", "logger=csv"]
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    torch.set_num_threads(1)
+
+
+def run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict, Path]:
+    out = tmp_path / name
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=smoke", f"paths.output_dir={out}",
+                                           f"pretrain.cache_dir={tmp_path / 'cache'}",
+                                           "trainer.enable_progress_bar=false", *overrides])
+    returned = train(cfg)
+    return returned, out
+
+
+def check_results(results: dict, out: Path, rounds: int) -> None:
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(REQUIRED_KEYS) <= set(on_disk)
+    assert on_disk["test_acc"] == pytest.approx(results["test_acc"])
+    for key in ("float_test_acc", "test_acc"):
+        assert 0.0 <= on_disk[key] <= 1.0
+    assert 0 < on_disk["avg_bits"] <= on_disk["target_bits"]
+    storage = on_disk["storage_bytes"]
+    assert 0 < storage["binary"] <= storage["coords16"] <= storage["coords32"] < storage["float32"]
+    assert on_disk["layer_bits"] and all(0 <= bits <= 8 for bits in on_disk["layer_bits"].values())
+    assert [r["round"] for r in on_disk["rounds"]] == list(range(1, rounds + 1))
+    assert on_disk["rounds"][-1]["avg_bits"] <= on_disk["target_bits"]
+    assert set(STAGES) <= set(on_disk["timings_s"]) and min(on_disk["timings_s"].values()) >= 0
+    assert on_disk["config"]["alq"]["target_bits"] == on_disk["target_bits"]
+    assert on_disk["hardware"]["torch"] == torch.__version__
+    assert (out / "layer_bits.png").is_file() and (out / "accuracy_vs_bits.png").is_file()
+    assert not list(out.glob(".results.json*")), "temporary file left behind"
+
+
+def test_lenet5_on_fashion_mnist_slices_then_cache_reuse(tmp_path):
+    results, out = run(tmp_path, ["alq.rounds=2"])
+    check_results(results, out, rounds=2)
+    assert results["pretrained"]["source"] == "trained"
+    media = next((out / "wandb").glob("offline-run-*")) / "files" / "media"
+    assert list(media.glob("table/alq/bit_summary_*.table.json")) and list(media.glob("table/alq/rounds_*"))
+    assert {p.name.split("_")[0] for p in media.glob("images/plots/*.png")} == {"layer", "accuracy"}
+    again, out2 = run(tmp_path, ["alq.rounds=2", "logger=none"], name="again")
+    assert again["pretrained"] == {**results["pretrained"], "source": "cache"}
+    assert again["float_test_acc"] == results["float_test_acc"]
+    assert again["test_acc"] == pytest.approx(results["test_acc"], abs=0.02)
+
+
+@pytest.mark.parametrize("model,extra", [
+    ("vgg_small", ["model.width=0.25"]),
+    ("resnet20", ["model.width=4"]),
+    ("resnet34", ["alq.max_bits=2", "data.batch_size=64"]),
+])
+def test_other_models_on_synthetic_data(model, extra, tmp_path):
+    results, out = run(tmp_path, [f"model={model}", *SYNTHETIC, *extra])
+    check_results(results, out, rounds=1)
+    assert list((out / "csv").glob("version_*/metrics.csv"))
+
+
+def test_pretrain_checkpoint_is_loaded(tmp_path):
+    checkpoint = tmp_path / "float.pt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in build_model("lenet5", 3, 10, 8 * 2).state_dict().items()}},
+               checkpoint)
+    results, out = run(tmp_path, ["data=synthetic", "data.input_size=16", "data.train_size=64", "data.val_size=32",
+                                  "data.test_size=64", "logger=none", f"pretrain.checkpoint={checkpoint}"])
+    assert results["pretrained"]["source"] == "checkpoint" and (out / "results.json").is_file()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.name=alexnet"], "name='alexnet' is not a known model; allowed: lenet5"),
+    (["alq.target_bits=6"], "target_bits=6 must be a number in (0, max_bits=6)"),
+    (["model=resnet18", "alq.max_bits=null", "alq.target_bits=9"], "max_bits=8"),
+    (["alq.pruning=sideways"], "pruning='sideways' is not allowed"),
+    (["+alq.colour=blue"], "alq.colour is not an ALQCallback argument"),
+])
+def test_bad_config_fails_before_training(overrides, message, tmp_path):
+    with pytest.raises(ConfigError) as error:
+        run(tmp_path, overrides)
+    assert message in str(error.value)
+    assert not (tmp_path / "run").exists(), "nothing written for a config that cannot run"
+
+
+def test_mismatching_checkpoint_names_both_shapes(tmp_path):
+    checkpoint = tmp_path / "rgb_lenet5.pt"
+    torch.save(build_model("lenet5", 3, 10, 28).state_dict(), checkpoint)
+    with pytest.raises(ConfigError) as error:
+        run(tmp_path, [f"pretrain.checkpoint={checkpoint}"])
+    assert "conv1.weight is [20, 3, 5, 5] in the checkpoint but [20, 1, 5, 5] in the model" in str(error.value)
+    assert "model=lenet5 for data=fashion_mnist (1 channel(s), 28x28 inputs, 10 classes)" in str(error.value)
+    assert not (tmp_path / "run").exists()
