@@ -143,11 +143,19 @@ def refit_coords(codes: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
     are formed as ``[G, 2^K] @ [2^K, K·K]`` products, without materialising float bases.
     """
     max_bits = mask.shape[1]
-    patterns = all_patterns(max_bits, target.dtype, target.device)
+    return fit_pattern_sums(pattern_sums(codes, weight, max_bits), pattern_sums(codes, weight * target, max_bits), mask)
+
+
+def fit_pattern_sums(weight_sums: torch.Tensor, product_sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Coordinates from per-pattern sums ``[G, 2^K]`` of the weights and of weight · target.
+
+    The normal equations are ``Σ_b s_b b bᵀ α = Σ_b t_b b`` over the ``2^K`` patterns ``b``.
+    """
+    max_bits = mask.shape[1]
+    patterns = all_patterns(max_bits, weight_sums.dtype, weight_sums.device)
     outer = (patterns[:, :, None] * patterns[:, None, :]).reshape(-1, max_bits * max_bits)
-    gram = (pattern_sums(codes, weight, max_bits) @ outer).view(-1, max_bits, max_bits)
-    rhs = pattern_sums(codes, weight * target, max_bits) @ patterns
-    return solve_normal_equations(gram, rhs, mask)
+    gram = (weight_sums @ outer).view(-1, max_bits, max_bits)
+    return solve_normal_equations(gram, product_sums @ patterns, mask)
 
 
 def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6) -> MultiBitState:
@@ -166,26 +174,33 @@ def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6) -> Multi
     coords = torch.zeros(num_groups, max_bits, dtype=w.dtype, device=w.device)
     mask = torch.zeros(num_groups, max_bits, dtype=torch.bool, device=w.device)
     norm = torch.linalg.vector_norm(w, dim=1).square()
-    residual, active, ones = w, norm > 0, torch.ones_like(w)
+    residual, active = w, norm > 0
+    counts, ones = torch.zeros(num_groups, 2**max_bits, dtype=w.dtype, device=w.device), torch.ones_like(w)
     for k in range(max_bits):
-        index.sub_(torch.logical_and(residual < 0, active[:, None]).long() << k)
+        index.sub_(torch.lt(residual, 0).long(), alpha=1 << k)
         mask[:, k] = active
-        coords = torch.where(active[:, None], refit_coords(index, mask, w, ones), coords)
-        residual = w - MultiBitState(index, coords, mask).codebook().gather(1, index)
-        active = active & (torch.linalg.vector_norm(residual, dim=1).square() >= tol * norm)
-    state = MultiBitState(index.to(torch.uint8), coords, mask)
-    flip_negative(state)
-    order = torch.where(state.mask, state.coords, torch.inf).argsort(dim=1, stable=True)
-    return permute_slots(state, order)
+        counts.zero_().scatter_add_(1, index, ones)
+        coords = torch.where(active[:, None], fit_pattern_sums(counts, pattern_sums(index, w, max_bits), mask), coords)
+        if k < max_bits - 1:
+            residual = w - MultiBitState(index, coords, mask).codebook().gather(1, index)
+            active = active & (torch.linalg.vector_norm(residual, dim=1).square() >= tol * norm)
+    index |= slot_bits(~mask)[:, None]
+    flips = slot_bits(coords < 0)
+    coords = coords.abs()
+    order = torch.where(mask, coords, torch.inf).argsort(dim=1, stable=True)
+    return permute_slots(MultiBitState(index, coords, mask), order, flips)
 
 
-def permute_slots(state: MultiBitState, order: torch.Tensor) -> MultiBitState:
-    """A new state whose slot ``k`` is slot ``order[g, k]`` of ``state`` (``order [G, K]`` per-group permutation).
+def permute_slots(state: MultiBitState, order: torch.Tensor, flips: torch.Tensor | None = None) -> MultiBitState:
+    """A new state whose slot ``k`` is slot ``order[g, k]`` of ``state`` (``order [G, K]`` per group),
+    after negating the bases of the slots set in ``flips [G]`` (bit ``k`` = slot ``k``; coordinates untouched).
 
-    Codes are remapped through a per-group table of all ``2^K`` patterns, one gather over the weights.
+    Codes are remapped through a per-group table of all ``2^K`` patterns: one gather over the weights.
     """
-    patterns = torch.arange(2**state.max_bits, device=order.device)
-    moved = (patterns[None, :, None] >> order[:, None, :]) & 1
+    patterns = torch.arange(2**state.max_bits, device=order.device)[None, :]
+    if flips is not None:
+        patterns = patterns ^ flips[:, None]
+    moved = (patterns[:, :, None] >> order[:, None, :]) & 1
     table = (moved << torch.arange(state.max_bits, device=order.device)).sum(dim=2)
     codes = table.gather(1, state.codes.long()).to(torch.uint8)
     return MultiBitState(codes, state.coords.gather(1, order), state.mask.gather(1, order))

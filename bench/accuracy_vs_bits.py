@@ -1,0 +1,134 @@
+"""Accuracy vs average bits on real data: runs ``train.py`` per (seed, target) and aggregates the results.
+
+Each run is ``python train.py experiment=<experiment> seed=<s> alq.target_bits=<t> logger=none`` in its own
+directory under ``bench/runs/<name>/`` (a run whose ``results.json`` exists is reused, so an interrupted
+study resumes). Writes ``bench/results/<name>.json`` (every run and, per target, mean ± std of test
+accuracy, bits and storage), ``bench/results/<name>.png`` (accuracy vs bits, with the authors' measured
+points on Fashion-MNIST LeNet5 for reference) and a table in ``bench/RESULTS.md``.
+
+    python bench/accuracy_vs_bits.py --name lenet5_protocol --experiment fmnist_lenet5_protocol \\
+        --seeds 0 1 2 --targets 0.39
+    python bench/accuracy_vs_bits.py --name lenet5_curve --experiment fmnist_lenet5_protocol \\
+        --targets 2 1 0.7 0.5 0.4 0.3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+AUTHORS_FMNIST_LENET5 = [(0.881, 91.15), (0.516, 90.99), (0.390, 90.32), (0.353, 90.45)]
+
+
+def run(experiment: str, seed: int, target: float, directory: Path, overrides: list[str], threads: int) -> dict:
+    """One train.py job (or its earlier results); returns its results.json."""
+    results = directory / "results.json"
+    if not results.exists():
+        command = [sys.executable, str(ROOT / "train.py"), f"experiment={experiment}", f"seed={seed}",
+                   f"alq.target_bits={target}", "logger=none", "trainer.enable_progress_bar=false",
+                   f"hydra.run.dir={directory}", *overrides]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
+        subprocess.run(command, cwd=ROOT, env=env, check=True)
+    return json.loads(results.read_text())
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """Per target: mean and std over seeds of accuracy, bits and storage."""
+    rows = []
+    for target in sorted({r["target_bits"] for r in runs}, reverse=True):
+        group = [r for r in runs if r["target_bits"] == target]
+
+        def stats(values: list[float]) -> tuple[float, float]:
+            return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+        columns = {key: [float(r[key]) for r in group] for key in ("test_acc", "float_test_acc", "avg_bits")}
+        columns.update({f"{key}_bytes": [float(r["storage_bytes"][key]) for r in group]
+                        for key in ("binary", "coords32", "coords16")})
+        rows.append({"target_bits": target, "seeds": [r["seed"] for r in group],
+                     **{f"{key}_{part}": value for key, values in columns.items()
+                        for part, value in zip(("mean", "std"), stats(values))}})
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.errorbar([r["avg_bits_mean"] for r in rows], [100 * r["test_acc_mean"] for r in rows],
+                  yerr=[100 * r["test_acc_std"] for r in rows], marker="o", capsize=3, label="alq_lightning")
+    bits, acc = zip(*AUTHORS_FMNIST_LENET5)
+    axes.scatter(bits, acc, marker="x", color="black", label="authors' code (same protocol)")
+    axes.set_xlabel("average bits per weight")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> str:
+    hardware = runs[0].get("hardware", {})
+    cpu = hardware.get("processor") or hardware.get("machine", "unknown")
+    lines = [f"### {name}: `experiment={experiment}` — {cpu}, {hardware.get('torch_threads')} threads, "
+             f"{date.today()}", "",
+             "| target bits | avg bits | test acc (%) | float test acc (%) | binary | with 32-bit coords | "
+             "with 16-bit coords | seeds |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['target_bits']:g} | {r['avg_bits_mean']:.3f} | {100 * r['test_acc_mean']:.2f} ± "
+                     f"{100 * r['test_acc_std']:.2f} | {100 * r['float_test_acc_mean']:.2f} | "
+                     f"{r['binary_bytes_mean'] / 1024:.1f} KiB | {r['coords32_bytes_mean'] / 1024:.1f} KiB | "
+                     f"{r['coords16_bytes_mean'] / 1024:.1f} KiB | {len(r['seeds'])} |")
+    return "\n".join(lines)
+
+
+def write_section(path: Path, key: str, table: str) -> None:
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{table}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--experiment", default="fmnist_lenet5_protocol")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.39])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
+    args = parser.parse_args()
+    runs = [run(args.experiment, seed, target, HERE / "runs" / args.name / f"seed{seed}_bits{target:g}",
+                args.overrides, args.threads)
+            for target in args.targets for seed in args.seeds]
+    rows = aggregate(runs)
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    keep = ("seed", "target_bits", "test_acc", "float_test_acc", "avg_bits", "storage_bytes", "rounds",
+            "timings_s", "git_commit", "hardware")
+    (out / f"{args.name}.json").write_text(json.dumps(
+        {"experiment": args.experiment, "overrides": args.overrides, "date": str(date.today()), "summary": rows,
+         "runs": [{k: r.get(k) for k in keep} for r in runs]}, indent=2) + "\n")
+    plot(rows, out / f"{args.name}.png", f"{args.name} ({args.experiment})")
+    table = markdown(args.name, args.experiment, rows, runs)
+    write_section(HERE / "RESULTS.md", f"accuracy:{args.name}", table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
