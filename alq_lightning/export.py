@@ -43,7 +43,7 @@ from torch import nn
 
 from .core import LayerBits, MultiBitState, check_coord_bits
 from .packing import COORD_DTYPES, decode_layer, dtype_name, encode_layer, parse_dtype, tensor_bytes, write_atomic
-from .quantizer import QUANTIZABLE_TYPES, LayerSelection, QuantizedLayer, attach, find_layers
+from .quantizer import QUANTIZABLE_TYPES, LayerSelection, attach, find_layers
 from .summary import BitSummary, LayerRow, bit_summary
 
 MAGIC = b"ALQPACK\0"
@@ -263,20 +263,9 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     layers = find_layers(model)
     with torch.no_grad():
         for name, entry in entries.items():
-            write_layer(layers[name], decode_entry(packed, entry, layers[name].buffer("coords").dtype))
+            layers[name].load_state(decode_entry(packed, entry, layers[name].buffer("coords").dtype))
         model.load_state_dict(float_tensors(packed), strict=False)
     return model
-
-
-def write_layer(layer: QuantizedLayer, state: MultiBitState) -> None:
-    """Copy ``state`` into the layer's buffers, zero its statistics and latent weights, write ŵ into its weight."""
-    target = layer.state
-    for current, new in zip((target.codes, target.coords, target.mask), (state.codes, state.coords, state.mask)):
-        current.copy_(new)
-    for stats in (layer.weight_stats, layer.coord_stats):
-        stats.reset()
-    layer.buffer("latent").zero_()
-    layer.write_weight()
 
 
 def packed_summary(header: dict[str, Any]) -> BitSummary:

@@ -129,7 +129,7 @@ class MultiBitNetwork:
         models = self._models(lr)
         importance = {name: slot_importance(layer.state, *models[name]) for name, layer in self.layers.items()}
         sizes = {name: layer.layout.group_size for name, layer in self.layers.items()}
-        return self._clear(select_slots(importance, sizes, bits_to_remove, per_bit))
+        return self.clear_slots(select_slots(importance, sizes, bits_to_remove, per_bit))
 
     def prune_groups(self, bits_to_remove: float, lr: float) -> int:
         """Clear whole groups, least loss increase per bit first; returns bits removed."""
@@ -138,9 +138,10 @@ class MultiBitNetwork:
         live_bits = {name: layer.state.bits_per_group() * layer.layout.group_size
                      for name, layer in self.layers.items()}
         chosen = select_groups(importance, live_bits, bits_to_remove)
-        return self._clear({name: groups[:, None] & self.layers[name].state.mask for name, groups in chosen.items()})
+        return self.clear_slots({name: groups[:, None] & self.layers[name].state.mask for name, groups in chosen.items()})
 
-    def _clear(self, chosen: Mapping[str, torch.Tensor]) -> int:
+    def clear_slots(self, chosen: Mapping[str, torch.Tensor]) -> int:
+        """Prune the ``{layer: [G, K] bool}`` slots (canonical dead form: α = 0, β = +1); returns bits removed."""
         before = self.binary_bits
         for name, slots in chosen.items():
             state = self.layers[name].state

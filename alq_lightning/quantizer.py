@@ -61,11 +61,14 @@ class QuantizedLayer:
         return self.layout.to_groups(self.module.weight.detach().to(self.buffer("coords").dtype))
 
     def initialize(self) -> None:
-        """Structured sketching of the current float weight; resets statistics; writes ŵ into the weight."""
-        fresh = greedy_init(self.weight_groups(), self.state.max_bits)
-        state = self.state
-        for current, new in zip((state.codes, state.coords, state.mask), (fresh.codes, fresh.coords, fresh.mask)):
-            current.copy_(new)
+        """Structured sketching of the current float weight (see :meth:`load_state`)."""
+        self.load_state(greedy_init(self.weight_groups(), self.state.max_bits))
+
+    def load_state(self, state: MultiBitState) -> None:
+        """Copy ``state`` into the buffers, zero statistics and latent weights, write ŵ into the weight."""
+        current = self.state
+        for target, source in zip((current.codes, current.coords, current.mask), (state.codes, state.coords, state.mask)):
+            target.copy_(source)
         for stats in (self.weight_stats, self.coord_stats):
             stats.reset()
         self.buffer("latent").zero_()

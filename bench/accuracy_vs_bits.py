@@ -1,8 +1,8 @@
 """Accuracy vs average bits on real data: runs ``train.py`` per (seed, target) and aggregates the results.
 
 Each run is ``python train.py experiment=<experiment> seed=<s> alq.target_bits=<t> logger=none`` in its own
-directory under ``bench/runs/<name>/`` (a run whose ``results.json`` exists is reused, so an interrupted
-study resumes). Writes ``bench/results/<name>.json`` (every run and, per target, mean ± std of test
+directory ``bench/runs/<experiment>[+overrides]/seed<s>_bits<t>/``; a run whose ``results.json`` exists is
+reused, so an interrupted study resumes and studies sharing runs (a curve and a multi-seed point) share them. Writes ``bench/results/<name>.json`` (every run and, per target, mean ± std of test
 accuracy, bits and storage), ``bench/results/<name>.png`` (accuracy vs bits, with the authors' measured
 points on Fashion-MNIST LeNet5 for reference) and a table in ``bench/RESULTS.md``.
 
@@ -21,6 +21,8 @@ import subprocess
 import sys
 from datetime import date
 from pathlib import Path
+
+from common import write_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -93,17 +95,6 @@ def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> 
     return "\n".join(lines)
 
 
-def write_section(path: Path, key: str, table: str) -> None:
-    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{table}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True)
@@ -113,7 +104,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
-    runs = [run(args.experiment, seed, target, HERE / "runs" / args.name / f"seed{seed}_bits{target:g}",
+    family = "+".join([args.experiment, *args.overrides]).replace("/", "_").replace("=", "-")
+    runs = [run(args.experiment, seed, target, HERE / "runs" / family / f"seed{seed}_bits{target:g}",
                 args.overrides, args.threads)
             for target in args.targets for seed in args.seeds]
     rows = aggregate(runs)

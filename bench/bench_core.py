@@ -24,13 +24,14 @@ import ctypes
 import datetime
 import gc
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from common import hardware, proc_field, write_section
 
 from alq_lightning.models import PAPER_MAX_BITS, build_model, paper_structures
 from alq_lightning.network import MultiBitNetwork
@@ -75,12 +76,6 @@ def float_step_seconds(model: nn.Module, batch, device: torch.device, repeats: i
     slow = time_runs(step, device, repeats=1, warmups=0) > SLOW_STEP_S
     repeats = min(repeats, 2) if slow else repeats
     return time_runs(step, device, repeats, warmups=int(not slow)), repeats, slow
-
-
-def proc_field(path: str, field: str) -> str:
-    """The value of ``field`` in a ``/proc`` file of ``name: value`` lines."""
-    return next(line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines()
-                if line.startswith(field))
 
 
 def extra_memory_mb(fn, device: torch.device) -> float | None:
@@ -159,15 +154,6 @@ def bench_model(name: str, args, device: torch.device) -> dict:
     }
 
 
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        return f"{proc_field('/proc/cpuinfo', 'model name')} ({os.cpu_count()} logical cores)"
-    except (OSError, StopIteration):
-        return f"unknown CPU ({os.cpu_count()} logical cores)"
-
-
 def duration(seconds: float) -> str:
     return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
@@ -216,21 +202,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
-def write_markdown(path: Path, section: str, device: str) -> None:
-    """Replace the text between this device's markers in ``path`` (created if missing), keeping the rest."""
-    tag = "core-gpu" if device == "cuda" else "core"
-    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{section}{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -256,7 +227,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     section = markdown(results)
-    write_markdown(args.markdown, section, args.device)
+    write_section(args.markdown, "core-gpu" if args.device == "cuda" else "core", section)
     print(section)
     print(f"wrote {args.out} and {args.markdown}")
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import date
 from pathlib import Path
 
 import lightning as L
 import torch
+
+from common import hardware, write_section
 
 from alq_lightning import ALQCallback
 from alq_lightning.data import FashionMNISTDataModule
@@ -48,24 +49,6 @@ def fit(module: L.LightningModule, data, epochs: int, callbacks: list) -> list[f
     return timer.seconds
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def write_markdown(path: Path, table: str) -> None:
-    begin, end = "<!-- stages:begin -->", "<!-- stages:end -->"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{begin}\n{table}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -87,7 +70,7 @@ def main() -> None:
                   alq.total_epochs, [alq])
     rows = [{"stage": "float (Adam)", "seconds": float_epoch, "ratio": 1.0}]
     rows += [{"stage": s, "seconds": t, "ratio": t / float_epoch} for s, t in zip(stages, seconds)]
-    result = {"date": date.today().isoformat(), "cpu": cpu_name(), "threads": args.threads,
+    result = {"date": date.today().isoformat(), "cpu": hardware(), "threads": args.threads,
               "torch": torch.__version__, "model": "LeNet5", "data": "Fashion-MNIST (50k train, batch 128)",
               "avg_bits_after": alq.network.avg_bits, "epochs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +82,7 @@ def main() -> None:
     lines += [f"| {r['stage']} | {r['seconds']:.1f} | {r['ratio']:.2f}× | {authors.get(r['stage'], '')} |"
               for r in rows]
     table = "\n".join(lines)
-    write_markdown(args.markdown, table)
+    write_section(args.markdown, "stages", table)
     print(table)
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from quantized_models import lenet, quantized, sample, small_cnn
+
 import alq_lightning.packing as packing_module
 from alq_lightning.core import slot_bits
 from alq_lightning.export import FORMAT_VERSION, export_packed, load_packed, packed_summary, read_header
@@ -20,60 +22,6 @@ from alq_lightning.network import MultiBitNetwork
 from alq_lightning.quantizer import LayerSelection, attach, find_layers
 from alq_lightning.summary import bit_summary
 from alq_lightning.summary import main as summary_main
-
-
-def small_cnn() -> nn.Module:
-    """Conv + BatchNorm, grouped conv + BatchNorm, Linear."""
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
-    )
-
-
-def lenet() -> nn.Module:
-    return LeNet5(1, 10, 28)
-
-
-INPUTS = {small_cnn: (3, 8, 8), lenet: (1, 28, 28)}
-
-
-def clear_slots(network: MultiBitNetwork, chosen: dict[str, torch.Tensor]) -> None:
-    """Clear the ``[G, K]`` slots ``chosen`` per layer, in canonical form (α = 0, β = +1)."""
-    for name, slots in chosen.items():
-        state = network.layers[name].state
-        state.mask.masked_fill_(slots, False)
-        state.coords.masked_fill_(slots, 0)
-        state.codes.bitwise_or_(slot_bits(slots).to(torch.uint8)[:, None])
-    network.write_weights()
-
-
-def quantized(build, seed: int = 0, max_bits: int = 4, keep: float = 0.6) -> nn.Module:
-    """``build()`` with random weights and BatchNorm statistics, initialised, with random slots and some
-    whole groups (always group 0) pruned; in eval mode."""
-    torch.manual_seed(seed)
-    model = build().eval()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_()
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.normal_()
-    network = MultiBitNetwork(*attach(model, LayerSelection(max_bits=max_bits)))
-    network.initialize()
-    gen = torch.Generator().manual_seed(seed)
-    chosen = {}
-    for name, layer in network.layers.items():
-        mask = layer.state.mask
-        slots = torch.rand(mask.shape, generator=gen) > keep
-        slots |= (torch.rand(mask.shape[0], generator=gen) < 0.2)[:, None]
-        slots[0] = True
-        chosen[name] = slots & mask
-    clear_slots(network, chosen)
-    return model
-
-
-def sample(build, seed: int = 1) -> torch.Tensor:
-    return torch.randn(4, *INPUTS[build], generator=torch.Generator().manual_seed(seed))
 
 
 def states(model: nn.Module) -> dict[str, tuple[torch.Tensor, ...]]:

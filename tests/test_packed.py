@@ -5,49 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from alq_lightning.core import slot_bits
+from quantized_models import INPUTS, lenet, quantized, small_cnn
+
 from alq_lightning.export import export_packed, load_packed
 from alq_lightning.models import LeNet5
-from alq_lightning.network import MultiBitNetwork
 from alq_lightning.packed import PackedModel, dense_weight, load_packed_for_inference
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
-
-
-def small_cnn() -> nn.Module:
-    """Conv + BatchNorm, grouped conv + BatchNorm, Linear."""
-    return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
-    )
-
-
-def lenet() -> nn.Module:
-    return LeNet5(1, 10, 28)
-
-
-INPUTS = {small_cnn: (3, 8, 8), lenet: (1, 28, 28)}
-
-
-def quantized(build, seed: int = 0, max_bits: int = 4) -> nn.Module:
-    """``build()`` initialised multi-bit with random BatchNorm statistics, ~40% of slots and group 0 pruned."""
-    torch.manual_seed(seed)
-    model = build().eval()
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.normal_()
-            module.running_var.uniform_(0.5, 2.0)
-    network = MultiBitNetwork(*attach(model, LayerSelection(max_bits=max_bits)))
-    network.initialize()
-    for layer in network.layers.values():
-        state = layer.state
-        slots = (torch.rand(state.mask.shape) < 0.4) & state.mask
-        slots[0] = state.mask[0]
-        state.mask.masked_fill_(slots, False)
-        state.coords.masked_fill_(slots, 0)
-        state.codes.bitwise_or_(slot_bits(slots).to(torch.uint8)[:, None])
-    network.write_weights()
-    return model
+from alq_lightning.quantizer import find_layers
 
 
 def assert_no_dense_weight(model: PackedModel) -> None:

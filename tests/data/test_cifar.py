@@ -73,7 +73,7 @@ def test_datamodule_normalises_splits_and_augments(cifar_files) -> None:
     dm = CIFAR10DataModule(root=tmp_path / "src", val_size=6, batch_size=8, download=False)
     assert (dm.num_classes, dm.in_channels, dm.input_size) == (10, 3, 32)
     dm.setup()
-    (train_x, _), (val_x, _), (test_x, test_y) = dm.split("train"), dm.split("val"), dm.split("test")
+    (train_x, _), (val_x, _), (test_x, _) = dm.split("train"), dm.split("val"), dm.split("test")
     assert train_x.shape == (24, 3, 32, 32) and val_x.shape == (6, 3, 32, 32) and test_x.shape == (6, 3, 32, 32)
     raw = batches["test_batch"][b"data"][0]
     assert test_x[0, 0, 0, 0].item() == pytest.approx((raw[0] / 255 - 0.4914) / 0.2470, abs=1e-5)

@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmark scripts: machine description and RESULTS.md sections."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def proc_field(path: str, field: str) -> str:
+    """The value of ``field:`` in a ``/proc`` file such as ``/proc/cpuinfo`` (first occurrence)."""
+    with open(path) as handle:
+        return next(line.split(":", 1)[1].strip() for line in handle if line.startswith(field))
+
+
+def hardware(device: torch.device | str = "cpu") -> str:
+    """The CUDA card's name, or the CPU's model name and core count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        return f"{proc_field('/proc/cpuinfo', 'model name')} ({os.cpu_count()} logical cores)"
+    except (OSError, StopIteration):
+        return f"unknown CPU ({os.cpu_count()} logical cores)"
+
+
+def write_section(path: Path, key: str, text: str) -> None:
+    """Replace the text between ``<!-- key:begin -->`` and ``<!-- key:end -->`` in ``path`` (appended when
+    missing; the file is created when absent), keeping every other section."""
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
+    current = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{text.rstrip()}\n{end}"
+    if begin in current and end in current:
+        head, rest = current.split(begin, 1)
+        current = head + block + rest.split(end, 1)[1]
+    else:
+        current = current.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(current)
