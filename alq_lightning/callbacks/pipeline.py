@@ -9,7 +9,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from ..core import check_target_bits
 from ..quantizer import QUANTIZABLE_TYPES
 from .init import ALQInit
-from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune, _check, _is_int
+from .arguments import check, is_int
+from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
 
 PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}
 _HOOKS = ("on_fit_start", "on_train_epoch_start", "on_train_epoch_end", "on_train_batch_start",
@@ -81,12 +82,12 @@ class ALQCallback(Callback):
         for name, value in (("basis_epochs", basis_epochs), ("coordinate_epochs", coordinate_epochs),
                             ("ste_epochs", ste_epochs), ("final_coordinate_epochs", final_coordinate_epochs),
                             ("start_epoch", start_epoch)):
-            _check(name, value, _is_int(value) and value >= 0, "an integer >= 0")
-        _check("rounds", rounds, _is_int(rounds) and rounds >= 1, "an integer >= 1")
-        _check("pruning_epochs", pruning_epochs, _is_int(pruning_epochs) and pruning_epochs >= 1,
+            check(name, value, is_int(value) and value >= 0, "an integer >= 0")
+        check("rounds", rounds, is_int(rounds) and rounds >= 1, "an integer >= 1")
+        check("pruning_epochs", pruning_epochs, is_int(pruning_epochs) and pruning_epochs >= 1,
                "an integer >= 1")
-        _check("pruning", pruning, pruning in PRUNING, f"one of {sorted(PRUNING)}")
-        _check("per_bit", per_bit, not (per_bit and pruning == "groups"),
+        check("pruning", pruning, pruning in PRUNING, f"one of {sorted(PRUNING)}")
+        check("per_bit", per_bit, not (per_bit and pruning == "groups"),
                "False with pruning='groups' (groups are always ranked per bit)")
         self.stages: list[ALQStage] = []
         epoch = start_epoch

@@ -18,20 +18,8 @@ from torch import nn
 
 from ..core import step_budget
 from ..network import MultiBitNetwork
+from .arguments import check, is_int, is_number
 from .init import ALQInit, find_init
-
-
-def _check(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is not allowed; expected {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class ALQStage(Callback, ABC):
@@ -39,10 +27,10 @@ class ALQStage(Callback, ABC):
     in its ``e``-th epoch. Needs an :class:`ALQInit` (or :class:`ALQCallback`) in the same Trainer."""
 
     def __init__(self, start_epoch: int, epochs: int, lr: float = 1e-3, lr_decay: float = 1.0) -> None:
-        _check("start_epoch", start_epoch, _is_int(start_epoch) and start_epoch >= 0, "an integer >= 0")
-        _check("epochs", epochs, _is_int(epochs) and epochs >= 1, "an integer >= 1")
-        _check("lr", lr, _is_number(lr) and lr > 0, "a number > 0")
-        _check("lr_decay", lr_decay, _is_number(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]")
+        check("start_epoch", start_epoch, is_int(start_epoch) and start_epoch >= 0, "an integer >= 0")
+        check("epochs", epochs, is_int(epochs) and epochs >= 1, "an integer >= 1")
+        check("lr", lr, is_number(lr) and lr > 0, "a number > 0")
+        check("lr_decay", lr_decay, is_number(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]")
         self.start_epoch, self.epochs, self.lr, self.lr_decay = start_epoch, epochs, float(lr), float(lr_decay)
         self.init: ALQInit | None = None
 
@@ -142,9 +130,9 @@ class BitwidthReduction(ALQStage):
     def __init__(self, start_epoch: int, target_bits: float, epochs: int = 1, rounds: int = 1,
                  round_index: int = 1, lr: float = 1e-3, lr_decay: float = 1.0, per_bit: bool = False) -> None:
         super().__init__(start_epoch, epochs, lr, lr_decay)
-        _check("target_bits", target_bits, _is_number(target_bits) and target_bits > 0, "a number > 0")
-        _check("rounds", rounds, _is_int(rounds) and rounds >= 1, "an integer >= 1")
-        _check("round_index", round_index, _is_int(round_index) and 1 <= round_index <= rounds,
+        check("target_bits", target_bits, is_number(target_bits) and target_bits > 0, "a number > 0")
+        check("rounds", rounds, is_int(rounds) and rounds >= 1, "an integer >= 1")
+        check("round_index", round_index, is_int(round_index) and 1 <= round_index <= rounds,
                f"an integer in [1, rounds={rounds}]")
         self.target_bits, self.rounds, self.round_index = float(target_bits), rounds, round_index
         self.per_bit = per_bit
@@ -154,7 +142,7 @@ class BitwidthReduction(ALQStage):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         max_bits = max(layer.state.max_bits for layer in self.network.layers.values())
-        _check("target_bits", self.target_bits, self.target_bits < max_bits, f"a number in (0, max_bits={max_bits})")
+        check("target_bits", self.target_bits, self.target_bits < max_bits, f"a number in (0, max_bits={max_bits})")
 
     def steps_per_epoch(self, trainer: Trainer) -> int:
         batches = trainer.num_training_batches
