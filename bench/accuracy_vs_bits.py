@@ -22,7 +22,7 @@ import sys
 from datetime import date
 from pathlib import Path
 
-from common import write_section
+from common import hardware, write_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -81,9 +81,8 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> str:
-    hardware = runs[0].get("hardware", {})
-    cpu = hardware.get("processor") or hardware.get("machine", "unknown")
-    lines = [f"### {name}: `experiment={experiment}` — {cpu}, {hardware.get('torch_threads')} threads, "
+    threads = runs[0].get("hardware", {}).get("torch_threads")
+    lines = [f"### {name}: `experiment={experiment}` — {hardware()}, {threads} thread(s) per run, "
              f"{date.today()}", "",
              "| target bits | avg bits | test acc (%) | float test acc (%) | binary | with 32-bit coords | "
              "with 16-bit coords | seeds |", "|---|---|---|---|---|---|---|---|"]
@@ -92,6 +91,8 @@ def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> 
                      f"{100 * r['test_acc_std']:.2f} | {100 * r['float_test_acc_mean']:.2f} | "
                      f"{r['binary_bytes_mean'] / 1024:.1f} KiB | {r['coords32_bytes_mean'] / 1024:.1f} KiB | "
                      f"{r['coords16_bytes_mean'] / 1024:.1f} KiB | {len(r['seeds'])} |")
+    reference = ", ".join(f"{acc:.2f} % at {bits:.3f} bits" for bits, acc in AUTHORS_FMNIST_LENET5)
+    lines += ["", f"Authors' code on the Fashion-MNIST LeNet5 protocol (one run each): {reference}."]
     return "\n".join(lines)
 
 
