@@ -162,7 +162,7 @@ def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6) -> Multi
     """Structured sketching of ``groups [G, n]`` into ``max_bits`` slots, batched over all groups.
 
     Slot k takes ``β_k = sign(r)`` (sign(0) = +1) of the residual; all coordinates so far are refit by
-    least squares; a group stops once ``‖r‖² / ‖w‖² < tol`` (all-zero groups get no slot). Finally every
+    least squares (for the first slot that is ``α = mean |w|``); a group stops once ``‖r‖² / ‖w‖² < tol`` (all-zero groups get no slot). Finally every
     ``α >= 0`` (sign moved into ``β``) and live slots are ordered by ascending ``α``, dead slots last.
     """
     check_max_bits(max_bits)
@@ -174,16 +174,20 @@ def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6) -> Multi
     coords = torch.zeros(num_groups, max_bits, dtype=w.dtype, device=w.device)
     mask = torch.zeros(num_groups, max_bits, dtype=torch.bool, device=w.device)
     norm = torch.linalg.vector_norm(w, dim=1).square()
-    residual, active = w, norm > 0
+    active = norm > 0
+    index.sub_(torch.lt(w, 0).long())
+    mask[:, 0] = active
+    coords[:, 0] = w.abs().mean(dim=1)
+    residual = w - coords[:, :1] * torch.where(w < 0, -1.0, 1.0).to(w.dtype)
     counts, ones = torch.zeros(num_groups, 2**max_bits, dtype=w.dtype, device=w.device), torch.ones_like(w)
-    for k in range(max_bits):
+    for k in range(1, max_bits):
+        active = active & (torch.linalg.vector_norm(residual, dim=1).square() >= tol * norm)
         index.sub_(torch.lt(residual, 0).long(), alpha=1 << k)
         mask[:, k] = active
         counts.zero_().scatter_add_(1, index, ones)
         coords = torch.where(active[:, None], fit_pattern_sums(counts, pattern_sums(index, w, max_bits), mask), coords)
         if k < max_bits - 1:
             residual = w - MultiBitState(index, coords, mask).codebook().gather(1, index)
-            active = active & (torch.linalg.vector_norm(residual, dim=1).square() >= tol * norm)
     index |= slot_bits(~mask)[:, None]
     flips = slot_bits(coords < 0)
     coords = coords.abs()
