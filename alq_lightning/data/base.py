@@ -5,6 +5,7 @@ import hashlib
 import os
 import tempfile
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def _check_limit(name: str, value: int | None) -> None:
         raise ValueError(f"{name}={value!r} must be None or a positive int")
 
 
-class TensorDataModule(LightningDataModule):
+class TensorDataModule(LightningDataModule, ABC):
     """A small data set held as tensors on the training device and batched there by :class:`TensorLoader`.
 
     Subclasses set ``num_classes``, ``in_channels``, ``input_size``, ``mean`` and ``std`` (per channel) and
@@ -144,13 +145,13 @@ class TensorDataModule(LightningDataModule):
         self.augment, self.padding = augment, padding
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
 
+    @abstractmethod
     def load_train(self) -> tuple[Tensor, Tensor]:
         """The whole training set: images ``[N, C, H, W]`` (uint8 or normalised float), labels ``[N]``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def load_test(self) -> tuple[Tensor, Tensor]:
         """The test set: images ``[M, C, H, W]`` (uint8 or normalised float), labels ``[M]``."""
-        raise NotImplementedError
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 ``[N, C, H, W]`` to float32 scaled to [0, 1] and normalised per channel; floats pass through."""
