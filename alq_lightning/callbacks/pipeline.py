@@ -5,16 +5,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
 
 from ..core import check_target_bits
+from ..network import MultiBitNetwork
 from ..quantizer import QUANTIZABLE_TYPES
 from .init import ALQInit
 from .arguments import check, is_int
 from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
 
 PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}
-_HOOKS = ("on_fit_start", "on_train_epoch_start", "on_train_epoch_end", "on_train_batch_start",
-          "on_train_batch_end", "on_before_optimizer_step", "on_save_checkpoint", "on_load_checkpoint", "teardown")
 
 
 class ALQCallback(Callback):
@@ -117,8 +117,12 @@ class ALQCallback(Callback):
         return self._generate_state_key(target_bits=self.target_bits, total_epochs=self.total_epochs)
 
     @property
-    def network(self):
+    def network(self) -> MultiBitNetwork | None:
         return self.init.network
+
+    def _each(self, hook: str, *args: Any) -> None:
+        for callback in (self.init, *self.stages):
+            getattr(callback, hook)(*args)
 
     def stage_at(self, epoch: int) -> ALQStage | None:
         return next((s for s in self.stages if s.start_epoch <= epoch < s.end_epoch), None)
@@ -130,17 +134,39 @@ class ALQCallback(Callback):
                 f"Trainer(max_epochs={max_epochs}) cannot hold the ALQ schedule of {self.total_epochs} epochs; "
                 f"set Trainer(max_epochs={self.total_epochs}) (see ALQCallback(...).total_epochs)"
             )
-        for callback in (self.init, *self.stages):
-            callback.setup(trainer, pl_module, stage)
+        self._each("setup", trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._each("on_fit_start", trainer, pl_module)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
+        self._each("on_before_optimizer_step", trainer, pl_module, optimizer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for callback in (self.init, *self.stages):
-            callback.on_train_epoch_end(trainer, pl_module)
+        """Log bits, round and learning rate; stop fitting once the schedule is complete."""
+        self._each("on_train_epoch_end", trainer, pl_module)
         stage = self.stage_at(trainer.current_epoch)
         rounds = [s for s in self.stages if isinstance(s, BitwidthReduction)]
         done = sum(s.end_epoch <= trainer.current_epoch + 1 for s in rounds)
         pl_module.log_dict({"alq/round": float(done), "alq/lr": stage.current_lr(trainer) if stage else 0.0},
                            rank_zero_only=True)
+        if trainer.current_epoch + 1 >= self.total_epochs and not trainer.should_stop:
+            rank_zero_info(f"ALQ schedule complete after {self.total_epochs} epochs at "
+                           f"{self.network.avg_bits:.4f} average bits; stopping the fit")
+            trainer.should_stop = True
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._each("on_save_checkpoint", trainer, pl_module, checkpoint)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._each("on_load_checkpoint", trainer, pl_module, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
         return {"init": self.init.state_dict(), "stages": [stage.state_dict() for stage in self.stages]}
@@ -150,16 +176,3 @@ class ALQCallback(Callback):
         for stage, state in zip(self.stages, state_dict["stages"], strict=True):
             stage.load_state_dict(state)
 
-
-def _forward(hook: str):
-    def forward(self: ALQCallback, *args: Any, **kwargs: Any) -> None:
-        for callback in (self.init, *self.stages):
-            getattr(callback, hook)(*args, **kwargs)
-
-    forward.__name__ = hook
-    return forward
-
-
-for _hook in _HOOKS:
-    if _hook not in ALQCallback.__dict__:
-        setattr(ALQCallback, _hook, _forward(_hook))

@@ -119,3 +119,11 @@ def test_learning_rate_schedule_restarts_each_round_and_decays_per_epoch():
                 10: 2e-3 * 0.81}
     for epoch, lr in expected.items():
         assert math.isclose(alq.stage_at(epoch).current_lr(At(epoch)), lr, rel_tol=1e-12), epoch
+
+
+def test_fit_stops_when_the_schedule_is_complete():
+    alq = short(0.8, rounds=1, ste_epochs=0, final_coordinate_epochs=0)
+    fitted = trainer(callbacks=[alq], max_epochs=alq.total_epochs + 5)
+    fitted.fit(build("mlp"), loader())
+    assert fitted.current_epoch == alq.total_epochs
+    assert alq.network.avg_bits <= 0.8
