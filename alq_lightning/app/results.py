@@ -31,6 +31,15 @@ def git_commit(folder: str | Path | None = None) -> str | None:
     return commit if done.returncode == 0 and commit else None
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (None where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
 def hardware() -> dict[str, Any]:
     """Host, CPU, thread count, accelerator and library versions."""
     import lightning
@@ -39,7 +48,7 @@ def hardware() -> dict[str, Any]:
         "host": platform.node(),
         "platform": platform.platform(),
         "machine": platform.machine(),
-        "processor": platform.processor() or None,
+        "processor": cpu_model() or platform.processor() or None,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
