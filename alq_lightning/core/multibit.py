@@ -158,17 +158,27 @@ def fit_pattern_sums(weight_sums: torch.Tensor, product_sums: torch.Tensor, mask
     return solve_normal_equations(gram, product_sums @ patterns, mask)
 
 
-def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6) -> MultiBitState:
+def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6, chunk: int = 1 << 20) -> MultiBitState:
     """Structured sketching of ``groups [G, n]`` into ``max_bits`` slots, batched over all groups.
 
     Slot k takes ``β_k = sign(r)`` (sign(0) = +1) of the residual; all coordinates so far are refit by
-    least squares (for the first slot that is ``α = mean |w|``); a group stops once ``‖r‖² / ‖w‖² < tol`` (all-zero groups get no slot). Finally every
-    ``α >= 0`` (sign moved into ``β``) and live slots are ordered by ascending ``α``, dead slots last.
+    least squares (for the first slot that is ``α = mean |w|``); a group stops once ``‖r‖² / ‖w‖² < tol``
+    (all-zero groups get no slot). Finally every ``α >= 0`` (sign moved into ``β``) and live slots are
+    ordered by ascending ``α``, dead slots last.
+    Groups are processed in blocks of about ``chunk`` weights, which keeps the working set in cache.
     """
     check_max_bits(max_bits)
     if groups.dim() != 2:
         raise ValueError(f"groups must be [num_groups, group_size], got shape {tuple(groups.shape)}")
     w = groups.detach().to(compute_dtype(groups.dtype))
+    parts = [_greedy_block(block, max_bits, tol) for block in w.split(max(1, chunk // max(w.shape[1], 1)))]
+    if len(parts) == 1:
+        return parts[0]
+    return MultiBitState(*(torch.cat([getattr(p, key) for p in parts]) for key in ("codes", "coords", "mask")))
+
+
+def _greedy_block(w: torch.Tensor, max_bits: int, tol: float) -> MultiBitState:
+    """:func:`greedy_init` of ``w [G, n]`` (already in the compute dtype) in one batch."""
     num_groups, group_size = w.shape
     index = torch.full((num_groups, group_size), 2**max_bits - 1, dtype=torch.long, device=w.device)
     coords = torch.zeros(num_groups, max_bits, dtype=w.dtype, device=w.device)
