@@ -89,6 +89,10 @@ class MultiBitState:
         shifts = torch.arange(self.max_bits, device=self.codes.device)[None, :, None]
         return (2 * ((self.codes[:, None, :].long() >> shifts) & 1) - 1).to(torch.int8)
 
+    def rows(self, groups: slice) -> "MultiBitState":
+        """The state of ``groups`` only, as views (in-place updates reach this state)."""
+        return MultiBitState(self.codes[groups], self.coords[groups], self.mask[groups])
+
     def live_coords(self) -> torch.Tensor:
         """``[G, K]``: coordinates with dead slots zeroed."""
         return self.coords * self.mask
@@ -158,20 +162,29 @@ def fit_pattern_sums(weight_sums: torch.Tensor, product_sums: torch.Tensor, mask
     return solve_normal_equations(gram, product_sums @ patterns, mask)
 
 
-def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6, chunk: int = 1 << 20) -> MultiBitState:
+BLOCK = 1 << 20
+
+
+def row_blocks(num_groups: int, group_size: int, block: int = BLOCK) -> list[slice]:
+    """Slices of consecutive groups holding about ``block`` weights each (at least one group)."""
+    rows = max(1, block // max(group_size, 1))
+    return [slice(start, start + rows) for start in range(0, num_groups, rows)] or [slice(0, 0)]
+
+
+def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6, block: int = BLOCK) -> MultiBitState:
     """Structured sketching of ``groups [G, n]`` into ``max_bits`` slots, batched over all groups.
 
     Slot k takes ``β_k = sign(r)`` (sign(0) = +1) of the residual; all coordinates so far are refit by
     least squares (for the first slot that is ``α = mean |w|``); a group stops once ``‖r‖² / ‖w‖² < tol``
     (all-zero groups get no slot). Finally every ``α >= 0`` (sign moved into ``β``) and live slots are
     ordered by ascending ``α``, dead slots last.
-    Groups are processed in blocks of about ``chunk`` weights, which keeps the working set in cache.
+    Groups are processed in blocks of about ``block`` weights, which keeps the working set in cache.
     """
     check_max_bits(max_bits)
     if groups.dim() != 2:
         raise ValueError(f"groups must be [num_groups, group_size], got shape {tuple(groups.shape)}")
     w = groups.detach().to(compute_dtype(groups.dtype))
-    parts = [_greedy_block(block, max_bits, tol) for block in w.split(max(1, chunk // max(w.shape[1], 1)))]
+    parts = [_greedy_block(w[rows], max_bits, tol) for rows in row_blocks(w.shape[0], w.shape[1], block)]
     if len(parts) == 1:
         return parts[0]
     return MultiBitState(*(torch.cat([getattr(p, key) for p in parts]) for key in ("codes", "coords", "mask")))

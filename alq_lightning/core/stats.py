@@ -44,6 +44,10 @@ class AmsgradStats:
     def zeros_like(cls, like: torch.Tensor) -> "AmsgradStats":
         return cls(torch.zeros_like(like), torch.zeros_like(like), torch.zeros_like(like))
 
+    def rows(self, groups: slice) -> "AmsgradStats":
+        """The statistics of ``groups`` only, as views."""
+        return AmsgradStats(self.m[groups], self.v[groups], self.vmax[groups])
+
     def reset(self) -> None:
         for tensor in (self.m, self.v, self.vmax):
             tensor.zero_()

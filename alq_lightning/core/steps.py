@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from .multibit import MultiBitState, all_patterns, flip_negative, pattern_sums, refit_coords, slot_bits
+from .multibit import BLOCK, MultiBitState, all_patterns, flip_negative, pattern_sums, refit_coords, row_blocks, slot_bits
 from .stats import AmsgradStats, QuadraticConfig, quadratic_model, update_stats
 
 
@@ -76,15 +76,19 @@ def basis_step(
     step: int,
     lr: float,
     config: QuadraticConfig,
+    block: int = BLOCK,
 ) -> None:
     """Basis step: target ``w* = ŵ - p/h``, nearest bases, ``h``-weighted refit, re-derived coordinate stats.
 
     ``grad [G, n]`` is the gradient w.r.t. ŵ; ``step`` counts updates of ``weight_stats`` including this one.
+    Groups are independent, so they are processed in cache-sized blocks of about ``block`` weights.
     """
-    update_stats(weight_stats, grad, config)
-    p, h = quadratic_model(weight_stats, step, lr, config)
-    fit_bases(state, state.reconstruct() - p / h, h)
-    rederive_coord_stats(state, weight_stats, coord_stats)
+    for rows in row_blocks(state.num_groups, state.group_size, block):
+        part, stats = state.rows(rows), weight_stats.rows(rows)
+        update_stats(stats, grad[rows], config)
+        p, h = quadratic_model(stats, step, lr, config)
+        fit_bases(part, part.reconstruct() - p / h, h)
+        rederive_coord_stats(part, stats, coord_stats.rows(rows))
 
 
 def ste_step(
@@ -96,10 +100,16 @@ def ste_step(
     step: int,
     lr: float,
     config: QuadraticConfig,
+    block: int = BLOCK,
 ) -> None:
-    """Straight-through step: ``latent [G, n] ← latent - p/h`` from the gradient at ŵ, then fit bases to it."""
-    update_stats(weight_stats, grad, config)
-    p, h = quadratic_model(weight_stats, step, lr, config)
-    latent.sub_(p / h)
-    fit_bases(state, latent, h)
-    rederive_coord_stats(state, weight_stats, coord_stats)
+    """Straight-through step: ``latent [G, n] ← latent - p/h`` from the gradient at ŵ, then fit bases to it.
+
+    Processed in blocks of groups like :func:`basis_step`.
+    """
+    for rows in row_blocks(state.num_groups, state.group_size, block):
+        part, stats = state.rows(rows), weight_stats.rows(rows)
+        update_stats(stats, grad[rows], config)
+        p, h = quadratic_model(stats, step, lr, config)
+        latent[rows].sub_(p / h)
+        fit_bases(part, latent[rows], h)
+        rederive_coord_stats(part, stats, coord_stats.rows(rows))

@@ -215,6 +215,6 @@ def test_state_reconstruct_and_bits():
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
 def test_blocks_of_groups_give_the_same_state(chunk):
     groups = torch.randn(37, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    whole, blocked = greedy_init(groups, 4, chunk=1 << 30), greedy_init(groups, 4, chunk=chunk)
+    whole, blocked = greedy_init(groups, 4, block=1 << 30), greedy_init(groups, 4, block=chunk)
     for key in ("codes", "coords", "mask"):
         assert torch.equal(getattr(whole, key), getattr(blocked, key)), key

@@ -278,3 +278,25 @@ def test_steps_stay_finite(dtype, case):
     assert bool((state.reconstruct()[empty] == 0).all())
     if case == "zero_grad":  # nothing to move towards: ŵ stays where it was
         torch.testing.assert_close(state.reconstruct(), before, rtol=0, atol=1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("block", [1, 13, 40])
+def test_blocks_of_groups_give_the_same_steps(block):
+    """Groups are independent: blocking changes nothing but the rounding of batched BLAS/LAPACK calls."""
+    gen = torch.Generator().manual_seed(11)
+    weights = torch.randn(23, 6, dtype=F64, generator=gen)
+    grads = [torch.randn(23, 6, dtype=F64, generator=gen) for _ in range(3)]
+    results = []
+    for size in (1 << 30, block):
+        state = greedy_init(weights, 4)
+        weight_stats, coord_stats = AmsgradStats.zeros_like(weights), AmsgradStats.zeros_like(state.coords)
+        latent = state.reconstruct()
+        basis_step(state, weight_stats, coord_stats, grads[0], 1, 1e-2, CONFIG, block=size)
+        ste_step(state, latent, weight_stats, coord_stats, grads[1], 2, 1e-2, CONFIG, block=size)
+        basis_step(state, weight_stats, coord_stats, grads[2], 3, 1e-2, CONFIG, block=size)
+        results.append([state.codes, state.coords, state.mask, latent, weight_stats.vmax, coord_stats.m])
+    for whole, blocked in zip(*results):
+        if whole.is_floating_point():
+            torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=1e-14)
+        else:
+            assert torch.equal(whole, blocked)
