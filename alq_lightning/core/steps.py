@@ -68,6 +68,31 @@ def rederive_coord_stats(state: MultiBitState, weight_stats: AmsgradStats, coord
     coord_stats.vmax.copy_(weight_stats.vmax.sum(dim=1, keepdim=True).expand_as(coord_stats.vmax))
 
 
+def _weight_domain_step(
+    state: MultiBitState,
+    latent: torch.Tensor | None,
+    weight_stats: AmsgradStats,
+    coord_stats: AmsgradStats,
+    grad: torch.Tensor,
+    step: int,
+    lr: float,
+    config: QuadraticConfig,
+    block: int,
+) -> None:
+    """Fold ``grad`` into the weight statistics, fit bases to ``ŵ - p/h`` (or to ``latent ← latent - p/h``),
+    refit coordinates weighted by ``h``, re-derive the coordinate statistics; in cache-sized blocks of groups."""
+    for rows in row_blocks(state.num_groups, state.group_size, block):
+        part, stats = state.rows(rows), weight_stats.rows(rows)
+        update_stats(stats, grad[rows], config)
+        p, h = quadratic_model(stats, step, lr, config)
+        if latent is None:
+            target = part.reconstruct() - p / h
+        else:
+            target = latent[rows].sub_(p / h)
+        fit_bases(part, target, h)
+        rederive_coord_stats(part, stats, coord_stats.rows(rows))
+
+
 def basis_step(
     state: MultiBitState,
     weight_stats: AmsgradStats,
@@ -83,12 +108,7 @@ def basis_step(
     ``grad [G, n]`` is the gradient w.r.t. ŵ; ``step`` counts updates of ``weight_stats`` including this one.
     Groups are independent, so they are processed in cache-sized blocks of about ``block`` weights.
     """
-    for rows in row_blocks(state.num_groups, state.group_size, block):
-        part, stats = state.rows(rows), weight_stats.rows(rows)
-        update_stats(stats, grad[rows], config)
-        p, h = quadratic_model(stats, step, lr, config)
-        fit_bases(part, part.reconstruct() - p / h, h)
-        rederive_coord_stats(part, stats, coord_stats.rows(rows))
+    _weight_domain_step(state, None, weight_stats, coord_stats, grad, step, lr, config, block)
 
 
 def ste_step(
@@ -106,10 +126,4 @@ def ste_step(
 
     Processed in blocks of groups like :func:`basis_step`.
     """
-    for rows in row_blocks(state.num_groups, state.group_size, block):
-        part, stats = state.rows(rows), weight_stats.rows(rows)
-        update_stats(stats, grad[rows], config)
-        p, h = quadratic_model(stats, step, lr, config)
-        latent[rows].sub_(p / h)
-        fit_bases(part, latent[rows], h)
-        rederive_coord_stats(part, stats, coord_stats.rows(rows))
+    _weight_domain_step(state, latent, weight_stats, coord_stats, grad, step, lr, config, block)
