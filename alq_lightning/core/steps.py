@@ -35,18 +35,37 @@ def coordinate_step(
     flip_negative(state, coord_stats.m)
 
 
+def count_below(bounds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per row, how many of ``bounds [G, m]`` (ascending) are strictly below each ``target [G, n]`` -> int64.
+
+    The result equals ``torch.searchsorted(bounds, target)``; the search runs branch-free, one gather per
+    halving over all weights at once, which on CPU is several times faster than a branching binary search
+    on unsorted targets. Memory ``O(G·m + G·n)``.
+    """
+    steps = max(bounds.shape[1], 1).bit_length()
+    padded = torch.cat([bounds, bounds.new_full((bounds.shape[0], 2**steps - bounds.shape[1]), torch.inf)], dim=1)
+    top = 1 << (steps - 1)
+    position = torch.empty(target.shape, dtype=torch.long, device=target.device)
+    torch.lt(padded[:, top - 1, None], target, out=position).mul_(top)
+    probe, below = torch.empty_like(target), torch.empty_like(position)
+    for bit in reversed(range(steps - 1)):
+        torch.gather(padded[:, (1 << bit) - 1 :], 1, position, out=probe)
+        position.add_(torch.lt(probe, target, out=below), alpha=1 << bit)
+    return position
+
+
 def nearest_patterns(live_coords: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """For each weight, the pattern index whose value ``Σ_k α_k b_k`` is nearest to ``target``.
 
     ``live_coords [G, K]`` (dead slots 0), ``target [G, n]`` -> ``[G, n]`` int64 in ``[0, 2^K)``.
-    Each group's ``2^K`` values are sorted once and every weight is located by a binary search among the
-    midpoints of consecutive values, so memory is ``O(G·2^K + G·n)``. On a tie the smaller value wins.
+    Each group's ``2^K`` values are sorted once and every weight is located by a batched binary search
+    among the midpoints of consecutive values (:func:`count_below`), so memory is ``O(G·2^K + G·n)``.
+    On a tie the smaller value wins.
     """
     patterns = all_patterns(live_coords.shape[1], live_coords.dtype, live_coords.device)
     values, order = (live_coords @ patterns.T).sort(dim=1)
     midpoints = (values[:, 1:] + values[:, :-1]) / 2
-    position = torch.searchsorted(midpoints, target.to(values.dtype).contiguous())
-    return order.gather(1, position)
+    return order.gather(1, count_below(midpoints, target.to(values.dtype)))
 
 
 def fit_bases(state: MultiBitState, target: torch.Tensor, weight: torch.Tensor) -> None:

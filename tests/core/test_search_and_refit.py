@@ -10,6 +10,7 @@ from alq_lightning.core import (
     MultiBitState,
     QuadraticConfig,
     all_patterns,
+    count_below,
     nearest_patterns,
     quadratic_model,
     refit_coords,
@@ -117,6 +118,23 @@ def test_nearest_patterns_equals_brute_force(seed, num_groups, group_size, max_b
             assert got == pytest.approx(min(values), abs=1e-12), "on a tie the smaller value wins"
             if len(minimisers) == 1:
                 assert decode(index[g, j], max_bits) == minimisers[0][1]
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    num_groups=st.integers(1, 3),
+    num_bounds=st.integers(0, 300),
+    group_size=st.integers(0, 40),
+)
+@settings(max_examples=60, deadline=None)
+def test_count_below_equals_sorted_search(seed, num_groups, num_bounds, group_size):
+    gen = torch.Generator().manual_seed(seed)
+    bounds = torch.randint(-8, 9, (num_groups, num_bounds), generator=gen).to(F64).sort(dim=1).values / 4
+    target = torch.randint(-40, 41, (num_groups, group_size), generator=gen).to(F64) / 8  # hits bounds exactly
+    got = count_below(bounds, target)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, (bounds[:, None, :] < target[:, :, None]).sum(dim=2))
+    assert torch.equal(got, torch.searchsorted(bounds, target))
 
 
 def test_nearest_patterns_hand_cases():
