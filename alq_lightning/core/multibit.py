@@ -53,6 +53,15 @@ def pattern_sums(codes: torch.Tensor, values: torch.Tensor, max_bits: int) -> to
     return sums.scatter_add_(1, codes.long(), values)
 
 
+BLOCK = 1 << 20
+
+
+def row_blocks(num_groups: int, group_size: int, block: int = BLOCK) -> list[slice]:
+    """Slices of consecutive groups holding about ``block`` weights each (at least one group)."""
+    rows = max(1, block // max(group_size, 1))
+    return [slice(start, start + rows) for start in range(0, num_groups, rows)] or [slice(0, 0)]
+
+
 @dataclass
 class MultiBitState:
     """References to one layer's ``codes [G, n]``, ``coords [G, K]`` and ``mask [G, K]``.
@@ -102,9 +111,12 @@ class MultiBitState:
         live = self.live_coords()
         return live @ all_patterns(self.max_bits, live.dtype, live.device).T
 
-    def reconstruct(self) -> torch.Tensor:
-        """``[G, n]``: ``Σ_k mask α β`` in the coordinates' dtype."""
-        return self.codebook().gather(1, self.codes.long())
+    def reconstruct(self, block: int = BLOCK) -> torch.Tensor:
+        """``[G, n]``: ``Σ_k mask α β`` in the coordinates' dtype, looked up in blocks of about ``block`` weights."""
+        codebook, out = self.codebook(), self.coords.new_empty(self.codes.shape)
+        for rows in row_blocks(self.num_groups, self.group_size, block):
+            torch.gather(codebook[rows], 1, self.codes[rows].long(), out=out[rows])
+        return out
 
     def bits_per_group(self) -> torch.Tensor:
         """``[G]`` int: live slots per group (the group's bitwidth ``I_g``)."""
@@ -160,15 +172,6 @@ def fit_pattern_sums(weight_sums: torch.Tensor, product_sums: torch.Tensor, mask
     outer = (patterns[:, :, None] * patterns[:, None, :]).reshape(-1, max_bits * max_bits)
     gram = (weight_sums @ outer).view(-1, max_bits, max_bits)
     return solve_normal_equations(gram, product_sums @ patterns, mask)
-
-
-BLOCK = 1 << 20
-
-
-def row_blocks(num_groups: int, group_size: int, block: int = BLOCK) -> list[slice]:
-    """Slices of consecutive groups holding about ``block`` weights each (at least one group)."""
-    rows = max(1, block // max(group_size, 1))
-    return [slice(start, start + rows) for start in range(0, num_groups, rows)] or [slice(0, 0)]
 
 
 def greedy_init(groups: torch.Tensor, max_bits: int, tol: float = 1e-6, block: int = BLOCK) -> MultiBitState:
