@@ -4,11 +4,14 @@ Each run is ``python train.py experiment=<experiment> seed=<s> alq.target_bits=<
 directory ``bench/runs/<experiment>[+overrides]/seed<s>_bits<t>/``; a run whose ``results.json`` exists is
 reused, so an interrupted study resumes and studies sharing runs (a curve and a multi-seed point) share them. Writes ``bench/results/<name>.json`` (every run and, per target, mean ± std of test
 accuracy, bits and storage), ``bench/results/<name>.png`` (accuracy vs bits, with the authors' measured
-points on Fashion-MNIST LeNet5 for reference) and a table in ``bench/RESULTS.md``.
+points for reference where the experiment is their Fashion-MNIST LeNet5 protocol) and a table in
+``bench/RESULTS.md``.
 
     python bench/accuracy_vs_bits.py --name lenet5_protocol --experiment fmnist_lenet5_protocol \\
         --seeds 0 1 2 --targets 0.39
     python bench/accuracy_vs_bits.py --name lenet5_curve --experiment fmnist_lenet5_protocol \\
+        --targets 2 1 0.7 0.5 0.4 0.3
+    python bench/accuracy_vs_bits.py --name vgg_small_curve --experiment fmnist_vgg_small \\
         --targets 2 1 0.7 0.5 0.4 0.3
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from common import hardware, write_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-AUTHORS_FMNIST_LENET5 = [(0.881, 91.15), (0.516, 90.99), (0.390, 90.32), (0.353, 90.45)]
+AUTHORS = {"fmnist_lenet5_protocol": [(0.881, 91.15), (0.516, 90.99), (0.390, 90.32), (0.353, 90.45)]}
 
 
 def run(experiment: str, seed: int, target: float, directory: Path, overrides: list[str], threads: int) -> dict:
@@ -59,7 +62,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, reference: list[tuple[float, float]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -68,8 +71,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.errorbar([r["avg_bits_mean"] for r in rows], [100 * r["test_acc_mean"] for r in rows],
                   yerr=[100 * r["test_acc_std"] for r in rows], marker="o", capsize=3, label="alq_lightning")
-    bits, acc = zip(*AUTHORS_FMNIST_LENET5)
-    axes.scatter(bits, acc, marker="x", color="black", label="authors' code (same protocol)")
+    if reference:
+        bits, acc = zip(*reference)
+        axes.scatter(bits, acc, marker="x", color="black", label="authors' code (same protocol)")
     axes.set_xlabel("average bits per weight")
     axes.set_ylabel("test accuracy (%)")
     axes.set_title(title)
@@ -91,8 +95,9 @@ def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> 
                      f"{100 * r['test_acc_std']:.2f} | {100 * r['float_test_acc_mean']:.2f} | "
                      f"{r['binary_bytes_mean'] / 1024:.1f} KiB | {r['coords32_bytes_mean'] / 1024:.1f} KiB | "
                      f"{r['coords16_bytes_mean'] / 1024:.1f} KiB | {len(r['seeds'])} |")
-    reference = ", ".join(f"{acc:.2f} % at {bits:.3f} bits" for bits, acc in AUTHORS_FMNIST_LENET5)
-    lines += ["", f"Authors' code on the Fashion-MNIST LeNet5 protocol (one run each): {reference}."]
+    if experiment in AUTHORS:
+        reference = ", ".join(f"{acc:.2f} % at {bits:.3f} bits" for bits, acc in AUTHORS[experiment])
+        lines += ["", f"Authors' code on the same protocol (one run each): {reference}."]
     return "\n".join(lines)
 
 
@@ -117,7 +122,7 @@ def main() -> None:
     (out / f"{args.name}.json").write_text(json.dumps(
         {"experiment": args.experiment, "overrides": args.overrides, "date": str(date.today()), "summary": rows,
          "runs": [{k: r.get(k) for k in keep} for r in runs]}, indent=2) + "\n")
-    plot(rows, out / f"{args.name}.png", f"{args.name} ({args.experiment})")
+    plot(rows, out / f"{args.name}.png", f"{args.name} ({args.experiment})", AUTHORS.get(args.experiment, []))
     table = markdown(args.name, args.experiment, rows, runs)
     write_section(HERE / "RESULTS.md", f"accuracy:{args.name}", table)
     print(table)
