@@ -2,10 +2,10 @@
 
 Each run is ``python train.py experiment=<experiment> seed=<s> alq.target_bits=<t> logger=none`` in its own
 directory ``bench/runs/<experiment>[+overrides]/seed<s>_bits<t>/``; a run whose ``results.json`` exists is
-reused, so an interrupted study resumes and studies sharing runs (a curve and a multi-seed point) share them. Writes ``bench/results/<name>.json`` (every run and, per target, mean ± std of test
-accuracy, bits and storage), ``bench/results/<name>.png`` (accuracy vs bits, with the authors' measured
-points for reference where the experiment is their Fashion-MNIST LeNet5 protocol) and a table in
-``bench/RESULTS.md``.
+reused, so an interrupted study resumes and studies sharing runs (a curve and a multi-seed point) share them.
+Writes ``bench/results/<name>.json`` (every run and, per target, mean ± std of test accuracy, bits and
+storage), ``bench/results/<name>.png`` (accuracy vs bits, with the authors' measured points for reference where
+the experiment is their Fashion-MNIST LeNet5 protocol) and a table in ``bench/RESULTS.md``.
 
     python bench/accuracy_vs_bits.py --name lenet5_protocol --experiment fmnist_lenet5_protocol \\
         --seeds 0 1 2 --targets 0.39

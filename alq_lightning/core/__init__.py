@@ -34,6 +34,6 @@ __all__ = [
     "group_importance", "select_budget", "select_groups", "select_slots", "slot_importance",
     "check_target_bits", "round_budget", "step_budget",
     "AmsgradStats", "QuadraticConfig", "quadratic_model", "update_stats",
-    "basis_step", "coordinate_step", "count_below", "fit_bases", "nearest_patterns", "project_grad", "rederive_coord_stats",
-    "ste_step",
+    "basis_step", "coordinate_step", "count_below", "fit_bases", "nearest_patterns", "project_grad",
+    "rederive_coord_stats", "ste_step",
 ]

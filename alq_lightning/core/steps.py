@@ -7,7 +7,16 @@ from __future__ import annotations
 
 import torch
 
-from .multibit import BLOCK, MultiBitState, all_patterns, flip_negative, pattern_sums, refit_coords, row_blocks, slot_bits
+from .multibit import (
+    BLOCK,
+    MultiBitState,
+    all_patterns,
+    flip_negative,
+    pattern_sums,
+    refit_coords,
+    row_blocks,
+    slot_bits,
+)
 from .stats import AmsgradStats, QuadraticConfig, quadratic_model, update_stats
 
 
