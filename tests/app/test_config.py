@@ -40,8 +40,8 @@ def test_every_group_has_its_options():
     assert set(options("model")) == {"lenet5", "vgg_small", "resnet20", "resnet18", "resnet34"}
     assert set(options("trainer")) == {"cpu", "gpu", "ddp"}
     assert set(options("logger")) == {"wandb", "csv", "none"}
-    assert {"smoke", "fmnist_lenet5", "lenet5_mnist", "vgg_small_cifar10", "resnet18_imagenet"} <= set(
-        options("experiment"))
+    assert {"smoke", "fmnist_lenet5", "fmnist_lenet5_protocol", "fmnist_vgg_small", "lenet5_mnist",
+            "vgg_small_cifar10", "resnet18_imagenet"} <= set(options("experiment"))
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
