@@ -56,7 +56,7 @@ def count_below(bounds: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     top = 1 << (steps - 1)
     position = torch.empty(target.shape, dtype=torch.long, device=target.device)
     torch.lt(padded[:, top - 1, None], target, out=position).mul_(top)
-    probe, below = torch.empty_like(target), torch.empty_like(position)
+    probe, below = padded.new_empty(target.shape), torch.empty_like(position)
     for bit in reversed(range(steps - 1)):
         torch.gather(padded[:, (1 << bit) - 1 :], 1, position, out=probe)
         position.add_(torch.lt(probe, target, out=below), alpha=1 << bit)
