@@ -205,17 +205,15 @@ def _greedy_block(w: torch.Tensor, max_bits: int, tol: float) -> MultiBitState:
     index.sub_(negative)
     mask[:, 0] = active
     coords[:, 0] = w.abs().mean(dim=1)
-    residual = w - coords[:, :1] * torch.where(w < 0, -1.0, 1.0).to(w.dtype)
-    counts, ones = torch.zeros(num_groups, 2**max_bits, dtype=w.dtype, device=w.device), torch.ones_like(w)
+    counts, ones, residual = w.new_zeros(num_groups, 2**max_bits), torch.ones_like(w), torch.empty_like(w)
     for k in range(1, max_bits):
+        codebook = MultiBitState(index, coords, mask).codebook()
+        torch.sub(w, torch.gather(codebook, 1, index, out=residual), out=residual)
         active = active & (torch.linalg.vector_norm(residual, dim=1).square() >= tol * norm)
         index.sub_(torch.lt(residual, 0, out=negative), alpha=1 << k)
         mask[:, k] = active
         counts.zero_().scatter_add_(1, index, ones)
         coords = torch.where(active[:, None], fit_pattern_sums(counts, pattern_sums(index, w, max_bits), mask), coords)
-        if k < max_bits - 1:
-            codebook = MultiBitState(index, coords, mask).codebook()
-            torch.sub(w, torch.gather(codebook, 1, index, out=residual), out=residual)
     index |= slot_bits(~mask)[:, None]
     flips = slot_bits(coords < 0)
     coords = coords.abs()
