@@ -207,9 +207,11 @@ def check_model(header: dict[str, Any], model: nn.Module, attached_must_match: b
             raise ValueError(f"layer {name!r}: the model's weight is {tuple(module.weight.shape)}, the file's {shape}")
         mask = getattr(module, "alq_mask", None)
         expected = (entry["structure"], (entry["num_groups"], entry["max_bits"]))
-        if attached_must_match and isinstance(mask, torch.Tensor) and (module.alq_structure, tuple(mask.shape)) != expected:
+        if (attached_must_match and isinstance(mask, torch.Tensor)
+                and (module.alq_structure, tuple(mask.shape)) != expected):
             raise ValueError(f"layer {name!r} is attached as {module.alq_structure} with mask {tuple(mask.shape)}; the "
-                             f"file has {entry['structure']} with {entry['num_groups']} groups x {entry['max_bits']} bits")
+                             f"file has {entry['structure']} with {entry['num_groups']} groups x "
+                             f"{entry['max_bits']} bits")
         found[name] = module
     if attached_must_match:
         extra = [name for name in find_layers(model) if name not in found]
@@ -253,7 +255,8 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     packed = read_packed(path)
     modules = check_model(packed.header, model)
     entries = {entry["name"]: entry for entry in packed.header["layers"]}
-    missing = [name for name, module in modules.items() if not isinstance(getattr(module, "alq_mask", None), torch.Tensor)]
+    missing = [name for name, module in modules.items()
+               if not isinstance(getattr(module, "alq_mask", None), torch.Tensor)]
     if missing:
         attach(model, LayerSelection(
             max_bits=entries[missing[0]]["max_bits"], include=missing,

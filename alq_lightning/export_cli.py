@@ -61,7 +61,8 @@ def architecture(hparams: Mapping[str, Any], **given: Any) -> tuple[str, dict[st
         name = name or hparams["model"]
     missing = [f"--{key.replace('_', '-')}" for key, value in (("model", name), *values.items()) if value is None]
     if missing:
-        raise ValueError(f"the checkpoint's hyper-parameters do not give the model architecture; pass {' '.join(missing)}"
+        raise ValueError("the checkpoint's hyper-parameters do not give the model architecture; "
+                         f"pass {' '.join(missing)}"
                          f" (models: {', '.join(MODEL_NAMES)})")
     return name, {key: int(value) for key, value in values.items()}
 
@@ -70,11 +71,13 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.",
     """The quantized model stored in a Lightning checkpoint (dense ``state_dict`` + ``"alq"`` tensors)."""
     name, kwargs = architecture(checkpoint.get("hyper_parameters") or {}, **given)
     model = build_model(name, **kwargs)
-    state = {key[len(prefix):]: value for key, value in checkpoint.get("state_dict", {}).items() if key.startswith(prefix)}
+    state = {key[len(prefix):]: value for key, value in checkpoint.get("state_dict", {}).items()
+             if key.startswith(prefix)}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(f"the checkpoint's state_dict under {prefix!r} does not fit {name} {kwargs}: {error}") from None
+        raise ValueError(f"the checkpoint's state_dict under {prefix!r} does not fit {name} {kwargs}: "
+                         f"{error}") from None
     tensors = {layer[len(prefix):]: value for layer, value in (checkpoint.get("alq") or {}).items()
                if layer.startswith(prefix)}
     if not tensors:

@@ -89,7 +89,8 @@ class MultiBitNetwork:
     def basis_step(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
         self.weight_step += 1
         for name, layer in self.layers.items():
-            basis_step(layer.state, layer.weight_stats, layer.coord_stats, grads[name], self.weight_step, lr, self.config)
+            basis_step(layer.state, layer.weight_stats, layer.coord_stats, grads[name], self.weight_step, lr,
+                       self.config)
         self.coord_step = self.weight_step
         self.write_weights()
 
@@ -138,7 +139,8 @@ class MultiBitNetwork:
         live_bits = {name: layer.state.bits_per_group() * layer.layout.group_size
                      for name, layer in self.layers.items()}
         chosen = select_groups(importance, live_bits, bits_to_remove)
-        return self.clear_slots({name: groups[:, None] & self.layers[name].state.mask for name, groups in chosen.items()})
+        return self.clear_slots({name: groups[:, None] & self.layers[name].state.mask
+                                 for name, groups in chosen.items()})
 
     def clear_slots(self, chosen: Mapping[str, torch.Tensor]) -> int:
         """Prune the ``{layer: [G, K] bool}`` slots (canonical dead form: α = 0, β = +1); returns bits removed."""
@@ -164,8 +166,9 @@ class MultiBitNetwork:
             for key, target in layer.multibit_tensors().items():
                 source = tensors[name].get(key)
                 if source is None or source.shape != target.shape:
-                    raise ValueError(f"checkpoint tensor {name}.{key} is {None if source is None else tuple(source.shape)}"
-                                     f", the model expects {tuple(target.shape)}")
+                    found = None if source is None else tuple(source.shape)
+                    raise ValueError(f"checkpoint tensor {name}.{key} is {found}, the model expects "
+                                     f"{tuple(target.shape)}")
         for name, layer in self.layers.items():
             for key, target in layer.multibit_tensors().items():
                 target.copy_(tensors[name][key])

@@ -26,6 +26,7 @@ from .core.multibit import compute_dtype
 from .export import LAYER_SECTIONS, PackedFile, check_model, float_tensors, read_packed
 from .packing import decode_layer, parse_dtype
 
+
 @dataclass(frozen=True)
 class PackedSpec:
     """What a quantized module needs to unpack its weight."""
@@ -99,7 +100,8 @@ class PackedModel(nn.Module):
                    for name in self.packed_layers for key in LAYER_SECTIONS)
 
 
-def load_packed_for_inference(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.Module]) -> PackedModel:
+def load_packed_for_inference(path: str | os.PathLike,
+                              model_or_factory: nn.Module | Callable[[], nn.Module]) -> PackedModel:
     """A :class:`PackedModel` in eval mode from the packed file ``path``.
 
     ``model_or_factory`` is a model of the file's architecture (converted in place) or a callable returning

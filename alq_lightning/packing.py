@@ -94,7 +94,7 @@ def encode_layer(state: MultiBitState, coord_dtype: torch.dtype) -> tuple[torch.
 
 def decode_layer(mask: torch.Tensor, bases: torch.Tensor, coords: torch.Tensor, num_groups: int, group_size: int,
                  max_bits: int, coord_dtype: torch.dtype, dtype: torch.dtype) -> MultiBitState:
-    """Inverse of :func:`encode_layer`: byte tensors -> ``codes [G, n]``, ``coords [G, K]`` of ``dtype``, ``mask [G, K]``.
+    """Inverse of :func:`encode_layer`: bytes -> ``codes [G, n]``, ``coords [G, K]`` (``dtype``), ``mask [G, K]``.
 
     ``coords`` must start at an offset aligned to ``coord_dtype`` (a fresh tensor, not a slice of a file).
     """

@@ -67,7 +67,8 @@ class QuantizedLayer:
     def load_state(self, state: MultiBitState) -> None:
         """Copy ``state`` into the buffers, zero statistics and latent weights, write ŵ into the weight."""
         current = self.state
-        for target, source in zip((current.codes, current.coords, current.mask), (state.codes, state.coords, state.mask)):
+        for target, source in zip((current.codes, current.coords, current.mask),
+                                  (state.codes, state.coords, state.mask)):
             target.copy_(source)
         for stats in (self.weight_stats, self.coord_stats):
             stats.reset()
@@ -124,7 +125,8 @@ class LayerSelection:
         Raises ValueError when a pattern matches no candidate layer or nothing is left to quantize.
         """
         allowed = tuple(QUANTIZABLE_TYPES[name] for name in self.types)
-        candidates = [(name, m) for name, m in model.named_modules() if isinstance(m, tuple(QUANTIZABLE_TYPES.values()))]
+        candidates = [(name, m) for name, m in model.named_modules()
+                      if isinstance(m, tuple(QUANTIZABLE_TYPES.values()))]
         names = [name for name, _ in candidates]
         if not candidates:
             raise ValueError(f"no layer to quantize in {type(model).__name__}: candidates none; "
@@ -182,7 +184,8 @@ def attach(model: nn.Module, selection: LayerSelection) -> tuple[dict[str, Quant
         dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         shapes = dict.fromkeys(("codes", "weight_m", "weight_v", "weight_vmax", "latent"),
                                (layout.num_groups, layout.group_size))
-        shapes.update(dict.fromkeys(("coords", "mask", "coord_m", "coord_v", "coord_vmax"), (layout.num_groups, max_bits)))
+        shapes.update(dict.fromkeys(("coords", "mask", "coord_m", "coord_v", "coord_vmax"),
+                                    (layout.num_groups, max_bits)))
         for key in _BUFFERS:
             existing = getattr(module, f"alq_{key}", None)
             if existing is not None and tuple(existing.shape) == shapes[key]:

@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import hardware, proc_field, write_section
-
 from alq_lightning.models import PAPER_MAX_BITS, build_model, paper_structures
 from alq_lightning.network import MultiBitNetwork
 from alq_lightning.quantizer import LayerSelection, attach
+
+from common import hardware, proc_field, write_section
 
 MODELS = {"lenet5": (1, 28, 10), "vgg_small": (3, 32, 10), "resnet18": (3, 224, 1000)}  # channels, size, classes
 LR, PRUNE_FRACTION, SLOW_STEP_S = 1e-3, 0.005, 5.0

@@ -20,12 +20,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from common import hardware, write_section
-
 from alq_lightning import ALQCallback
 from alq_lightning.data import FashionMNISTDataModule
 from alq_lightning.models import LeNet5, paper_structures
 from alq_lightning.module import ClassifierModule
+
+from common import hardware, write_section
 
 HERE = Path(__file__).resolve().parent
 

@@ -10,8 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from quantized_models import lenet, quantized, sample, small_cnn
-
 import alq_lightning.packing as packing_module
 from alq_lightning.core import slot_bits
 from alq_lightning.export import FORMAT_VERSION, export_packed, load_packed, packed_summary, read_header
@@ -23,9 +21,12 @@ from alq_lightning.quantizer import LayerSelection, attach, find_layers
 from alq_lightning.summary import bit_summary
 from alq_lightning.summary import main as summary_main
 
+from quantized_models import lenet, quantized, sample, small_cnn
+
 
 def states(model: nn.Module) -> dict[str, tuple[torch.Tensor, ...]]:
-    return {name: (layer.state.codes, layer.state.coords, layer.state.mask) for name, layer in find_layers(model).items()}
+    return {name: (layer.state.codes, layer.state.coords, layer.state.mask)
+            for name, layer in find_layers(model).items()}
 
 
 def rounded_to_half(model: nn.Module) -> nn.Module:
@@ -86,7 +87,8 @@ def test_size_matches_accounting(tmp_path, coord_bits, keep):
     size = os.path.getsize(tmp_path / "m.alq")
     assert report.quantized_bytes == summary.storage_bytes
     assert size == report.file_bytes == report.total_bytes
-    assert report.total_bytes == report.header_bytes + report.quantized_bytes + report.float_bytes + report.checksum_bytes
+    parts = report.header_bytes + report.quantized_bytes + report.float_bytes + report.checksum_bytes
+    assert report.total_bytes == parts
     payload = size - report.float_bytes - report.header_bytes - report.checksum_bytes
     assert abs(payload - summary.storage_bytes) <= 0.01 * summary.storage_bytes
     assert report.float_bytes == sum(4 * p.numel() for n, p in model.named_parameters() if n.endswith("bias"))

@@ -108,7 +108,7 @@ def test_vgg_small_full_width_structure() -> None:
     assert [c.out_channels for c in convs] == [128, 128, 256, 256, 512, 512]
     assert all(c.bias is None and c.kernel_size == (3, 3) for c in convs)
     linears = [m for m in model.classifier if isinstance(m, nn.Linear)]
-    assert [(l.in_features, l.out_features) for l in linears] == [(8192, 1024), (1024, 1024), (1024, 10)]
+    assert [(fc.in_features, fc.out_features) for fc in linears] == [(8192, 1024), (1024, 1024), (1024, 10)]
     assert sum(isinstance(m, nn.MaxPool2d) for m in model.features) == 3
 
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 from torch import nn
 
-from quantized_models import INPUTS, lenet, quantized, small_cnn
-
 from alq_lightning.export import export_packed, load_packed
 from alq_lightning.models import LeNet5
 from alq_lightning.packed import PackedModel, dense_weight, load_packed_for_inference
 from alq_lightning.quantizer import find_layers
+
+from quantized_models import INPUTS, lenet, quantized, small_cnn
 
 
 def assert_no_dense_weight(model: PackedModel) -> None:
@@ -19,7 +19,8 @@ def assert_no_dense_weight(model: PackedModel) -> None:
         module = modules[name]
         assert module.weight.numel() == 0 and module.weight.untyped_storage().nbytes() == 0, name
         assert "weight" not in dict(module.named_parameters()), name
-        assert not any(key.startswith("alq_") and not key.startswith("alq_packed_") for key, _ in module.named_buffers())
+        buffers = [key for key, _ in module.named_buffers()]
+        assert not any(key.startswith("alq_") and not key.startswith("alq_packed_") for key in buffers)
 
 
 @pytest.mark.parametrize("coord_bits", [32, 16])

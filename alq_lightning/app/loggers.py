@@ -37,7 +37,8 @@ def resolve_wandb_mode(mode: str) -> str:
     if chosen not in WANDB_MODES:
         raise ConfigError(f"logger.mode={chosen!r} (or WANDB_MODE) is not allowed; allowed: {', '.join(WANDB_MODES)}")
     if chosen == "online" and not has_wandb_key():
-        warnings.warn("no W&B API key (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync` uploads later")
+        warnings.warn("no W&B API key (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync` uploads later",
+                      stacklevel=2)
         return "offline"
     return chosen
 
@@ -50,7 +51,7 @@ def build_wandb(cfg: dict[str, Any]) -> Logger:
     logger = WandbLogger(project=cfg["project"], entity=cfg.get("entity"), group=cfg.get("group"),
                          name=cfg.get("name"), tags=list(cfg.get("tags") or []), save_dir=cfg["save_dir"],
                          mode=resolve_wandb_mode(cfg.get("mode", "online")))
-    logger.experiment  # starts the run now, so that a failure falls back to CSV
+    _ = logger.experiment  # starts the run now, so that a failure falls back to CSV
     return logger
 
 
@@ -69,7 +70,7 @@ def build_logger(cfg: DictConfig, config: dict[str, Any]) -> Logger | None:
         except ConfigError:
             raise
         except Exception as err:  # W&B failures come in many types; any of them falls back to CSV
-            warnings.warn(f"W&B is unavailable ({type(err).__name__}: {err}); logging to CSV instead")
+            warnings.warn(f"W&B is unavailable ({type(err).__name__}: {err}); logging to CSV instead", stacklevel=2)
             options = {"save_dir": options["save_dir"], "name": "csv"}
     if logger is None:
         logger = CSVLogger(save_dir=options["save_dir"], name=options.get("name", "csv"))

@@ -59,7 +59,7 @@ def plot_accuracy_vs_bits(results: dict[str, Any], path: Path) -> Path:
 def save_plots(results: dict[str, Any], folder: Path) -> dict[str, Path]:
     """Both plots as PNGs in ``folder``; none (with a warning) when matplotlib is missing."""
     if importlib.util.find_spec("matplotlib") is None:
-        warnings.warn("matplotlib is not installed (pip install alq_lightning[plot]): no plots written")
+        warnings.warn("matplotlib is not installed (pip install alq_lightning[plot]): no plots written", stacklevel=2)
         return {}
     return {"layer_bits": plot_layer_bits(results, folder / "layer_bits.png"),
             "accuracy_vs_bits": plot_accuracy_vs_bits(results, folder / "accuracy_vs_bits.png")}

@@ -10,8 +10,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..core import check_target_bits
 from ..network import MultiBitNetwork
 from ..quantizer import QUANTIZABLE_TYPES
-from .init import ALQInit
 from .arguments import check, is_int
+from .init import ALQInit
 from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
 
 PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}

@@ -29,7 +29,7 @@ class LayerBits:
     live_slots: int
 
     @classmethod
-    def of(cls, mask: torch.Tensor, group_size: int) -> "LayerBits":
+    def of(cls, mask: torch.Tensor, group_size: int) -> LayerBits:
         """From a ``[G, K]`` mask."""
         num_groups, max_bits = mask.shape
         return cls(num_groups * group_size, num_groups, group_size, max_bits, int(mask.sum()))

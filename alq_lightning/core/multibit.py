@@ -74,7 +74,7 @@ class MultiBitState:
     mask: torch.Tensor
 
     @classmethod
-    def from_bases(cls, bases: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor) -> "MultiBitState":
+    def from_bases(cls, bases: torch.Tensor, coords: torch.Tensor, mask: torch.Tensor) -> MultiBitState:
         """Build from unpacked ``bases [G, K, n]`` (signs; zero counts as +1)."""
         weights = (1 << torch.arange(bases.shape[1], device=bases.device))[None, :, None]
         codes = ((bases >= 0).long() * weights).sum(dim=1).to(torch.uint8)
@@ -98,7 +98,7 @@ class MultiBitState:
         shifts = torch.arange(self.max_bits, device=self.codes.device)[None, :, None]
         return (2 * ((self.codes[:, None, :].long() >> shifts) & 1) - 1).to(torch.int8)
 
-    def rows(self, groups: slice) -> "MultiBitState":
+    def rows(self, groups: slice) -> MultiBitState:
         """The state of ``groups`` only, as views (in-place updates reach this state)."""
         return MultiBitState(self.codes[groups], self.coords[groups], self.mask[groups])
 

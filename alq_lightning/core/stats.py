@@ -41,10 +41,10 @@ class AmsgradStats:
     vmax: torch.Tensor
 
     @classmethod
-    def zeros_like(cls, like: torch.Tensor) -> "AmsgradStats":
+    def zeros_like(cls, like: torch.Tensor) -> AmsgradStats:
         return cls(torch.zeros_like(like), torch.zeros_like(like), torch.zeros_like(like))
 
-    def rows(self, groups: slice) -> "AmsgradStats":
+    def rows(self, groups: slice) -> AmsgradStats:
         """The statistics of ``groups`` only, as views."""
         return AmsgradStats(self.m[groups], self.v[groups], self.vmax[groups])
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alq_lightning.data.base import DataNotFoundError, TensorDataModule, resolve_cache_dir, download_file
+from alq_lightning.data.base import DataNotFoundError, TensorDataModule, download_file, resolve_cache_dir
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

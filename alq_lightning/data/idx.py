@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alq_lightning.data.base import DataNotFoundError, TensorDataModule, resolve_cache_dir, download_file
+from alq_lightning.data.base import DataNotFoundError, TensorDataModule, download_file, resolve_cache_dir
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")

@@ -10,8 +10,15 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
-from alq_lightning.app import ConfigError, build_alq_callback, build_data, build_logger, build_network, finish_logger
-from alq_lightning.app import trainer_arguments
+from alq_lightning.app import (
+    ConfigError,
+    build_alq_callback,
+    build_data,
+    build_logger,
+    build_network,
+    finish_logger,
+    trainer_arguments,
+)
 from alq_lightning.data import DataNotFoundError
 
 ROOT = Path(__file__).resolve().parents[2]

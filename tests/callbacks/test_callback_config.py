@@ -5,10 +5,11 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from tiny import TinyModule, build, loader, trainer
 from torch import nn
 
 from alq_lightning import ALQCallback, ALQInit, BasisRefit, CoordinateRefit
+
+from tiny import TinyModule, build, loader, trainer
 
 
 def short(**kwargs) -> ALQCallback:
@@ -48,7 +49,8 @@ def test_bad_arguments_are_refused_at_construction(kwargs, message):
     ("kwargs", "message"),
     [
         (dict(structures={"net.0": "rowwise"}), r"structure='rowwise' is unknown; allowed: kernelwise"),
-        (dict(structures={"net.10": "subchannelwise(5)"}), r"subchannels=5 must be a positive divisor of the input size 64"),
+        (dict(structures={"net.10": "subchannelwise(5)"}),
+         r"subchannels=5 must be a positive divisor of the input size 64"),
         (dict(structures={"net.0": "subchannelwise(2)"}), r"layer 'net.0'.*Linear weight"),
         (dict(include=["encoder.*"]), r"include pattern 'encoder.\*' matches no Linear/Conv layer"),
         (dict(exclude=["nothing"]), r"exclude pattern 'nothing' matches no"),
@@ -71,7 +73,8 @@ def test_a_module_without_quantizable_layers_is_refused():
 
 def test_max_epochs_too_small_says_what_to_set():
     alq = short()
-    with pytest.raises(ValueError, match=rf"max_epochs=2\) cannot hold .* set Trainer\(max_epochs={alq.total_epochs}\)"):
+    expected = rf"max_epochs=2\) cannot hold .* set Trainer\(max_epochs={alq.total_epochs}\)"
+    with pytest.raises(ValueError, match=expected):
         trainer([alq], 2).fit(build("cnn"), loader())
 
 

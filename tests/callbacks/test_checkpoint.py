@@ -4,11 +4,12 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tiny import TinyModule, build, loader, make_data, small_cnn, trainer
 
 from alq_lightning import ALQCallback, bit_summary
 from alq_lightning.core import MultiBitState
 from alq_lightning.data.tensor_loader import TensorLoader
+
+from tiny import TinyModule, build, loader, make_data, small_cnn, trainer
 
 
 def schedule() -> ALQCallback:
@@ -22,8 +23,9 @@ def resumable_loader() -> TensorLoader:
 
 
 def final_state(alq: ALQCallback) -> dict[str, tuple[torch.Tensor, ...]]:
-    return {name: (l.state.codes.clone(), l.state.coords.clone(), l.state.mask.clone(), l.buffer("weight_vmax").clone())
-            for name, l in alq.network.layers.items()}
+    return {name: (layer.state.codes.clone(), layer.state.coords.clone(), layer.state.mask.clone(),
+                   layer.buffer("weight_vmax").clone())
+            for name, layer in alq.network.layers.items()}
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 from lightning.pytorch import Callback
-from tiny import build, trainer
 
 from alq_lightning import ALQCallback
 from alq_lightning.data import SyntheticDataModule
+
+from tiny import build, trainer
 
 
 class SaveState(Callback):

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import lightning as L
 import pytest
-from tiny import trainer
 
 from alq_lightning import ALQCallback, bit_summary
 from alq_lightning.data import FashionMNISTDataModule
 from alq_lightning.models import LeNet5, paper_structures
 from alq_lightning.module import ClassifierModule
+
+from tiny import trainer
 
 
 @pytest.mark.slow

@@ -32,7 +32,8 @@ def test_layer_bits_against_loops(seed, num_groups, max_bits, group_size, coord_
     mask_bits = num_groups * max_bits  # one live bit per slot
     assert bits.storage_bits(coord_bits) == binary + live * coord_bits + mask_bits
     assert bits.storage_bytes(coord_bits) == math.ceil(binary / 8) + live * coord_bits // 8 + math.ceil(mask_bits / 8)
-    state = MultiBitState(torch.zeros(num_groups, group_size, dtype=torch.uint8), torch.rand(num_groups, max_bits), mask)
+    codes = torch.zeros(num_groups, group_size, dtype=torch.uint8)
+    state = MultiBitState(codes, torch.rand(num_groups, max_bits), mask)
     assert state.bits() == binary and state.bits_per_group().tolist() == per_group
 
 
@@ -49,7 +50,8 @@ def test_figures():
     assert average_bits([bits, other]) == pytest.approx(525 / 1250, rel=1e-15)
 
 
-@given(layers=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 30), st.integers(0, 1000)), min_size=1, max_size=5))
+@given(layers=st.lists(st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 30), st.integers(0, 1000)),
+                       min_size=1, max_size=5))
 @settings(max_examples=30, deadline=None)
 def test_average_bits_is_ratio_of_sums(layers):
     stats = []

@@ -102,7 +102,8 @@ def test_layers_of_every_structure(seed, shape, structure, max_bits):
     for g in range(layout.num_groups):
         slots, oracle_rec, ambiguous = oracle_sketch(groups[g].numpy(), max_bits)
         if not ambiguous:
-            np.testing.assert_allclose(layout.to_groups(rebuilt)[g].numpy(), oracle_rec, atol=1e-9 * float(groups[g].norm()))
+            np.testing.assert_allclose(layout.to_groups(rebuilt)[g].numpy(), oracle_rec,
+                                       atol=1e-9 * float(groups[g].norm()))
 
 
 @given(

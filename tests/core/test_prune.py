@@ -65,7 +65,8 @@ def test_group_importance_is_model_change(seed):
 
 def test_importance_hand_figures():
     state = MultiBitState(
-        torch.zeros(1, 2, dtype=torch.uint8), torch.tensor([[2.0, 1.0, 5.0]], dtype=F64), torch.tensor([[True, True, False]])
+        torch.zeros(1, 2, dtype=torch.uint8), torch.tensor([[2.0, 1.0, 5.0]], dtype=F64),
+        torch.tensor([[True, True, False]]),
     )
     p = torch.tensor([[1.0, -1.0, 0.0]], dtype=F64)
     h = torch.tensor([[3.0, 2.0, 1.0]], dtype=F64)
@@ -81,7 +82,7 @@ def oracle_select(scores, bits, request):
         (score, name, i, bits[name][i]) for name in scores for i, score in enumerate(scores[name]) if score != INF
     )
     chosen, saved = set(), 0.0
-    for score, name, i, b in entries:
+    for _, name, i, b in entries:
         if saved >= request:
             break
         chosen.add((name, i))
@@ -93,7 +94,8 @@ def as_set(selection):
     return {(name, i) for name, sel in selection.items() for i, v in enumerate(sel.reshape(-1).tolist()) if v}
 
 
-layer_names = st.lists(st.sampled_from(["conv1", "conv2", "fc", "a.b", "A", "layer10", "layer9"]), min_size=1, max_size=4, unique=True)
+layer_names = st.lists(st.sampled_from(["conv1", "conv2", "fc", "a.b", "A", "layer10", "layer9"]),
+                       min_size=1, max_size=4, unique=True)
 
 
 @st.composite
@@ -137,7 +139,8 @@ def test_select_slots_equals_oracle(problem, per_bit, seed):
 
     names = list(importance)
     random.Random(seed).shuffle(names)
-    permuted = select_slots({n: importance[n] for n in names}, {n: group_sizes[n] for n in reversed(names)}, request, per_bit)
+    permuted = select_slots({n: importance[n] for n in names}, {n: group_sizes[n] for n in reversed(names)},
+                            request, per_bit)
     assert all(torch.equal(permuted[n], chosen[n]) for n in importance), "independent of the mapping's order"
 
 

@@ -38,6 +38,7 @@ def test_no_framework_imports(path):
 
 
 def test_scanner_detects_forbidden_imports():
-    source = "import lightning.pytorch as pl\nfrom omegaconf import DictConfig\nimport importlib\nimportlib.import_module('wandb')\n"
+    source = ("import lightning.pytorch as pl\nfrom omegaconf import DictConfig\n"
+              "import importlib\nimportlib.import_module('wandb')\n")
     found = {m.split(".")[0] for m in imported_modules(ast.parse(source))}
     assert {"lightning", "omegaconf", "wandb"} <= found

@@ -77,7 +77,8 @@ def test_fit_bases_never_worse_than_refit_old_bases(seed, group_size, max_bits):
     state = MultiBitState(pack(bases), coords.abs(), state.mask)
     kept_err = weighted_error(state.bases, state.coords, state.mask, target, weight)
     fit_bases(state, target, weight)
-    assert np.all(weighted_error(state.bases, state.coords, state.mask, target, weight) <= kept_err * (1 + 1e-9) + 1e-12)
+    new_err = weighted_error(state.bases, state.coords, state.mask, target, weight)
+    assert np.all(new_err <= kept_err * (1 + 1e-9) + 1e-12)
 
 
 def test_fit_bases_reproduces_representable_target():
@@ -193,7 +194,8 @@ def test_coordinate_step_equals_hand_oracle(seed, num_groups, group_size, max_bi
     start = clone(state)
     # statistics from earlier steps, also on slots pruned since: a dead slot must not move even if m_α != 0
     v = torch.rand(num_groups, max_bits, generator=gen, dtype=F64)
-    stats = AmsgradStats(torch.randn(num_groups, max_bits, generator=gen, dtype=F64), v, v + torch.rand(v.shape, generator=gen, dtype=F64))
+    m = torch.randn(num_groups, max_bits, generator=gen, dtype=F64)
+    stats = AmsgradStats(m, v, v + torch.rand(v.shape, generator=gen, dtype=F64))
     start_stats = AmsgradStats(stats.m.clone(), stats.v.clone(), stats.vmax.clone())
     grads = [torch.randn(num_groups, group_size, generator=gen, dtype=F64) for _ in range(3)]
     for t, grad in enumerate(grads, start=3):
@@ -224,7 +226,8 @@ def test_coordinate_step_flip_negates_first_moment():
     assert float(state.coords[0, 1]) == 1.0 and state.bases[0, 1].tolist() == [1, -1, 1, -1]
     assert float(state.coords[0, 2]) == 0.5 and torch.equal(state.bases[0, 2], bases[0, 2])
     # ŵ is unchanged by the flip itself: the same pair (-α, β) = (α, -β)
-    torch.testing.assert_close(state.reconstruct(), torch.tensor([[-0.99 + 1, -0.99 - 1, -0.99 + 1, -0.99 - 1]], dtype=F64))
+    expected = torch.tensor([[-0.99 + 1, -0.99 - 1, -0.99 + 1, -0.99 - 1]], dtype=F64)
+    torch.testing.assert_close(state.reconstruct(), expected)
 
 
 # ----------------------------------------------------------------------------------------------- STE step
@@ -271,7 +274,8 @@ def test_steps_stay_finite(dtype, case):
         coordinate_step(state, coord_stats, grad, step, 1e-2, CONFIG)
         basis_step(state, weight_stats, coord_stats, grad, 2 * step - 1, 1e-2, CONFIG)
         ste_step(state, latent, weight_stats, coord_stats, grad, 2 * step, 1e-2, CONFIG)
-        for tensor in (state.coords, state.reconstruct(), latent, *vars(weight_stats).values(), *vars(coord_stats).values()):
+        stats = (*vars(weight_stats).values(), *vars(coord_stats).values())
+        for tensor in (state.coords, state.reconstruct(), latent, *stats):
             assert torch.isfinite(tensor).all()
         assert bool((state.coords >= 0).all())
     empty = ~state.mask.any(dim=1)

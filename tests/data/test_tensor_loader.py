@@ -107,7 +107,10 @@ def test_crop_and_flip_matches_a_per_image_oracle() -> None:
 
 def test_augmentation_keeps_shapes_is_seeded_and_varies() -> None:
     images = torch.randn(40, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    make = lambda seed: TensorLoader(images, torch.arange(40), 8, shuffle=True, seed=seed, augment=True, padding=2)
+
+    def make(seed: int) -> TensorLoader:
+        return TensorLoader(images, torch.arange(40), 8, shuffle=True, seed=seed, augment=True, padding=2)
+
     a, b, c = list(make(0)), list(make(0)), list(make(1))
     assert all(x.shape == (8, 3, 8, 8) for x, _ in a)
     assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
