@@ -62,15 +62,17 @@ def aggregate(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, title: str, reference: list[tuple[float, float]]) -> None:
+def plot(series: dict[str, list[dict]], path: Path, title: str, reference: list[tuple[float, float]]) -> None:
+    """One error-bar line per study in ``series`` (label -> its summary rows), plus the authors' points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4))
-    axes.errorbar([r["avg_bits_mean"] for r in rows], [100 * r["test_acc_mean"] for r in rows],
-                  yerr=[100 * r["test_acc_std"] for r in rows], marker="o", capsize=3, label="alq_lightning")
+    for label, rows in series.items():
+        axes.errorbar([r["avg_bits_mean"] for r in rows], [100 * r["test_acc_mean"] for r in rows],
+                      yerr=[100 * r["test_acc_std"] for r in rows], marker="o", capsize=3, label=label)
     if reference:
         bits, acc = zip(*reference)
         axes.scatter(bits, acc, marker="x", color="black", label="authors' code (same protocol)")
@@ -108,21 +110,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.39])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compare", nargs="+", default=[], metavar="NAME",
+                        help="earlier studies (bench/results/NAME.json) drawn on the same plot")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
     args = parser.parse_args()
+    out = HERE / "results"
+    missing = [name for name in args.compare if not (out / f"{name}.json").exists()]
+    if missing:
+        parser.error(f"--compare {' '.join(missing)}: no such study in {out} (run it first)")
     family = "+".join([args.experiment, *args.overrides]).replace("/", "_").replace("=", "-")
     runs = [run(args.experiment, seed, target, HERE / "runs" / family / f"seed{seed}_bits{target:g}",
                 args.overrides, args.threads)
             for target in args.targets for seed in args.seeds]
     rows = aggregate(runs)
-    out = HERE / "results"
     out.mkdir(exist_ok=True)
     keep = ("seed", "target_bits", "test_acc", "float_test_acc", "avg_bits", "storage_bytes", "rounds",
             "timings_s", "git_commit", "hardware")
     (out / f"{args.name}.json").write_text(json.dumps(
         {"experiment": args.experiment, "overrides": args.overrides, "date": str(date.today()), "summary": rows,
          "runs": [{k: r.get(k) for k in keep} for r in runs]}, indent=2) + "\n")
-    plot(rows, out / f"{args.name}.png", f"{args.name} ({args.experiment})", AUTHORS.get(args.experiment, []))
+    series = {args.name: rows}
+    for name in args.compare:
+        series[name] = json.loads((out / f"{name}.json").read_text())["summary"]
+    plot(series, out / f"{args.name}.png", f"{args.experiment}", AUTHORS.get(args.experiment, []))
     table = markdown(args.name, args.experiment, rows, runs)
     write_section(HERE / "RESULTS.md", f"accuracy:{args.name}", table)
     print(table)
