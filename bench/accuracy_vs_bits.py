@@ -8,9 +8,11 @@ storage), ``bench/results/<name>.png`` (accuracy vs bits, with the authors' meas
 the experiment is their Fashion-MNIST LeNet5 protocol) and a table in ``bench/RESULTS.md``.
 
     python bench/accuracy_vs_bits.py --name lenet5_protocol --experiment fmnist_lenet5_protocol \\
-        --seeds 0 1 2 --targets 0.39
+        --seeds 0 1 2 --targets 0.7 0.39 0.35
+    python bench/accuracy_vs_bits.py --name lenet5_protocol_per_bit --seeds 0 1 2 --targets 0.7 0.39 \\
+        --compare lenet5_protocol -- alq.per_bit=true
     python bench/accuracy_vs_bits.py --name lenet5_curve --experiment fmnist_lenet5_protocol \\
-        --targets 2 1 0.7 0.5 0.4 0.3
+        --targets 2 1 0.7 0.5 0.4 0.35 0.3
     python bench/accuracy_vs_bits.py --name vgg_small_curve --experiment fmnist_vgg_small \\
         --targets 2 1 0.7 0.5 0.4 0.3
 """
