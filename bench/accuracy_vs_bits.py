@@ -120,6 +120,7 @@ def main() -> None:
     missing = [name for name in args.compare if not (out / f"{name}.json").exists()]
     if missing:
         parser.error(f"--compare {' '.join(missing)}: no such study in {out} (run it first)")
+    compared = {name: json.loads((out / f"{name}.json").read_text())["summary"] for name in args.compare}
     family = "+".join([args.experiment, *args.overrides]).replace("/", "_").replace("=", "-")
     runs = [run(args.experiment, seed, target, HERE / "runs" / family / f"seed{seed}_bits{target:g}",
                 args.overrides, args.threads)
@@ -131,10 +132,7 @@ def main() -> None:
     (out / f"{args.name}.json").write_text(json.dumps(
         {"experiment": args.experiment, "overrides": args.overrides, "date": str(date.today()), "summary": rows,
          "runs": [{k: r.get(k) for k in keep} for r in runs]}, indent=2) + "\n")
-    series = {args.name: rows}
-    for name in args.compare:
-        series[name] = json.loads((out / f"{name}.json").read_text())["summary"]
-    plot(series, out / f"{args.name}.png", f"{args.experiment}", AUTHORS.get(args.experiment, []))
+    plot({args.name: rows, **compared}, out / f"{args.name}.png", args.experiment, AUTHORS.get(args.experiment, []))
     table = markdown(args.name, args.experiment, rows, runs)
     write_section(HERE / "RESULTS.md", f"accuracy:{args.name}", table)
     print(table)
