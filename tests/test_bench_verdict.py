@@ -1,0 +1,54 @@
+"""The accuracy-vs-bits study's comparison against reference points (bench/accuracy_vs_bits.py)."""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture
+def study(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    for name in ("common", "accuracy_vs_bits"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    module = importlib.import_module("accuracy_vs_bits")
+    yield module
+    for name in ("common", "accuracy_vs_bits"):
+        sys.modules.pop(name, None)
+
+
+def row(target: float, bits: float, acc: float, std: float = 0.0, seeds: tuple[int, ...] = (0,)) -> dict:
+    return {"target_bits": target, "avg_bits_mean": bits, "test_acc_mean": acc, "test_acc_std": std,
+            "seeds": list(seeds), "float_test_acc_mean": 0.895, "binary_bytes_mean": 1024.0,
+            "coords32_bytes_mean": 2048.0, "coords16_bytes_mean": 1536.0}
+
+
+def test_best_point_at_equal_or_fewer_bits_decides(study):
+    rows = [row(1.0, 0.999, 0.9140), row(0.7, 0.699, 0.9110), row(0.5, 0.499, 0.9119, 0.003, (0, 1, 2)),
+            row(0.3, 0.299, 0.9030)]
+    verdicts = study.against(rows, [(0.881, 91.15), (0.516, 90.99), (0.35, 90.45), (0.2, 80.0)])
+
+    assert [v["met"] for v in verdicts] == [True, True, False, False]
+    assert verdicts[0]["best"]["target_bits"] == 0.5
+    assert verdicts[1]["best"]["target_bits"] == 0.5
+    assert verdicts[2]["best"]["target_bits"] == 0.3
+    assert verdicts[3]["best"] is None
+
+
+def test_a_point_with_more_bits_never_counts(study):
+    verdicts = study.against([row(1.0, 0.9, 0.99)], [(0.881, 91.15)])
+
+    assert verdicts == [{"bits": 0.881, "acc": 91.15, "met": False, "best": None}]
+
+
+def test_markdown_names_each_reference_point(study):
+    rows = [row(0.7, 0.699, 0.9110, 0.0012, (0, 1, 2))]
+    runs = [{"hardware": {"torch_threads": 1}}]
+    text = study.markdown("lenet5", "fmnist_lenet5_protocol", rows, runs)
+
+    assert "- 91.15 % at 0.881 bits: BELOW — 91.10 ± 0.12 % at 0.699 bits (3 seed(s))" in text
+    assert "- 90.32 % at 0.390 bits: BELOW — no point" in text
