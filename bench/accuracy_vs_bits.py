@@ -100,6 +100,12 @@ def plot(series: dict[str, list[dict]], path: Path, title: str, reference: list[
     plt.close(figure)
 
 
+def accuracy(row: dict) -> str:
+    """A row's mean test accuracy in percent, with its std when several seeds were run."""
+    mean = f"{100 * row['test_acc_mean']:.2f}"
+    return f"{mean} ± {100 * row['test_acc_std']:.2f}" if len(row["seeds"]) > 1 else mean
+
+
 def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> str:
     threads = runs[0].get("hardware", {}).get("torch_threads")
     lines = [f"### {name}: `experiment={experiment}` — {hardware()}, {threads} thread(s) per run, "
@@ -107,8 +113,8 @@ def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> 
              "| target bits | avg bits | test acc (%) | float test acc (%) | binary | with 32-bit coords | "
              "with 16-bit coords | seeds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['target_bits']:g} | {r['avg_bits_mean']:.3f} | {100 * r['test_acc_mean']:.2f} ± "
-                     f"{100 * r['test_acc_std']:.2f} | {100 * r['float_test_acc_mean']:.2f} | "
+        lines.append(f"| {r['target_bits']:g} | {r['avg_bits_mean']:.3f} | {accuracy(r)} | "
+                     f"{100 * r['float_test_acc_mean']:.2f} | "
                      f"{r['binary_bytes_mean'] / 1024:.1f} KiB | {r['coords32_bytes_mean'] / 1024:.1f} KiB | "
                      f"{r['coords16_bytes_mean'] / 1024:.1f} KiB | {len(r['seeds'])} |")
     if experiment in AUTHORS:
@@ -116,8 +122,9 @@ def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> 
                   "at equal or fewer bits:", ""]
         for v in against(rows, AUTHORS[experiment]):
             best = v["best"]
-            found = (f"{100 * best['test_acc_mean']:.2f} ± {100 * best['test_acc_std']:.2f} % at "
-                     f"{best['avg_bits_mean']:.3f} bits ({len(best['seeds'])} seed(s))" if best else "no point")
+            seeds = ", ".join(map(str, best["seeds"])) if best else ""
+            found = (f"{accuracy(best)} % at {best['avg_bits_mean']:.3f} bits "
+                     f"(seed{'s' if len(best['seeds']) > 1 else ''} {seeds})" if best else "no point")
             lines.append(f"- {v['acc']:.2f} % at {v['bits']:.3f} bits: {'on or above' if v['met'] else 'BELOW'} "
                          f"— {found}")
     return "\n".join(lines)

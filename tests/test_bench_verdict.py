@@ -50,5 +50,14 @@ def test_markdown_names_each_reference_point(study):
     runs = [{"hardware": {"torch_threads": 1}}]
     text = study.markdown("lenet5", "fmnist_lenet5_protocol", rows, runs)
 
-    assert "- 91.15 % at 0.881 bits: BELOW — 91.10 ± 0.12 % at 0.699 bits (3 seed(s))" in text
+    assert "- 91.15 % at 0.881 bits: BELOW — 91.10 ± 0.12 % at 0.699 bits (seeds 0, 1, 2)" in text
     assert "- 90.32 % at 0.390 bits: BELOW — no point" in text
+    assert "| 0.7 | 0.699 | 91.10 ± 0.12 | 89.50 |" in text
+
+
+def test_a_single_seed_has_no_spread(study):
+    rows = [row(0.5, 0.499, 0.9130)]
+    text = study.markdown("lenet5", "fmnist_lenet5_protocol", rows, [{"hardware": {"torch_threads": 1}}])
+
+    assert "| 0.5 | 0.499 | 91.30 | 89.50 |" in text
+    assert "- 90.99 % at 0.516 bits: on or above — 91.30 % at 0.499 bits (seed 0)" in text
