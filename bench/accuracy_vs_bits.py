@@ -5,11 +5,12 @@ directory ``bench/runs/<experiment>[+overrides]/seed<s>_bits<t>/``; a run whose 
 reused, so an interrupted study resumes and studies sharing runs (a curve and a multi-seed point) share them.
 Writes ``bench/results/<name>.json`` (every run and, per target, mean ± std of test accuracy, bits and
 storage), ``bench/results/<name>.png`` (accuracy vs bits, with the authors' measured points for reference where
-the experiment is their Fashion-MNIST LeNet5 protocol) and a table in ``bench/RESULTS.md``.
+the experiment is their Fashion-MNIST LeNet5 protocol) and a table in ``bench/RESULTS.md``; on that protocol
+both also judge each of the authors' points (:func:`against`).
 
     python bench/accuracy_vs_bits.py --name lenet5_protocol --experiment fmnist_lenet5_protocol \\
-        --seeds 0 1 2 --targets 0.7 0.39 0.35
-    python bench/accuracy_vs_bits.py --name lenet5_protocol_per_bit --seeds 0 1 2 --targets 0.7 0.39 \\
+        --seeds 0 1 2 --targets 0.7 0.5 0.39 0.35
+    python bench/accuracy_vs_bits.py --name lenet5_protocol_per_bit --seeds 0 1 2 --targets 0.7 0.5 0.39 0.35 \\
         --compare lenet5_protocol -- alq.per_bit=true
     python bench/accuracy_vs_bits.py --name lenet5_curve --experiment fmnist_lenet5_protocol \\
         --targets 2 1 0.7 0.5 0.4 0.35 0.3
