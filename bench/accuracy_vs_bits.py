@@ -107,7 +107,8 @@ def accuracy(row: dict) -> str:
     return f"{mean} ± {100 * row['test_acc_std']:.2f}" if len(row["seeds"]) > 1 else mean
 
 
-def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> str:
+def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict], verdicts: list[dict]) -> str:
+    """The study's table for RESULTS.md, followed by the ``verdicts`` of :func:`against` when there are any."""
     threads = runs[0].get("hardware", {}).get("torch_threads")
     lines = [f"### {name}: `experiment={experiment}` — {hardware()}, {threads} thread(s) per run, "
              f"{date.today()}", "",
@@ -118,14 +119,15 @@ def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict]) -> 
                      f"{100 * r['float_test_acc_mean']:.2f} | "
                      f"{r['binary_bytes_mean'] / 1024:.1f} KiB | {r['coords32_bytes_mean'] / 1024:.1f} KiB | "
                      f"{r['coords16_bytes_mean'] / 1024:.1f} KiB | {len(r['seeds'])} |")
-    if experiment in AUTHORS:
+    if verdicts:
         lines += ["", "Against the authors' code on the same protocol (one run per point), this study's best mean "
                   "at equal or fewer bits:", ""]
-        for v in against(rows, AUTHORS[experiment]):
-            best = v["best"]
-            seeds = ", ".join(map(str, best["seeds"])) if best else ""
-            found = (f"{accuracy(best)} % at {best['avg_bits_mean']:.3f} bits "
-                     f"(seed{'s' if len(best['seeds']) > 1 else ''} {seeds})" if best else "no point")
+        for v in verdicts:
+            best, found = v["best"], "no point"
+            if best:
+                seeds = ", ".join(map(str, best["seeds"]))
+                found = (f"{accuracy(best)} % at {best['avg_bits_mean']:.3f} bits "
+                         f"(seed{'s' if len(best['seeds']) > 1 else ''} {seeds})")
             lines.append(f"- {v['acc']:.2f} % at {v['bits']:.3f} bits: {'on or above' if v['met'] else 'BELOW'} "
                          f"— {found}")
     return "\n".join(lines)
@@ -155,12 +157,13 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     keep = ("seed", "target_bits", "test_acc", "float_test_acc", "avg_bits", "storage_bytes", "rounds",
             "timings_s", "git_commit", "hardware")
+    reference = AUTHORS.get(args.experiment, [])
+    verdicts = against(rows, reference)
     (out / f"{args.name}.json").write_text(json.dumps(
         {"experiment": args.experiment, "overrides": args.overrides, "date": str(date.today()), "summary": rows,
-         "authors": against(rows, AUTHORS.get(args.experiment, [])),
-         "runs": [{k: r.get(k) for k in keep} for r in runs]}, indent=2) + "\n")
-    plot({args.name: rows, **compared}, out / f"{args.name}.png", args.experiment, AUTHORS.get(args.experiment, []))
-    table = markdown(args.name, args.experiment, rows, runs)
+         "authors": verdicts, "runs": [{k: r.get(k) for k in keep} for r in runs]}, indent=2) + "\n")
+    plot({args.name: rows, **compared}, out / f"{args.name}.png", args.experiment, reference)
+    table = markdown(args.name, args.experiment, rows, runs, verdicts)
     write_section(HERE / "RESULTS.md", f"accuracy:{args.name}", table)
     print(table)
 

@@ -27,6 +27,15 @@ def row(target: float, bits: float, acc: float, std: float = 0.0, seeds: tuple[i
             "coords32_bytes_mean": 2048.0, "coords16_bytes_mean": 1536.0}
 
 
+RUNS = [{"hardware": {"torch_threads": 1}}]
+
+
+def protocol_table(study, rows: list[dict]) -> str:
+    """The RESULTS.md table of ``rows`` as a study on the authors' LeNet5 protocol."""
+    verdicts = study.against(rows, study.AUTHORS["fmnist_lenet5_protocol"])
+    return study.markdown("lenet5", "fmnist_lenet5_protocol", rows, RUNS, verdicts)
+
+
 def test_best_point_at_equal_or_fewer_bits_decides(study):
     rows = [row(1.0, 0.999, 0.9140), row(0.7, 0.699, 0.9110), row(0.5, 0.499, 0.9119, 0.003, (0, 1, 2)),
             row(0.3, 0.299, 0.9030)]
@@ -47,8 +56,7 @@ def test_a_point_with_more_bits_never_counts(study):
 
 def test_markdown_names_each_reference_point(study):
     rows = [row(0.7, 0.699, 0.9110, 0.0012, (0, 1, 2))]
-    runs = [{"hardware": {"torch_threads": 1}}]
-    text = study.markdown("lenet5", "fmnist_lenet5_protocol", rows, runs)
+    text = protocol_table(study, rows)
 
     assert "- 91.15 % at 0.881 bits: BELOW — 91.10 ± 0.12 % at 0.699 bits (seeds 0, 1, 2)" in text
     assert "- 90.32 % at 0.390 bits: BELOW — no point" in text
@@ -57,7 +65,8 @@ def test_markdown_names_each_reference_point(study):
 
 def test_a_single_seed_has_no_spread(study):
     rows = [row(0.5, 0.499, 0.9130)]
-    text = study.markdown("lenet5", "fmnist_lenet5_protocol", rows, [{"hardware": {"torch_threads": 1}}])
+    text = protocol_table(study, rows)
 
     assert "| 0.5 | 0.499 | 91.30 | 89.50 |" in text
+    assert "Against the authors'" not in study.markdown("vgg", "fmnist_vgg_small", rows, RUNS, [])
     assert "- 90.99 % at 0.516 bits: on or above — 91.30 % at 0.499 bits (seed 0)" in text
