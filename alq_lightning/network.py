@@ -4,9 +4,10 @@ It holds no Lightning state: step counters are plain integers, tensors live in t
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
+from torch import nn
 
 from .core import (
     LayerBits,
@@ -30,8 +31,10 @@ from .quantizer import QuantizedLayer
 class MultiBitNetwork:
     """The quantized layers of a model and the step counters of their AMSGrad statistics.
 
-    ``weight_step`` counts weight-domain updates (basis and STE steps), ``coord_step`` coordinate-domain
-    ones; a basis step re-derives the coordinate statistics, so it sets ``coord_step = weight_step``.
+    A step updates the layers that received a gradient and leaves the others as they are, so each layer
+    counts its own updates: ``weight_steps[name]`` counts weight-domain updates (basis and STE steps),
+    ``coord_steps[name]`` coordinate-domain ones; a basis step re-derives the coordinate statistics, so it
+    sets the layer's coordinate count to its weight count.
     """
 
     def __init__(self, layers: Mapping[str, QuantizedLayer], float_layers: Mapping[str, str],
@@ -39,9 +42,14 @@ class MultiBitNetwork:
         self.layers = dict(layers)
         self.float_layers = dict(float_layers)
         self.config = config or QuadraticConfig()
-        self.weight_step = 0
-        self.coord_step = 0
+        self.weight_steps = dict.fromkeys(self.layers, 0)
+        self.coord_steps = dict.fromkeys(self.layers, 0)
         self.initial_bits = 0.0
+
+    def belongs_to(self, model: nn.Module) -> bool:
+        """Whether every quantized layer is a module of ``model``."""
+        modules = {id(module) for module in model.modules()}
+        return all(id(layer.module) in modules for layer in self.layers.values())
 
     @property
     def numel(self) -> int:
@@ -62,17 +70,16 @@ class MultiBitNetwork:
         """Structured sketching of every layer from its current float weight."""
         for layer in self.layers.values():
             layer.initialize()
-        self.weight_step = self.coord_step = 0
+        self.weight_steps = dict.fromkeys(self.layers, 0)
+        self.coord_steps = dict.fromkeys(self.layers, 0)
         self.initial_bits = self.avg_bits
 
-    def take_grads(self) -> dict[str, torch.Tensor] | None:
-        """Gradients w.r.t. ŵ in group layout, cleared from the weights (so no other optimizer uses them).
-
-        None when some layer has no gradient (e.g. a second optimizer step of the same batch).
-        """
-        grads = {name: layer.grad_groups() for name, layer in self.layers.items()}
+    def take_grads(self) -> dict[str, torch.Tensor]:
+        """Gradients w.r.t. ŵ in group layout of the layers that have one (maybe none), cleared from the
+        weights so that no other optimizer uses them."""
+        grads = {name: grad for name, layer in self.layers.items() if (grad := layer.grad_groups()) is not None}
         self.drop_grads()
-        return None if any(grad is None for grad in grads.values()) else grads
+        return grads
 
     def drop_grads(self) -> None:
         for layer in self.layers.values():
@@ -80,25 +87,31 @@ class MultiBitNetwork:
 
     @staticmethod
     def all_finite(grads: Mapping[str, torch.Tensor]) -> bool:
-        return bool(torch.stack([grad.isfinite().all() for grad in grads.values()]).all())
+        return not grads or bool(torch.stack([grad.isfinite().all() for grad in grads.values()]).all())
 
-    def write_weights(self) -> None:
-        for layer in self.layers.values():
-            layer.write_weight()
+    def without_stats(self) -> list[str]:
+        """Layers that never received a gradient since initialisation (no statistics to rank them by)."""
+        return [name for name, steps in self.coord_steps.items() if steps == 0]
+
+    def write_weights(self, names: Iterable[str] | None = None) -> None:
+        for name in self.layers if names is None else names:
+            self.layers[name].write_weight()
 
     def basis_step(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
-        self.weight_step += 1
-        for name, layer in self.layers.items():
-            basis_step(layer.state, layer.weight_stats, layer.coord_stats, grads[name], self.weight_step, lr,
+        for name, grad in grads.items():
+            layer = self.layers[name]
+            self.weight_steps[name] += 1
+            basis_step(layer.state, layer.weight_stats, layer.coord_stats, grad, self.weight_steps[name], lr,
                        self.config)
-        self.coord_step = self.weight_step
-        self.write_weights()
+            self.coord_steps[name] = self.weight_steps[name]
+        self.write_weights(grads)
 
     def coordinate_step(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
-        self.coord_step += 1
-        for name, layer in self.layers.items():
-            coordinate_step(layer.state, layer.coord_stats, grads[name], self.coord_step, lr, self.config)
-        self.write_weights()
+        for name, grad in grads.items():
+            layer = self.layers[name]
+            self.coord_steps[name] += 1
+            coordinate_step(layer.state, layer.coord_stats, grad, self.coord_steps[name], lr, self.config)
+        self.write_weights(grads)
 
     def start_ste(self) -> None:
         """Latent float weights start at ŵ."""
@@ -106,38 +119,42 @@ class MultiBitNetwork:
             layer.buffer("latent").copy_(layer.state.reconstruct())
 
     def ste_step(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
-        self.weight_step += 1
-        for name, layer in self.layers.items():
-            ste_step(layer.state, layer.buffer("latent"), layer.weight_stats, layer.coord_stats, grads[name],
-                     self.weight_step, lr, self.config)
-        self.coord_step = self.weight_step
-        self.write_weights()
+        for name, grad in grads.items():
+            layer = self.layers[name]
+            self.weight_steps[name] += 1
+            ste_step(layer.state, layer.buffer("latent"), layer.weight_stats, layer.coord_stats, grad,
+                     self.weight_steps[name], lr, self.config)
+            self.coord_steps[name] = self.weight_steps[name]
+        self.write_weights(grads)
 
     def observe(self, grads: Mapping[str, torch.Tensor]) -> None:
         """Fold the coordinate gradients into the coordinate statistics without stepping."""
-        self.coord_step += 1
-        for name, layer in self.layers.items():
-            update_stats(layer.coord_stats, project_grad(layer.state, grads[name]), self.config)
+        for name, grad in grads.items():
+            layer = self.layers[name]
+            self.coord_steps[name] += 1
+            update_stats(layer.coord_stats, project_grad(layer.state, grad), self.config)
 
     def _models(self, lr: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        if self.coord_step < 1:
-            raise RuntimeError("pruning needs coordinate statistics: fold at least one gradient in first")
-        return {name: quadratic_model(layer.coord_stats, self.coord_step, lr, self.config)
-                for name, layer in self.layers.items()}
+        """Quadratic models of the layers that have statistics."""
+        return {name: quadratic_model(layer.coord_stats, self.coord_steps[name], lr, self.config)
+                for name, layer in self.layers.items() if self.coord_steps[name] > 0}
 
     def prune_slots(self, bits_to_remove: float, lr: float, per_bit: bool = False) -> int:
-        """Clear the least important live slots worth at least ``bits_to_remove`` bits; returns bits removed."""
+        """Clear the least important live slots worth at least ``bits_to_remove`` bits; returns bits removed.
+
+        Only layers with statistics take part (see :meth:`without_stats`).
+        """
         models = self._models(lr)
-        importance = {name: slot_importance(layer.state, *models[name]) for name, layer in self.layers.items()}
-        sizes = {name: layer.layout.group_size for name, layer in self.layers.items()}
+        importance = {name: slot_importance(self.layers[name].state, *model) for name, model in models.items()}
+        sizes = {name: self.layers[name].layout.group_size for name in models}
         return self.clear_slots(select_slots(importance, sizes, bits_to_remove, per_bit))
 
     def prune_groups(self, bits_to_remove: float, lr: float) -> int:
-        """Clear whole groups, least loss increase per bit first; returns bits removed."""
+        """Clear whole groups, least loss increase per bit first; returns bits removed (layers as above)."""
         models = self._models(lr)
-        importance = {name: group_importance(layer.state, *models[name]) for name, layer in self.layers.items()}
-        live_bits = {name: layer.state.bits_per_group() * layer.layout.group_size
-                     for name, layer in self.layers.items()}
+        importance = {name: group_importance(self.layers[name].state, *model) for name, model in models.items()}
+        live_bits = {name: self.layers[name].state.bits_per_group() * self.layers[name].layout.group_size
+                     for name in models}
         chosen = select_groups(importance, live_bits, bits_to_remove)
         return self.clear_slots({name: groups[:, None] & self.layers[name].state.mask
                                  for name, groups in chosen.items()})
@@ -150,16 +167,21 @@ class MultiBitNetwork:
             state.mask.masked_fill_(slots, False)
             state.coords.masked_fill_(slots, 0)
             state.codes.bitwise_or_(slot_bits(slots).to(torch.uint8)[:, None])
-        self.write_weights()
+        self.write_weights(chosen)
         return before - self.binary_bits
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        """``{layer: {buffer: tensor}}`` on CPU, for a checkpoint."""
-        return {name: {key: t.detach().cpu().clone() for key, t in layer.multibit_tensors().items()}
+        """``{layer: {buffer: tensor, "steps": [weight steps, coordinate steps]}}`` on CPU, for a checkpoint."""
+        return {name: {**{key: t.detach().cpu().clone() for key, t in layer.multibit_tensors().items()},
+                       "steps": torch.tensor([self.weight_steps[name], self.coord_steps[name]])}
                 for name, layer in self.layers.items()}
 
     def load_state_tensors(self, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-        """Inverse of :meth:`state_tensors`; refuses missing layers or mismatching shapes before writing."""
+        """Inverse of :meth:`state_tensors`; refuses missing layers or mismatching shapes before writing.
+
+        Checkpoints written before the step counters were kept per layer have no ``"steps"``; their
+        counters come with the callback state (:meth:`load_scalars`).
+        """
         if set(tensors) != set(self.layers):
             raise ValueError(f"checkpoint has multi-bit layers {sorted(tensors)}, the model has {sorted(self.layers)}")
         for name, layer in self.layers.items():
@@ -172,12 +194,17 @@ class MultiBitNetwork:
         for name, layer in self.layers.items():
             for key, target in layer.multibit_tensors().items():
                 target.copy_(tensors[name][key])
+            if "steps" in tensors[name]:
+                self.weight_steps[name], self.coord_steps[name] = map(int, tensors[name]["steps"].tolist())
         self.write_weights()
 
     def scalars(self) -> dict[str, float]:
-        return {"weight_step": self.weight_step, "coord_step": self.coord_step, "initial_bits": self.initial_bits}
+        return {"initial_bits": self.initial_bits}
 
     def load_scalars(self, scalars: Mapping[str, float]) -> None:
-        self.weight_step = int(scalars["weight_step"])
-        self.coord_step = int(scalars["coord_step"])
+        """Inverse of :meth:`scalars`; the single ``weight_step``/``coord_step`` of older checkpoints apply to
+        every layer."""
         self.initial_bits = float(scalars["initial_bits"])
+        if "weight_step" in scalars:
+            self.weight_steps = dict.fromkeys(self.layers, int(scalars["weight_step"]))
+            self.coord_steps = dict.fromkeys(self.layers, int(scalars["coord_step"]))

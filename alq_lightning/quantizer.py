@@ -6,6 +6,14 @@ gains non-persistent buffers (they follow ``.to()`` but stay out of ``state_dict
 
     alq_codes [G, n] uint8 (packed bases)      alq_coords [G, K]      alq_mask [G, K] bool
     alq_weight_m/v/vmax [G, n]    alq_coord_m/v/vmax [G, K]      alq_latent [G, n]
+
+The float buffers hold float32 (float64 for a float64 weight) whatever the model's precision: they are
+registered as int32 (int64) tensors of the same bytes and read through a float view, because
+``module.to(dtype)`` — which ``precision="bf16-true"`` and ``"16-true"`` apply to the whole model — casts
+floating buffers but leaves integer ones alone. ALQ's statistics and coordinates would not survive bf16.
+
+A Parameter shared by several modules is quantized once, on the first selected module that holds it;
+writing ŵ into it updates every module that uses it.
 """
 from __future__ import annotations
 
@@ -23,6 +31,9 @@ QUANTIZABLE_TYPES: dict[str, type[nn.Module]] = {
 }
 _BUFFERS = ("codes", "coords", "mask", "weight_m", "weight_v", "weight_vmax",
             "coord_m", "coord_v", "coord_vmax", "latent")
+_FLOAT_BUFFERS = frozenset(_BUFFERS) - {"codes", "mask"}
+_STORAGE = {torch.float32: torch.int32, torch.float64: torch.int64}
+_VIEWED_AS = {storage: dtype for dtype, storage in _STORAGE.items()}
 
 
 @dataclass
@@ -34,7 +45,9 @@ class QuantizedLayer:
     layout: GroupLayout
 
     def buffer(self, key: str) -> torch.Tensor:
-        return getattr(self.module, f"alq_{key}")
+        """The multi-bit tensor ``key``; float ones as a float view of their integer storage."""
+        stored = getattr(self.module, f"alq_{key}")
+        return stored.view(_VIEWED_AS[stored.dtype]) if key in _FLOAT_BUFFERS else stored
 
     @property
     def state(self) -> MultiBitState:
@@ -92,7 +105,8 @@ class LayerSelection:
     Args:
         max_bits: slots per group, 1..8.
         include / exclude: module-name patterns (``fnmatch``); a layer is quantized if it matches some
-            ``include`` pattern and no ``exclude`` pattern.
+            ``include`` pattern and no ``exclude`` pattern. A frozen layer (weight ``requires_grad=False``)
+            stays in float unless ``include`` names it exactly.
         types: module types to quantize, among ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv3d``.
         structures: ``{pattern: structure}`` overrides (first match wins); other layers use :func:`auto_layout`.
         max_bits_overrides: ``{pattern: max_bits}`` overrides (first match wins).
@@ -138,9 +152,19 @@ class LayerSelection:
                     raise ValueError(
                         f"{argument} pattern {pattern!r} matches no Linear/Conv layer; layers are: {names}"
                     )
-        chosen, left_float = {}, {}
+        chosen, left_float, holder = {}, {}, {}
         for index, (name, module) in enumerate(candidates):
             reason = self._float_reason(name, module, index, len(candidates), allowed)
+            owner = holder.setdefault(id(module.weight), name)
+            if owner != name:
+                if (owner in chosen) == bool(reason):
+                    raise ValueError(
+                        f"layers {owner!r} and {name!r} share one weight Parameter, but only one of them is selected "
+                        f"(the other: {reason or left_float[owner]}); select both or neither"
+                    )
+                left_float[name] = f"shares its weight with {owner!r}" + (", quantized there" if owner in chosen
+                                                                          else "")
+                continue
             if reason:
                 left_float[name] = reason
                 continue
@@ -168,6 +192,8 @@ class LayerSelection:
             return "first layer kept in float"
         if self.keep_last and index == count - 1:
             return "last layer kept in float"
+        if not module.weight.requires_grad and name not in self.include:
+            return "frozen (requires_grad=False); name it in include to quantize it"
         return ""
 
 
@@ -176,21 +202,24 @@ def _first_match(overrides: Mapping[str, object], name: str):
 
 
 def attach(model: nn.Module, selection: LayerSelection) -> tuple[dict[str, QuantizedLayer], dict[str, str]]:
-    """Register zeroed multi-bit buffers on the selected layers (idempotent); return them and the float layers."""
+    """Register zeroed multi-bit buffers on the selected layers (idempotent); return them and the float layers.
+
+    The state is float64 for a float64 weight, float32 for every other dtype.
+    """
     chosen, left_float = selection.select(model)
     layers = {}
     for name, (module, layout, max_bits) in chosen.items():
         weight = module.weight
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        storage = _STORAGE[torch.float64 if weight.dtype == torch.float64 else torch.float32]
         shapes = dict.fromkeys(("codes", "weight_m", "weight_v", "weight_vmax", "latent"),
                                (layout.num_groups, layout.group_size))
         shapes.update(dict.fromkeys(("coords", "mask", "coord_m", "coord_v", "coord_vmax"),
                                     (layout.num_groups, max_bits)))
         for key in _BUFFERS:
+            kind = {"codes": torch.uint8, "mask": torch.bool}.get(key, storage)
             existing = getattr(module, f"alq_{key}", None)
-            if existing is not None and tuple(existing.shape) == shapes[key]:
+            if existing is not None and tuple(existing.shape) == shapes[key] and existing.dtype == kind:
                 continue
-            kind = {"codes": torch.uint8, "mask": torch.bool}.get(key, dtype)
             fill = 2**max_bits - 1 if key == "codes" else 0
             module.register_buffer(f"alq_{key}", torch.full(shapes[key], fill, dtype=kind, device=weight.device),
                                    persistent=False)

@@ -25,7 +25,9 @@ class ALQInit(Callback):
     the checkpoint under ``"alq"``; the weights in ``state_dict`` stay dense and equal to ŵ.
 
     Outside every stage window the quantized weights are frozen (their gradients are dropped), while the
-    module's own optimizer keeps training every other parameter.
+    module's own optimizer keeps training every other parameter. Frozen weights (``requires_grad=False`` at
+    setup) stay in float unless ``include`` names their layer exactly; a Parameter shared by several modules
+    is quantized once. Set up for a different module, the callback starts afresh on it.
 
     Args:
         max_bits: binary bases per group (1..8).
@@ -73,15 +75,22 @@ class ALQInit(Callback):
                 f"strategy {name} shards parameters, which ALQ's per-group state cannot follow; "
                 f"use strategy='ddp' (or 'ddp_spawn'/'ddp_fork') or a single device"
             )
-        if self.network is None:
-            layers, float_layers = attach(pl_module, self.selection)
-            self.network = MultiBitNetwork(layers, float_layers, self.config)
-            ignored = [f"{layer}.alq_{key}" for layer, q in layers.items() for key in q.multibit_tensors()]
-            pl_module._ddp_params_and_buffers_to_ignore = (
-                list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", [])) + ignored
-            )
-            floats = ", ".join(f"{n} ({why})" for n, why in float_layers.items()) or "none"
-            rank_zero_info(f"ALQ quantizes {len(layers)} layers; left in float: {floats}")
+        if self.network is not None and self.network.belongs_to(pl_module):
+            return
+        if self.network is not None:
+            rank_zero_info(f"ALQ sets up afresh for a new {type(pl_module).__name__}: the state of the earlier "
+                           f"model stays with it")
+            self.initialized = False
+            for stage in self.stages:
+                stage.reset()
+        layers, float_layers = attach(pl_module, self.selection)
+        self.network = MultiBitNetwork(layers, float_layers, self.config)
+        ignored = [f"{layer}.alq_{key}" for layer, q in layers.items() for key in q.multibit_tensors()]
+        pl_module._ddp_params_and_buffers_to_ignore = (
+            list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", [])) + ignored
+        )
+        floats = ", ".join(f"{n} ({why})" for n, why in float_layers.items()) or "none"
+        rank_zero_info(f"ALQ quantizes {len(layers)} layers; left in float: {floats}")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.initialized:
@@ -110,7 +119,7 @@ class ALQInit(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initialized = bool(state_dict["initialized"])
-        if self.network is not None and "weight_step" in state_dict:
+        if self.network is not None and "initial_bits" in state_dict:
             self.network.load_scalars(state_dict)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

@@ -158,9 +158,19 @@ class ALQCallback(Callback):
         pl_module.log_dict({"alq/round": float(done), "alq/lr": stage.current_lr(trainer) if stage else 0.0},
                            rank_zero_only=True)
         if trainer.current_epoch + 1 >= self.total_epochs and not trainer.should_stop:
+            self._check_target()
             rank_zero_info(f"ALQ schedule complete after {self.total_epochs} epochs at "
                            f"{self.network.avg_bits:.4f} average bits; stopping the fit")
             trainer.should_stop = True
+
+    def _check_target(self) -> None:
+        """Never report completion above ``target_bits`` (a target above the initial average keeps it)."""
+        reached = self.network.avg_bits
+        if reached > max(self.target_bits, self.network.initial_bits) + 1e-9:
+            raise RuntimeError(
+                f"the ALQ schedule ended at {reached:.4f} average bits, above target_bits={self.target_bits:g}; "
+                f"layers that never received a gradient: {self.network.without_stats() or 'none'}"
+            )
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._each("on_save_checkpoint", trainer, pl_module, checkpoint)

@@ -2,8 +2,10 @@
 
 A stage consumes the quantized weights' gradients in ``on_before_optimizer_step`` (after accumulation,
 all-reduce and AMP unscaling), updates the multi-bit state through :class:`~alq_lightning.network.MultiBitNetwork`
-and writes ŵ back into the weights; the module's own optimizer never sees those gradients. Every decision
-is a function of the epoch and the optimizer step, so a resumed run repeats an uninterrupted one.
+and writes ŵ back into the weights; the module's own optimizer never sees those gradients. Lightning clips
+gradients only after that hook, so a stage applies the Trainer's ``gradient_clip_val`` itself first, over
+the same parameters. Layers without a gradient in a step are left as they are. Every decision is a function
+of the epoch and the optimizer step, so a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ class ALQStage(Callback, ABC):
         check("lr_decay", lr_decay, is_number(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]")
         self.start_epoch, self.epochs, self.lr, self.lr_decay = start_epoch, epochs, float(lr), float(lr_decay)
         self.init: ALQInit | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the progress of an earlier fit (the stage starts on a new model)."""
 
     @property
     def end_epoch(self) -> int:
@@ -64,18 +70,19 @@ class ALQStage(Callback, ABC):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         if not self.active(trainer):
             return
+        if pl_module.automatic_optimization and trainer.gradient_clip_val:
+            pl_module.configure_gradient_clipping(optimizer, gradient_clip_val=trainer.gradient_clip_val,
+                                                  gradient_clip_algorithm=trainer.gradient_clip_algorithm)
         grads = self.network.take_grads()
-        if grads is None:
-            return
         if not self.network.all_finite(grads):
             rank_zero_warn(f"{type(self).__name__}: skipped the ALQ update of step {trainer.global_step}: "
                            f"a quantized weight's gradient is not finite")
-            return
+            grads = {}
         self.apply(trainer, grads)
 
     @abstractmethod
     def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
-        """Update the multi-bit state from ``{layer: [G, n] gradient}``."""
+        """Update the multi-bit state from ``{layer: [G, n] gradient}`` of the layers that have one."""
 
 
 class BasisRefit(ALQStage):
@@ -98,6 +105,8 @@ class STEFineTune(ALQStage):
 
     def __init__(self, start_epoch: int, epochs: int, lr: float = 1e-3, lr_decay: float = 0.95) -> None:
         super().__init__(start_epoch, epochs, lr, lr_decay)
+
+    def reset(self) -> None:
         self.started = False
 
     def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
@@ -136,8 +145,11 @@ class BitwidthReduction(ALQStage):
                f"an integer in [1, rounds={rounds}]")
         self.target_bits, self.rounds, self.round_index = float(target_bits), rounds, round_index
         self.per_bit = per_bit
+
+    def reset(self) -> None:
         self.window_start_step: int | None = None
         self._frozen_norms: list[nn.Module] = []
+        self._reported: set[str] = set()
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -175,9 +187,35 @@ class BitwidthReduction(ALQStage):
         self.network.observe(grads)
         total = self.epochs * self.steps_per_epoch(trainer)
         step = min(trainer.global_step - self.window_start_step, total - 1)
-        excess = self.network.binary_bits - self.budget(trainer, step) * self.network.numel
-        if excess > 0:
-            self.prune(excess, self.current_lr(trainer))
+        budget = self.budget(trainer, step)
+        excess = self.network.binary_bits - budget * self.network.numel
+        if excess <= 0:
+            return
+        self._check_stats()
+        self.prune(excess, self.current_lr(trainer))
+        if self.network.binary_bits > budget * self.network.numel:
+            blamed = self.network.without_stats()
+            raise RuntimeError(
+                f"{type(self).__name__} cannot reach {budget:.4f} average bits at step {trainer.global_step}: "
+                f"every prunable slot is gone and the layers that never received a gradient, {blamed}, hold "
+                f"{sum(self.network.layers[n].bits.binary_bits for n in blamed)} of the "
+                f"{self.network.binary_bits} bits left; make them take part in the loss or leave them in float "
+                f"(exclude=[...])"
+            )
+
+    def _check_stats(self) -> None:
+        """Refuse frozen quantized layers; warn once about layers without a gradient so far (not ranked)."""
+        missing = [name for name in self.network.without_stats() if name not in self._reported]
+        frozen = [name for name in missing if not self.network.layers[name].module.weight.requires_grad]
+        if frozen:
+            raise ValueError(
+                f"quantized layers {frozen} have weights with requires_grad=False and never received a gradient, "
+                f"so ALQ cannot rank their bits; unfreeze them before this pruning window or leave them in float"
+            )
+        if missing:
+            self._reported.update(missing)
+            rank_zero_warn(f"{type(self).__name__}: layers {missing} have not received a gradient yet; they keep "
+                           f"their bits while the other layers are pruned")
 
     def prune(self, bits: float, lr: float) -> int:
         return self.network.prune_slots(bits, lr, self.per_bit)

@@ -7,7 +7,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 
-from alq_lightning import ALQCallback, ALQInit, BasisRefit, CoordinateRefit
+from alq_lightning import ALQCallback, ALQInit, BasisRefit, BitwidthReduction, CoordinateRefit
 
 from tiny import TinyModule, build, loader, trainer
 
@@ -149,13 +149,25 @@ class NaNAt(Callback):
 
 @pytest.mark.parametrize("step", [3, 11, 19])
 def test_non_finite_gradient_skips_the_update_and_leaves_state_untouched(step):
+    """Basis (3) and coordinate (11) steps leave everything as it was; a pruning step (19) folds nothing into
+    the statistics but still prunes on schedule, so the round's budget holds."""
     alq = short()
     probe = NaNAt(alq, step)
     with pytest.warns(UserWarning, match=rf"skipped the ALQ update of step {step}: .*not finite"):
         trainer([alq, probe], alq.total_epochs).fit(build("cnn"), loader())
+    pruning = isinstance(alq.stage_at(step // 8), BitwidthReduction)
+    assert pruning == (step == 19)
     for name, tensors in probe.before.items():
         for key, tensor in tensors.items():
+            if pruning and key in ("codes", "coords", "mask"):
+                continue
             assert torch.equal(tensor, probe.after[name][key]), f"{name}.{key}"
+        if pruning:
+            before, after = probe.before[name]["mask"], probe.after[name]["mask"]
+            assert not bool((after & ~before).any()), name
+    if pruning:
+        pruned = sum(int((probe.before[n]["mask"] & ~probe.after[n]["mask"]).sum()) for n in probe.before)
+        assert pruned > 0, "the pruning step must still prune toward its budget"
     assert alq.network.avg_bits <= 0.8
 
 
