@@ -1,10 +1,18 @@
-"""Tiny LightningModules, data and trainers for the callback tests."""
+"""Tiny LightningModules, data and trainers for the callback tests, and a recorder of the core calls
+``MultiBitNetwork`` makes per optimizer step."""
 from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+import alq_lightning.network as network_module
 
 
 class TinyModule(L.LightningModule):
@@ -92,3 +100,84 @@ def trainer(callbacks, max_epochs: int, **kwargs) -> L.Trainer:
 def build(kind: str, seed: int = 0) -> TinyModule:
     torch.manual_seed(seed)
     return TinyModule({"mlp": mlp, "cnn": small_cnn, "float_parts": WithFloatParts}[kind]())
+
+
+CORE = ("basis_step", "coordinate_step", "ste_step", "update_stats", "quadratic_model")
+
+
+@dataclass
+class Call:
+    """One core call: function name and its ``step`` / ``lr`` arguments (None where it has none)."""
+
+    name: str
+    step: int | None
+    lr: float | None
+
+
+@dataclass
+class Step:
+    """One optimizer step: its epoch, the core calls made during it, and the bits and weights after it."""
+
+    epoch: int
+    calls: list[Call]
+    avg_bits: float
+    binary_bits: int
+    weights_changed: bool
+    floats_changed: bool
+
+
+class Recorder(Callback):
+    """Collects :class:`Step` records; install the core wrappers with :func:`record_core_calls`.
+
+    A step closes in ``on_train_batch_end`` when ``global_step`` has moved, so with gradient accumulation
+    micro-batches that did not step add nothing; core calls made between optimizer steps land in ``stray``.
+    """
+
+    def __init__(self, alq) -> None:
+        self.alq = alq
+        self.steps: list[Step] = []
+        self.pending: list[Call] = []
+        self.stray: list[Call] = []
+
+    def _snapshot(self, pl_module) -> None:
+        quantized = {id(layer.module.weight) for layer in self.alq.network.layers.values()}
+        self.weights = {n: layer.module.weight.detach().clone() for n, layer in self.alq.network.layers.items()}
+        self.floats = {n: p.detach().clone() for n, p in pl_module.named_parameters() if id(p) not in quantized}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.initial_bits = self.alq.network.avg_bits
+        self.initial_binary = self.alq.network.binary_bits
+        self.last_global_step = trainer.global_step
+        self._snapshot(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.last_global_step:
+            self.stray += self.pending
+            self.pending = []
+            return
+        self.last_global_step = trainer.global_step
+        network = self.alq.network
+        weights, floats = self.weights, self.floats
+        self._snapshot(pl_module)
+        self.steps.append(Step(
+            epoch=trainer.current_epoch, calls=self.pending, avg_bits=network.avg_bits,
+            binary_bits=network.binary_bits,
+            weights_changed=any(not torch.equal(weights[n], w) for n, w in self.weights.items()),
+            floats_changed=any(not torch.equal(floats[n], p) for n, p in self.floats.items()),
+        ))
+        self.pending = []
+
+
+def record_core_calls(monkeypatch, recorder: Recorder) -> None:
+    """Wrap the core functions as ``alq_lightning.network`` imported them: record, then call the original."""
+    for name in CORE:
+        original = getattr(network_module, name)
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def wrapper(*args, _name=name, _original=original, _signature=signature, **kwargs):
+            bound = _signature.bind(*args, **kwargs).arguments
+            recorder.pending.append(Call(_name, bound.get("step"), bound.get("lr")))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(network_module, name, wrapper)

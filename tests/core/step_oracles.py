@@ -139,3 +139,40 @@ def check_state(state):
     assert bool(((state.bases == 1) | (state.bases == -1)).all()) and state.bases.dtype == torch.int8
     assert torch.isfinite(state.coords).all() and bool((state.coords >= 0).all())
     assert bool((state.bases[~state.mask] == 1).all()) and bool((state.coords[~state.mask] == 0).all())
+
+
+def expect_coord_stats(state, weight_stats, coord_stats):
+    """§4 step 4: m_α = βᵀ m on live slots, v_α = Σ_group v, v̄_α = Σ_group v̄."""
+    num_groups, max_bits, n = state.bases.shape
+    for g in range(num_groups):
+        for k in range(max_bits):
+            if state.mask[g, k]:
+                want = sum(int(state.bases[g, k, j]) * float(weight_stats.m[g, j]) for j in range(n))
+                assert float(coord_stats.m[g, k]) == pytest.approx(want, rel=1e-12, abs=1e-15)
+            else:
+                assert float(coord_stats.m[g, k]) == 0.0
+            assert float(coord_stats.v[g, k]) == pytest.approx(float(weight_stats.v[g].sum()), rel=1e-12)
+            assert float(coord_stats.vmax[g, k]) == pytest.approx(float(weight_stats.vmax[g].sum()), rel=1e-12)
+
+
+def coordinate_oracle(state, stats, grads, lr, first_step):
+    """Expected (coords, bases, m, v, v̄) after ``grads`` (bases fixed, flips tracked by hand)."""
+    num_groups, max_bits, n = state.bases.shape
+    bases = state.bases.numpy().astype(np.float64).copy()
+    coords = state.coords.numpy().copy()
+    mask = state.mask.numpy()
+    m, v, vmax = (x.numpy().copy() for x in (stats.m, stats.v, stats.vmax))
+    for t, grad in enumerate(grads, start=first_step):
+        for g in range(num_groups):
+            for k in range(max_bits):
+                g_alpha = sum(bases[g, k, j] * float(grad[g, j]) for j in range(n)) if mask[g, k] else 0.0
+                m[g, k] = B1 * m[g, k] + (1 - B1) * g_alpha
+                v[g, k] = B2 * v[g, k] + (1 - B2) * g_alpha**2
+                vmax[g, k] = max(vmax[g, k], v[g, k])
+                if mask[g, k]:
+                    p = lr * m[g, k] / (1 - B1**t)
+                    h = (math.sqrt(vmax[g, k]) + EPS) / math.sqrt(1 - B2**t)
+                    coords[g, k] -= p / h
+                    if coords[g, k] < 0:
+                        coords[g, k], bases[g, k], m[g, k] = -coords[g, k], -bases[g, k], -m[g, k]
+    return coords, bases, m, v, vmax

@@ -52,58 +52,80 @@ def relative_errors(state, w):
     return err / w.square().sum(dim=1).clamp(min=1e-300)
 
 
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    num_groups=st.integers(1, 6),
-    group_size=st.integers(1, 12),
-    max_bits=st.integers(1, 8),
-    zero_rows=st.integers(0, 2),
-)
-@settings(max_examples=50, deadline=None)
-def test_matches_oracle(seed, num_groups, group_size, max_bits, zero_rows):
-    w = torch.randn(num_groups, group_size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    w[:zero_rows] = 0
-    state = greedy_init(w, max_bits)
-    check_invariants(state, max_bits, group_size)
-    rec = state.reconstruct()
-    for g in range(num_groups):
-        slots, oracle_rec, ambiguous = oracle_sketch(w[g].numpy(), max_bits)
-        if ambiguous:
-            continue
-        scale = float(w[g].norm()) + 1e-300
-        assert int(state.mask[g].sum()) == len(slots)
-        np.testing.assert_allclose(rec[g].numpy(), oracle_rec, rtol=0, atol=1e-9 * scale)
-        err, oracle_err = float((rec[g] - w[g]).square().sum()), float(((oracle_rec - w[g].numpy()) ** 2).sum())
-        assert abs(err - oracle_err) <= 1e-9 * scale**2
-        for k, (alpha, beta) in enumerate(slots):
-            assert float(state.coords[g, k]) == pytest.approx(alpha, rel=1e-9, abs=1e-12 * scale)
-            distinct = all(abs(alpha - other) > 1e-7 * scale for j, (other, _) in enumerate(slots) if j != k)
-            if distinct and alpha > 1e-9 * scale:
-                assert state.bases[g, k].tolist() == beta.astype(int).tolist()
+def test_matches_oracle():
+    """Every group the oracle can decide (no residual entry zero up to rounding) has the oracle's slots,
+    reconstruction and error, and each distinct nonzero coordinate the oracle's basis; the comparisons ran for at
+    least 30% of the groups and half of their slots."""
+    groups, slots_checked = [], []
+
+    @given(
+        seed=st.integers(0, 2**31 - 1),
+        num_groups=st.integers(1, 6),
+        group_size=st.integers(1, 12),
+        max_bits=st.integers(1, 8),
+        zero_rows=st.integers(0, 2),
+    )
+    @settings(max_examples=50, deadline=None, database=None)
+    def check(seed, num_groups, group_size, max_bits, zero_rows):
+        w = torch.randn(num_groups, group_size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        w[:zero_rows] = 0
+        state = greedy_init(w, max_bits)
+        check_invariants(state, max_bits, group_size)
+        rec = state.reconstruct()
+        for g in range(num_groups):
+            slots, oracle_rec, ambiguous = oracle_sketch(w[g].numpy(), max_bits)
+            groups.append(not ambiguous)
+            if ambiguous:
+                continue
+            scale = float(w[g].norm()) + 1e-300
+            assert int(state.mask[g].sum()) == len(slots)
+            np.testing.assert_allclose(rec[g].numpy(), oracle_rec, rtol=0, atol=1e-9 * scale)
+            err, oracle_err = float((rec[g] - w[g]).square().sum()), float(((oracle_rec - w[g].numpy()) ** 2).sum())
+            assert abs(err - oracle_err) <= 1e-9 * scale**2
+            for k, (alpha, beta) in enumerate(slots):
+                assert float(state.coords[g, k]) == pytest.approx(alpha, rel=1e-9, abs=1e-12 * scale)
+                distinct = all(abs(alpha - other) > 1e-7 * scale for j, (other, _) in enumerate(slots) if j != k)
+                slots_checked.append(distinct and alpha > 1e-9 * scale)
+                if slots_checked[-1]:
+                    assert state.bases[g, k].tolist() == beta.astype(int).tolist()
+
+    check()
+    assert sum(groups) >= 0.3 * len(groups) and sum(slots_checked) >= 0.5 * len(slots_checked), \
+        f"{sum(groups)}/{len(groups)} groups and {sum(slots_checked)}/{len(slots_checked)} bases compared"
 
 
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    shape=st.sampled_from([(3, 2, 3), (2, 3, 2, 2), (2, 2, 1, 2, 2), (4, 1, 3, 3), (3, 12)]),
-    structure=st.sampled_from(["kernelwise", "pixelwise", "channelwise", "subchannelwise(1)", "subchannelwise(3)"]),
-    max_bits=st.integers(1, 8),
-)
-@settings(max_examples=40, deadline=None)
-def test_layers_of_every_structure(seed, shape, structure, max_bits):
-    name, subchannels = structure.partition("(")[0], int(structure.partition("(")[2].rstrip(")") or 1)
-    assume((name == "subchannelwise") == (len(shape) == 2))
-    layout = GroupLayout(name, shape, subchannels)
-    w = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    state = greedy_init(layout.to_groups(w), max_bits)
-    check_invariants(state, max_bits, layout.group_size)
-    rebuilt = layout.from_groups(state.reconstruct())
-    assert rebuilt.shape == w.shape
-    groups = layout.to_groups(w)
-    for g in range(layout.num_groups):
-        slots, oracle_rec, ambiguous = oracle_sketch(groups[g].numpy(), max_bits)
-        if not ambiguous:
-            np.testing.assert_allclose(layout.to_groups(rebuilt)[g].numpy(), oracle_rec,
-                                       atol=1e-9 * float(groups[g].norm()))
+def test_layers_of_every_structure():
+    """Each structure's layer round-trips through the sketch with the oracle's reconstruction for every group the
+    oracle can decide; at least 30% of the groups were compared."""
+    compared = []
+
+    @given(
+        seed=st.integers(0, 2**31 - 1),
+        shape=st.sampled_from([(3, 2, 3), (2, 3, 2, 2), (2, 2, 1, 2, 2), (4, 1, 3, 3), (3, 12)]),
+        structure=st.sampled_from(["kernelwise", "pixelwise", "channelwise", "subchannelwise(1)",
+                                   "subchannelwise(3)"]),
+        max_bits=st.integers(1, 8),
+    )
+    @settings(max_examples=40, deadline=None, database=None)
+    def check(seed, shape, structure, max_bits):
+        name, subchannels = structure.partition("(")[0], int(structure.partition("(")[2].rstrip(")") or 1)
+        assume((name == "subchannelwise") == (len(shape) == 2))
+        layout = GroupLayout(name, shape, subchannels)
+        w = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        state = greedy_init(layout.to_groups(w), max_bits)
+        check_invariants(state, max_bits, layout.group_size)
+        rebuilt = layout.from_groups(state.reconstruct())
+        assert rebuilt.shape == w.shape
+        groups = layout.to_groups(w)
+        for g in range(layout.num_groups):
+            slots, oracle_rec, ambiguous = oracle_sketch(groups[g].numpy(), max_bits)
+            compared.append(not ambiguous)
+            if not ambiguous:
+                np.testing.assert_allclose(layout.to_groups(rebuilt)[g].numpy(), oracle_rec,
+                                           atol=1e-9 * float(groups[g].norm()))
+
+    check()
+    assert sum(compared) >= 0.3 * len(compared), f"only {sum(compared)}/{len(compared)} groups compared"
 
 
 @given(

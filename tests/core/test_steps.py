@@ -22,8 +22,6 @@ from alq_lightning.core import (
 )
 
 from step_oracles import (
-    B1,
-    B2,
     CONFIG,
     EPS,
     F64,
@@ -31,6 +29,8 @@ from step_oracles import (
     assert_fit_matches,
     check_state,
     clone,
+    coordinate_oracle,
+    expect_coord_stats,
     fit_oracle,
     pack,
     random_state,
@@ -39,29 +39,38 @@ from step_oracles import (
 )
 
 
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    num_groups=st.integers(1, 3),
-    group_size=st.integers(1, 8),
-    max_bits=st.integers(1, 6),
-)
-@settings(max_examples=40, deadline=None)
-def test_fit_bases_equals_brute_force_and_never_fits_worse(seed, num_groups, group_size, max_bits):
-    gen = torch.Generator().manual_seed(seed)
-    state = random_state(gen, num_groups, max_bits, group_size)
-    target = torch.randn(num_groups, group_size, generator=gen, dtype=F64) * 2
-    weight = torch.rand(num_groups, group_size, generator=gen, dtype=F64) + 0.05
-    old = clone(state)
-    fit_bases(state, target, weight)
-    check_state(state)
-    bases, coords, unique = fit_oracle(old.coords.numpy(), old.mask.numpy(), target.numpy(), weight.numpy())
-    if unique:
-        assert_fit_matches(state, bases, coords, old.mask, target, weight)
-    # the step never fits worse than the state it started from (new patterns are per-weight nearest, refit is optimal)
-    new_err = weighted_error(state.bases, state.coords, state.mask, target, weight)
-    old_err = weighted_error(old.bases, old.coords, old.mask, target, weight)
-    assert np.all(new_err <= old_err * (1 + 1e-9) + 1e-12)
-    assert torch.equal(state.mask, old.mask)
+def test_fit_bases_equals_brute_force_and_never_fits_worse():
+    """Per example: never fits worse than the start, masks kept; where every weight has one nearest live pattern
+    (almost always for random coordinates), equal to the brute-force fit; that comparison ran for most examples."""
+    compared = []
+
+    @given(
+        seed=st.integers(0, 2**31 - 1),
+        num_groups=st.integers(1, 3),
+        group_size=st.integers(1, 8),
+        max_bits=st.integers(1, 6),
+    )
+    @settings(max_examples=40, deadline=None, database=None)
+    def check(seed, num_groups, group_size, max_bits):
+        gen = torch.Generator().manual_seed(seed)
+        state = random_state(gen, num_groups, max_bits, group_size)
+        target = torch.randn(num_groups, group_size, generator=gen, dtype=F64) * 2
+        weight = torch.rand(num_groups, group_size, generator=gen, dtype=F64) + 0.05
+        old = clone(state)
+        fit_bases(state, target, weight)
+        check_state(state)
+        bases, coords, unique = fit_oracle(old.coords.numpy(), old.mask.numpy(), target.numpy(), weight.numpy())
+        if unique:
+            assert_fit_matches(state, bases, coords, old.mask, target, weight)
+        compared.append(unique)
+        # never fits worse than the state it started from (new patterns are per-weight nearest, refit is optimal)
+        new_err = weighted_error(state.bases, state.coords, state.mask, target, weight)
+        old_err = weighted_error(old.bases, old.coords, old.mask, target, weight)
+        assert np.all(new_err <= old_err * (1 + 1e-9) + 1e-12)
+        assert torch.equal(state.mask, old.mask)
+
+    check()
+    assert len(compared) >= 40 and sum(compared) >= 0.8 * len(compared), "the brute-force comparison rarely ran"
 
 
 @given(seed=st.integers(0, 2**31 - 1), group_size=st.integers(2, 10), max_bits=st.integers(1, 6))
@@ -123,20 +132,6 @@ def test_basis_step_equals_hand_oracle(seed):
         expect_coord_stats(state, weight_stats, coord_stats)
 
 
-def expect_coord_stats(state, weight_stats, coord_stats):
-    """§4 step 4: m_α = βᵀ m on live slots, v_α = Σ_group v, v̄_α = Σ_group v̄."""
-    num_groups, max_bits, n = state.bases.shape
-    for g in range(num_groups):
-        for k in range(max_bits):
-            if state.mask[g, k]:
-                want = sum(int(state.bases[g, k, j]) * float(weight_stats.m[g, j]) for j in range(n))
-                assert float(coord_stats.m[g, k]) == pytest.approx(want, rel=1e-12, abs=1e-15)
-            else:
-                assert float(coord_stats.m[g, k]) == 0.0
-            assert float(coord_stats.v[g, k]) == pytest.approx(float(weight_stats.v[g].sum()), rel=1e-12)
-            assert float(coord_stats.vmax[g, k]) == pytest.approx(float(weight_stats.vmax[g].sum()), rel=1e-12)
-
-
 def test_rederive_coord_stats():
     state, gen = seeded_layer(7)
     weight_stats = AmsgradStats(*(torch.randn(4, 6, generator=gen, dtype=F64).abs() for _ in range(3)))
@@ -156,29 +151,6 @@ def test_project_grad():
 
 
 # ----------------------------------------------------------------------------------------------- coordinate step
-def coordinate_oracle(state, stats, grads, lr, first_step):
-    """Expected (coords, bases, m, v, v̄) after ``grads`` (bases fixed, flips tracked by hand)."""
-    num_groups, max_bits, n = state.bases.shape
-    bases = state.bases.numpy().astype(np.float64).copy()
-    coords = state.coords.numpy().copy()
-    mask = state.mask.numpy()
-    m, v, vmax = (x.numpy().copy() for x in (stats.m, stats.v, stats.vmax))
-    for t, grad in enumerate(grads, start=first_step):
-        for g in range(num_groups):
-            for k in range(max_bits):
-                g_alpha = sum(bases[g, k, j] * float(grad[g, j]) for j in range(n)) if mask[g, k] else 0.0
-                m[g, k] = B1 * m[g, k] + (1 - B1) * g_alpha
-                v[g, k] = B2 * v[g, k] + (1 - B2) * g_alpha**2
-                vmax[g, k] = max(vmax[g, k], v[g, k])
-                if mask[g, k]:
-                    p = lr * m[g, k] / (1 - B1**t)
-                    h = (math.sqrt(vmax[g, k]) + EPS) / math.sqrt(1 - B2**t)
-                    coords[g, k] -= p / h
-                    if coords[g, k] < 0:
-                        coords[g, k], bases[g, k], m[g, k] = -coords[g, k], -bases[g, k], -m[g, k]
-    return coords, bases, m, v, vmax
-
-
 @given(
     seed=st.integers(0, 2**31 - 1),
     num_groups=st.integers(1, 3),
