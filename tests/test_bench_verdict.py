@@ -27,7 +27,7 @@ def row(target: float, bits: float, acc: float, std: float = 0.0, seeds: tuple[i
             "coords32_bytes_mean": 2048.0, "coords16_bytes_mean": 1536.0}
 
 
-RUNS = [{"hardware": {"torch_threads": 1}}]
+RUNS = [{"hardware": {"torch_threads": 1}, "target_bits": 0.7, "seed": 0, "git_commit": "a" * 40}]
 
 
 def protocol_table(study, rows: list[dict]) -> str:
@@ -70,3 +70,13 @@ def test_a_single_seed_has_no_spread(study):
     assert "| 0.5 | 0.499 | 91.30 | 89.50 |" in text
     assert "Against the authors'" not in study.markdown("vgg", "fmnist_vgg_small", rows, RUNS, [])
     assert "- 90.99 % at 0.516 bits: on or above — 91.30 % at 0.499 bits (seed 0)" in text
+
+
+def test_markdown_names_the_commit_of_every_run(study):
+    """The provenance line groups runs (target bits/seed) under the short commit each ran at, first seen first."""
+    runs = [{**RUNS[0], "target_bits": t, "seed": s, "git_commit": c and c * 40}
+            for t, s, c in [(0.7, 0, "a"), (0.7, 1, "b"), (0.5, 0, "a"), (0.5, 1, None)]]
+    text = study.markdown("lenet5", "fmnist_lenet5_protocol", [row(0.7, 0.699, 0.911)], runs, [])
+
+    assert ("Runs (target bits/seed) by the commit they ran at: `aaaaaaa` (0.7/0, 0.5/0); `bbbbbbb` (0.7/1); "
+            "unrecorded commit (0.5/1).") in text

@@ -1,4 +1,5 @@
-"""The README's callback example runs as written (on a slice of Fashion-MNIST) and reaches its target."""
+"""The README's callback example runs as written (on a slice of Fashion-MNIST): it ends within one slot's bits
+below its 0.7-bit target and well above chance accuracy."""
 from __future__ import annotations
 
 import re
@@ -7,6 +8,9 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+# Test accuracy on the 512-image test slice after 1024 training images (chance 0.10). The example is not seeded:
+# four runs measured 0.725-0.736 (commits 2d18cc0 and 1935bf0, one thread).
+ACCURACY_BAR = 0.6
 
 
 def example() -> str:
@@ -25,6 +29,10 @@ def test_callback_example_runs_and_reaches_the_target(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, str(README), "exec"), namespace)
-    summary = namespace["bit_summary"](namespace["module"])
-    assert summary.avg_bits <= 0.7
-    assert namespace["alq"].network.avg_bits == summary.avg_bits
+    summary, network = namespace["bit_summary"](namespace["module"]), namespace["alq"].network
+    largest_slot = max(layer.layout.group_size for layer in network.layers.values()) / network.numel
+    assert 0.7 - largest_slot < summary.avg_bits <= 0.7
+    assert network.avg_bits == summary.avg_bits
+    accuracy = float(namespace["trainer"].callback_metrics["test/acc"])
+    print(f"README example: test acc {accuracy:.4f} at {summary.avg_bits:.4f} bits")
+    assert accuracy > ACCURACY_BAR
