@@ -107,11 +107,21 @@ def accuracy(row: dict) -> str:
     return f"{mean} ± {100 * row['test_acc_std']:.2f}" if len(row["seeds"]) > 1 else mean
 
 
+def provenance(runs: list[dict]) -> str:
+    """The git commit (recorded in each run's results.json) that each run came from, as ``target/seed`` lists."""
+    by_commit: dict[str, list[str]] = {}
+    for r in runs:
+        commit = f"`{r['git_commit'][:7]}`" if r.get("git_commit") else "unrecorded commit"
+        by_commit.setdefault(commit, []).append(f"{r['target_bits']:g}/{r['seed']}")
+    return "Runs (target bits/seed) by the commit they ran at: " + "; ".join(
+        f"{commit} ({', '.join(items)})" for commit, items in by_commit.items()) + "."
+
+
 def markdown(name: str, experiment: str, rows: list[dict], runs: list[dict], verdicts: list[dict]) -> str:
-    """The study's table for RESULTS.md, followed by the ``verdicts`` of :func:`against` when there are any."""
+    """The study's table for RESULTS.md, the commits of its runs, then the ``verdicts`` of :func:`against`."""
     threads = runs[0].get("hardware", {}).get("torch_threads")
     lines = [f"### {name}: `experiment={experiment}` — {hardware()}, {threads} thread(s) per run, "
-             f"{date.today()}", "",
+             f"{date.today()}", "", provenance(runs), "",
              "| target bits | avg bits | test acc (%) | float test acc (%) | binary | with 32-bit coords | "
              "with 16-bit coords | seeds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:

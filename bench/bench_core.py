@@ -14,8 +14,9 @@ max_bits, in one process at a fixed thread count, on a random batch:
    peak resident set (VmHWM, reset via ``/proc/self/clear_refs``) above the resident set before; next to
    it the N·2^K float32 table a brute-force pattern search holds. MB = 10^6 bytes.
 
-Writes a JSON file and a table between markers in ``bench/RESULTS.md``. Absolute times depend on the
-machine and its load: compare the ratios measured in one run.
+Appends the run (with its git commit) to the ``runs`` list of a JSON file, keeping every earlier run, and writes
+a table of the latest run plus one line per kept run between markers in ``bench/RESULTS.md``. Absolute times
+depend on the machine and its load: compare the ratios measured in one run.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from alq_lightning.models import PAPER_MAX_BITS, build_model, paper_structures
 from alq_lightning.network import MultiBitNetwork
 from alq_lightning.quantizer import LayerSelection, attach
 
-from common import hardware, proc_field, write_section
+from common import git_state, hardware, proc_field, write_section
 
 MODELS = {"lenet5": (1, 28, 10), "vgg_small": (3, 32, 10), "resnet18": (3, 224, 1000)}  # channels, size, classes
 LR, PRUNE_FRACTION, SLOW_STEP_S = 1e-3, 0.005, 5.0
@@ -174,8 +175,37 @@ TARGETS = [
 ]
 
 
-def markdown(results: dict) -> str:
-    """The results as a measurement table, a target table and notes."""
+def load_runs(path: Path) -> list[dict]:
+    """The runs kept in ``path``: its ``runs`` list (a file from before the list is one run); [] when absent."""
+    if not path.exists():
+        return []
+    stored = json.loads(path.read_text())
+    return stored["runs"] if "runs" in stored else [stored]
+
+
+def commit_label(run: dict) -> str:
+    """The run's commit (short), flagged when the working tree had changes; an inferred one says so."""
+    if run.get("git_commit"):
+        return f"`{run['git_commit'][:7]}`" + (" + uncommitted changes" if run.get("git_dirty") else "")
+    inferred = run.get("inferred_git_commit")
+    return f"`{inferred[:7]}` (inferred)" if inferred else "not recorded"
+
+
+def history(runs: list[dict]) -> list[str]:
+    """One table row per kept run and model: date, commit, threads, float step, init, basis and slowest ratios."""
+    lines = ["| date | commit | threads | model | float Adam step | init | basis | slowest phase |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        commit = commit_label(run)
+        for name, r in run["models"].items():
+            lines.append(f"| {run['date']} | {commit} | {run['threads']} | {name} | {duration(r['float_step_s'])} "
+                         f"| {duration(r['init_s'])} | {r['steps']['basis']['ratio']:.3f}× "
+                         f"| {r['worst_step_ratio']:.3f}× |")
+    return lines
+
+
+def markdown(results: dict, runs: list[dict] | None = None) -> str:
+    """The results as a measurement table, a target table and notes, then every kept run of the same device."""
     models = results["models"]
     lines = [f"## ALQ core ({results['device'].upper()})", "",
              f"{results['hardware']}, {results['threads']} threads, torch {results['torch']}, "
@@ -199,7 +229,11 @@ def markdown(results: dict) -> str:
     notes = [f"{name}: a float step took over {SLOW_STEP_S:g} s, so the float step is the median of "
              f"{r['float_step_repeats']} run(s) and initialisation had no warm-up."
              for name, r in models.items() if r["slow_float_step"]]
-    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+    lines += ([""] + notes) if notes else []
+    kept = [run for run in runs or [results] if run["device"] == results["device"]]
+    lines += ["", f"Every kept {results['device'].upper()} run ({len(kept)}, oldest first; `runs` in the JSON file):",
+              "", *history(kept)]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -220,13 +254,14 @@ def main() -> None:
     device = torch.device(args.device)
     results = {"hardware": hardware(device), "device": args.device, "threads": args.threads,
                "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-               "batch_size": args.batch_size, "repeats": args.repeats, "models": {}}
+               **git_state(), "batch_size": args.batch_size, "repeats": args.repeats, "models": {}}
     for name in args.models:
         print(f"benchmarking {name} ...", flush=True)
         results["models"][name] = bench_model(name, args, device)
+    runs = [*load_runs(args.out), results]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    section = markdown(results)
+    args.out.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    section = markdown(results, runs)
     write_section(args.markdown, "core-gpu" if args.device == "cuda" else "core", section)
     print(section)
     print(f"wrote {args.out} and {args.markdown}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -11,6 +12,18 @@ def proc_field(path: str, field: str) -> str:
     """The value of ``field:`` in a ``/proc`` file such as ``/proc/cpuinfo`` (first occurrence)."""
     with open(path) as handle:
         return next(line.split(":", 1)[1].strip() for line in handle if line.startswith(field))
+
+
+def git_state(folder: Path | None = None) -> dict:
+    """``{"git_commit": HEAD, "git_dirty": whether tracked files differ from HEAD}`` (None values outside git)."""
+    folder = folder or Path(__file__).resolve().parent
+    try:
+        commit, status = (subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, check=True,
+                                         timeout=10).stdout.strip()
+                          for args in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit, "git_dirty": bool(status)}
 
 
 def hardware(device: torch.device | str = "cpu") -> str:
