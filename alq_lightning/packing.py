@@ -1,4 +1,4 @@
-"""Bit-level encoding of multi-bit layers, raw bytes of tensors (plain torch, any device), atomic file writes.
+"""Bit-level encoding of multi-bit layers and raw bytes of tensors (plain torch, any device).
 
 Bit streams are little-endian within a byte: bit ``i`` of a stream is bit ``i % 8`` (least significant
 first) of byte ``i // 8``; the last byte is padded with zero bits. Multi-byte values are little-endian.
@@ -14,13 +14,7 @@ Decoding restores the canonical dead slots: ``α = 0`` and ``β = +1`` (its code
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-import tempfile
-from collections.abc import Iterable
-from pathlib import Path
-from typing import BinaryIO
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +72,12 @@ def tensor_from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, .
     return raw.clone().view(dtype).reshape(shape)
 
 
+def section_lengths(num_groups: int, group_size: int, max_bits: int, live_slots: int,
+                    coord_dtype: torch.dtype) -> tuple[int, int, int]:
+    """Byte lengths of the ``(mask, bases, coords)`` that :func:`encode_layer` writes for such a layer."""
+    return -(-num_groups * max_bits // 8), -(-live_slots * group_size // 8), live_slots * coord_dtype.itemsize
+
+
 def encode_layer(state: MultiBitState, coord_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(mask, bases, coords)`` byte tensors (uint8, on the state's device) of one layer.
 
@@ -108,23 +108,3 @@ def decode_layer(mask: torch.Tensor, bases: torch.Tensor, coords: torch.Tensor, 
     values = torch.zeros(num_groups, max_bits, dtype=dtype, device=mask.device)
     values[live_mask] = coords.view(coord_dtype).to(dtype)
     return MultiBitState(codes, values, live_mask)
-
-
-def write_chunks(handle: BinaryIO, chunks: Iterable[bytes]) -> None:
-    for chunk in chunks:
-        handle.write(chunk)
-
-
-def write_atomic(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename over ``path``; on failure leave ``path`` as it was."""
-    descriptor, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write_chunks(handle, chunks)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
-        raise

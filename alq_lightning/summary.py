@@ -92,17 +92,18 @@ def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m alq_lightning.summary FILE.alq``: per-layer table and totals of a packed file, from its header."""
+    """``python -m alq_lightning.summary FILE.alq``: per-layer table and totals of a packed file, from its header
+    once the file is verified (checksum, header against payload)."""
     import argparse
     import sys
 
-    from alq_lightning.export import packed_summary, read_header
+    from alq_lightning.export import packed_summary, read_packed
 
     parser = argparse.ArgumentParser(prog="python -m alq_lightning.summary", description=main.__doc__)
     parser.add_argument("path", help="packed file written by alq_lightning.export_packed")
     args = parser.parse_args(argv)
     try:
-        header = read_header(args.path)
+        header = read_packed(args.path).header
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
