@@ -7,17 +7,19 @@
 """
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from alq_lightning import bit_summary
 from alq_lightning.app import (
     ALQRecorder,
+    ConfigError,
     StageClock,
     build_alq_callback,
     build_data,
@@ -29,18 +31,28 @@ from alq_lightning.app import (
     hardware,
     load_checkpoint,
     make_trainer,
+    model_architecture,
     obtain_float_weights,
     publish,
     save_plots,
     summarize_bits,
     to_container,
     trainer_arguments,
-    write_json_atomic,
+    write_results,
 )
 from alq_lightning.app.pretrain import pretrain_module
 from alq_lightning.module import ClassifierModule
 
 say = rank_zero_only(print)
+
+
+def run_token() -> str:
+    """Six random hex digits ending a run folder's name (``${run_token:}`` in conf/config.yaml). Cached per
+    config, and Hydra copies the cache to every job of a sweep, so that one run resolves one value."""
+    return secrets.token_hex(3)
+
+
+OmegaConf.register_new_resolver("run_token", run_token, use_cache=True, replace=True)
 
 
 def measure_accuracy(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule) -> float:
@@ -51,10 +63,14 @@ def measure_accuracy(trainer: L.Trainer, module: L.LightningModule, datamodule: 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole pipeline for the composed config ``cfg``; return the results (also in results.json)."""
     run_dir = Path(str(cfg.paths.output_dir))
+    results_path = run_dir / cfg.paths.results_file
+    if results_path.exists():
+        raise ConfigError(f"{results_path} exists already: a run never overwrites another's results; give this run "
+                          "its own folder (hydra.run.dir, or paths.output_dir)")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_data(cfg.data)
-    shape = {"in_channels": datamodule.in_channels, "num_classes": datamodule.num_classes,
-             "input_size": datamodule.input_size}
+    architecture = model_architecture(cfg.model, datamodule)
+    shape = {key: architecture[key] for key in ("in_channels", "num_classes", "input_size")}
     network = build_network(cfg.model, datamodule)
     callback = build_alq_callback(cfg.alq, cfg.model.name, network)
     trainer_arguments(cfg.trainer)
@@ -70,7 +86,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             float_acc = measure_accuracy(make_trainer(cfg, logger, "float", 1), pretrain_module(cfg, network,
                                       shape["num_classes"]), datamodule)
         L.seed_everything(cfg.seed, workers=True)
-        module = ClassifierModule(network, shape["num_classes"], optimizer="adam", lr=float_lr(cfg.alq))
+        module = ClassifierModule(network, shape["num_classes"], optimizer="adam", lr=float_lr(cfg.alq),
+                                  architecture=architecture)
         recorder = ALQRecorder(callback, clock)
         trainer = make_trainer(cfg, logger, "", callback.total_epochs, callbacks=[recorder, callback])
         trainer.fit(module, datamodule=datamodule)
@@ -87,6 +104,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "timings_s": clock.rounded(),
             "epochs": {"pretrain": int(cfg.pretrain.epochs), "alq": callback.total_epochs},
             "pretrained": {k: v for k, v in pretrained.items() if k != "seconds"},
+            "data_files": list(dict.fromkeys(map(str, datamodule.source_files))),
             "config": config,
             "seed": cfg.seed,
             "git_commit": git_commit(),
@@ -97,7 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             run_dir.mkdir(parents=True, exist_ok=True)
             say(summary)
             publish(logger, summary, results, save_plots(results, run_dir))
-            path = write_json_atomic(results, run_dir / cfg.paths.results_file)
+            path = write_results(results, results_path)
             say(f"float test acc {float_acc:.4f}; ALQ test acc {test_acc:.4f} at {summary.avg_bits:.4f} bits "
                 f"(target {callback.target_bits:g}); results in {path}")
         failed = False

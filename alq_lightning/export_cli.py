@@ -1,16 +1,17 @@
 """``python -m alq_lightning.export CHECKPOINT.ckpt OUT.alq``: a Lightning checkpoint to a packed file.
 
 The model is built with :func:`alq_lightning.models.build_model` from ``--model/--in-channels/--num-classes/
---input-size``, each falling back to the checkpoint's hyper-parameters (``ClassifierModule`` stores only
-``num_classes``). Its dense weights come from the checkpoint's ``state_dict`` (keys under ``--prefix``,
-default ``model.``), its multi-bit tensors from the ``"alq"`` key; each layer's structure is the one under
-which those tensors reproduce the dense weight.
+--input-size``, each falling back to the checkpoint's hyper-parameters (a ``ClassifierModule`` built with
+``architecture=``, as ``train.py`` builds it, stores all of them). Its dense weights come from the
+checkpoint's ``state_dict`` (keys under ``--prefix``, default ``model.``), its multi-bit tensors from the
+``"alq"`` key; each layer's structure is the one under which those tensors reproduce the dense weight.
 """
 from __future__ import annotations
 
 import argparse
 import pickle
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .core import GroupLayout, MultiBitState, auto_layout
-from .export import export_packed
+from .export import MAGIC, export_packed
 from .models import MODEL_NAMES, build_model
 from .quantizer import LayerSelection, attach
 from .summary import bit_summary
@@ -52,11 +53,13 @@ def infer_structure(name: str, weight: torch.Tensor, state: MultiBitState) -> st
     return best
 
 
-def architecture(hparams: Mapping[str, Any], **given: Any) -> tuple[str, dict[str, int]]:
-    """``(model name, build_model keyword arguments)`` from ``given`` values, else the hyper-parameters."""
-    nested = hparams.get("model") if isinstance(hparams.get("model"), Mapping) else {}
-    values = {key: given.get(key) or nested.get(key) or hparams.get(key) for key in _ARCHITECTURE}
-    name = given.get("model") or nested.get("name") or hparams.get("model_name")
+def architecture(hparams: Mapping[str, Any], **given: Any) -> tuple[str, dict[str, Any]]:
+    """``(model name, build_model keyword arguments)`` from ``given`` values, else the hyper-parameters: their
+    ``architecture`` (or ``model``) mapping, which may add constructor arguments such as ``width``, then their
+    top-level keys."""
+    saved = next((hparams[key] for key in ("architecture", "model") if isinstance(hparams.get(key), Mapping)), {})
+    values = {key: given.get(key) or saved.get(key) or hparams.get(key) for key in _ARCHITECTURE}
+    name = given.get("model") or saved.get("name") or hparams.get("model_name")
     if isinstance(hparams.get("model"), str):
         name = name or hparams["model"]
     missing = [f"--{key.replace('_', '-')}" for key, value in (("model", name), *values.items()) if value is None]
@@ -64,7 +67,33 @@ def architecture(hparams: Mapping[str, Any], **given: Any) -> tuple[str, dict[st
         raise ValueError("the checkpoint's hyper-parameters do not give the model architecture; "
                          f"pass {' '.join(missing)}"
                          f" (models: {', '.join(MODEL_NAMES)})")
-    return name, {key: int(value) for key, value in values.items()}
+    same_model = saved.get("name") == name
+    kwargs = {key: value for key, value in saved.items() if same_model and key not in ("name", *_ARCHITECTURE)}
+    kwargs.update({key: int(value) for key, value in values.items()})
+    return name, kwargs
+
+
+def read_checkpoint(path: str) -> Mapping[str, Any]:
+    """The Lightning checkpoint at ``path`` (``torch.load`` with ``weights_only=True``); ValueError saying what
+    was expected and what was found otherwise."""
+    with open(path, "rb") as handle:
+        start = handle.read(len(MAGIC))
+    if start == MAGIC:
+        raise ValueError(f"{path} is an ALQ packed file (what this command writes), not a Lightning checkpoint: "
+                         "give the .ckpt written by training with ALQ attached")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a checkpoint: expected a Lightning .ckpt, which torch.save writes as a "
+                         "zip archive; this file is not one")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError) as error:
+        lines = str(error).splitlines()
+        reason = next((line.strip() for line in lines if "WeightsUnpickler error" in line), lines[0] if lines else "")
+        raise ValueError(f"{path} is a torch file that cannot be read safely (weights_only=True): {reason}") from None
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint: it holds no 'state_dict' (expected the .ckpt "
+                         "written by training with ALQ attached)")
+    return checkpoint
 
 
 def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.", **given: Any) -> nn.Module:
@@ -119,11 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefix", default="model.", help="state_dict prefix of the model inside the module")
     args = parser.parse_args(argv)
     try:
-        checkpoint = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(args.checkpoint)
         model = model_from_checkpoint(checkpoint, args.prefix, model=args.model, in_channels=args.in_channels,
                                       num_classes=args.num_classes, input_size=args.input_size)
         report = export_packed(model, args.output, args.coord_bits)
-    except (OSError, ValueError, pickle.UnpicklingError) as error:
+    except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(bit_summary(model, args.coord_bits))

@@ -20,6 +20,16 @@ def check_number(name: str, value: Any, ok: Callable[[float], bool], allowed: st
         raise ValueError(f"{name}={value!r} must be a number {allowed}")
 
 
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is made of str, int, float, bool, None, lists, tuples and dicts with str keys: what a
+    checkpoint holds and ``torch.load(weights_only=True)`` reads back."""
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and is_plain(item) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(item) for item in value)
+    return value is None or isinstance(value, (str, int, float))
+
+
 class ClassifierModule(L.LightningModule):
     """Cross-entropy training of ``model`` with top-1 accuracy, on ``(x, y)`` batches.
 
@@ -35,6 +45,10 @@ class ClassifierModule(L.LightningModule):
         lr_milestones: epochs at which the learning rate is multiplied by ``lr_gamma`` (strictly increasing,
             positive); empty for a constant learning rate.
         lr_gamma: the multiplicative decay at each milestone (> 0).
+        architecture: how ``model`` is built, saved with the hyper-parameters so that a checkpoint can be
+            rebuilt without the code that made it: :func:`alq_lightning.models.build_model` arguments
+            (``name``, ``in_channels``, ``num_classes``, ``input_size`` and constructor options such as
+            ``width``) made of plain values (:func:`is_plain`); None when ``model`` was built otherwise.
     """
 
     def __init__(
@@ -47,6 +61,7 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.0,
         lr_milestones: Sequence[int] = (),
         lr_gamma: float = 0.2,
+        architecture: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -64,6 +79,14 @@ class ClassifierModule(L.LightningModule):
             a >= b for a, b in zip(milestones, milestones[1:])
         ):
             raise ValueError(f"lr_milestones={milestones!r} must be strictly increasing positive integers")
+        if architecture is not None and not (
+            isinstance(architecture, dict) and isinstance(architecture.get("name"), str) and is_plain(architecture)
+        ):
+            raise ValueError(f"architecture={architecture!r} must be None or a dict of build_model arguments with a "
+                             "'name', made of strings, numbers, None, lists and dicts with string keys")
+        if architecture is not None and architecture.get("num_classes", num_classes) != num_classes:
+            raise ValueError(f"architecture={architecture!r} has num_classes={architecture['num_classes']!r}, the "
+                             f"module num_classes={num_classes}")
         self.save_hyperparameters(ignore=["model"])
         self.model = model
         self.lr_milestones = milestones

@@ -1,7 +1,9 @@
 """Bit-packed export: round trips, size accounting, verification, atomic writes and the command lines."""
 from __future__ import annotations
 
+import math
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-import alq_lightning.packing as packing_module
+import alq_lightning.files as files_module
 from alq_lightning.core import slot_bits
 from alq_lightning.export import FORMAT_VERSION, export_packed, load_packed, packed_summary, read_header
 from alq_lightning.export_cli import main as export_main
@@ -78,20 +80,30 @@ def test_dead_slots_are_canonical_after_load(tmp_path):
     assert torch.equal(target(x), source(x))
 
 
+# (num_groups, group_size) of LeNet5's layers under the automatic layouts (the table in core/layout.py)
+LENET_GROUPS = {"conv1": (20, 25), "conv2": (50 * 25, 20), "fc1": (500, 800), "fc2": (10, 500)}
+
+
 @pytest.mark.parametrize("coord_bits", [32, 16])
 @pytest.mark.parametrize("keep", [1.0, 0.1])
 def test_size_matches_accounting(tmp_path, coord_bits, keep):
+    """Size on disk = 22-byte preamble + header length (read from the file) + per layer ceil(G·K/8) + ceil(L·n/8)
+    + L·coord bytes (G, n from LeNet5's layouts, L counted in the masks) + float32 biases + 32-byte checksum;
+    ``bit_summary`` and the report give those layer bytes; the header's summary equals the model's."""
     model = quantized(lenet, keep=keep)
+    layer_bytes = 0
+    for name, layer in find_layers(model).items():
+        (groups, size), mask = LENET_GROUPS[name], layer.state.mask
+        assert tuple(mask.shape) == (groups, 4) and layer.state.codes.shape[1] == size, name
+        live = int(mask.sum())
+        layer_bytes += math.ceil(groups * 4 / 8) + math.ceil(live * size / 8) + live * coord_bits // 8
+    bias_bytes = sum(4 * p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
     summary = bit_summary(model, coord_bits)
     report = export_packed(model, tmp_path / "m.alq", coord_bits)
-    size = os.path.getsize(tmp_path / "m.alq")
-    assert report.quantized_bytes == summary.storage_bytes
-    assert size == report.file_bytes == report.total_bytes
-    parts = report.header_bytes + report.quantized_bytes + report.float_bytes + report.checksum_bytes
-    assert report.total_bytes == parts
-    payload = size - report.float_bytes - report.header_bytes - report.checksum_bytes
-    assert abs(payload - summary.storage_bytes) <= 0.01 * summary.storage_bytes
-    assert report.float_bytes == sum(4 * p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    (header_length,) = struct.unpack_from("<I", (tmp_path / "m.alq").read_bytes(), 10)
+    assert os.path.getsize(tmp_path / "m.alq") == 22 + header_length + layer_bytes + bias_bytes + 32
+    assert summary.storage_bytes == report.quantized_bytes == layer_bytes
+    assert report.float_bytes == bias_bytes and report.header_bytes == 22 + header_length
     from_header = packed_summary(read_header(tmp_path / "m.alq"))
     assert from_header.storage_bytes == summary.storage_bytes
     assert from_header.table() == summary.table()
@@ -172,14 +184,13 @@ def test_model_layer_quantized_but_float_in_file(tmp_path):
     assert set(find_layers(target)) == {"conv1", "conv2", "fc1"} and torch.equal(target(x), source(x))
 
 
-def failing_writer(handle, chunks):
-    handle.write(next(iter(chunks)))
+def failing_fsync(descriptor):
     raise OSError("disk full")
 
 
 def test_atomic_write(tmp_path, monkeypatch):
     model = quantized(lenet)
-    monkeypatch.setattr(packing_module, "write_chunks", failing_writer)
+    monkeypatch.setattr(files_module.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         export_packed(model, tmp_path / "new.alq")
     assert list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ from alq_lightning.app.builders import (
     build_network,
     float_lr,
     make_trainer,
+    model_architecture,
     progress_bar,
     trainer_arguments,
 )
@@ -15,12 +16,12 @@ from alq_lightning.app.loggers import PhaseLogger, build_logger, finish_logger, 
 from alq_lightning.app.pretrain import cache_key, cache_path, load_checkpoint, obtain_float_weights, read_state_dict
 from alq_lightning.app.recorders import ALQRecorder, StageClock
 from alq_lightning.app.report import publish, save_plots
-from alq_lightning.app.results import REQUIRED_KEYS, git_commit, hardware, summarize_bits, write_json_atomic
+from alq_lightning.app.results import REQUIRED_KEYS, git_commit, hardware, summarize_bits, write_results
 
 __all__ = [
     "ALQRecorder", "ConfigError", "PhaseLogger", "REQUIRED_KEYS", "StageClock", "alq_arguments",
     "build_alq_callback", "build_data", "build_logger", "build_network", "cache_key", "cache_path",
-    "finish_logger", "float_lr", "git_commit", "hardware", "load_checkpoint", "make_trainer",
+    "finish_logger", "float_lr", "git_commit", "hardware", "load_checkpoint", "make_trainer", "model_architecture",
     "obtain_float_weights", "progress_bar", "publish", "read_state_dict", "resolve_wandb_mode", "save_plots",
-    "summarize_bits", "to_container", "trainer_arguments", "write_json_atomic",
+    "summarize_bits", "to_container", "trainer_arguments", "write_results",
 ]

@@ -31,14 +31,21 @@ def build_data(cfg: DictConfig) -> LightningDataModule:
         raise ConfigError(f"data={name}: {err}; remove or fix the offending data.* key") from err
 
 
-def build_network(cfg: DictConfig, datamodule: LightningDataModule) -> nn.Module:
-    """Model ``cfg.name`` (the ``model`` group) shaped for the data: channels, classes, input size."""
+def model_architecture(cfg: DictConfig, datamodule: LightningDataModule) -> dict[str, Any]:
+    """``build_model`` arguments of the ``model`` group shaped for the data: ``name``, ``in_channels``,
+    ``num_classes``, ``input_size`` and the group's other keys (constructor options such as ``width``)."""
     kwargs = to_container(cfg)
-    name = kwargs.pop("name")
+    return {"name": kwargs.pop("name"), "in_channels": datamodule.in_channels,
+            "num_classes": datamodule.num_classes, "input_size": datamodule.input_size, **kwargs}
+
+
+def build_network(cfg: DictConfig, datamodule: LightningDataModule) -> nn.Module:
+    """Model ``cfg.name`` (the ``model`` group) shaped for the data (:func:`model_architecture`)."""
+    architecture = model_architecture(cfg, datamodule)
     try:
-        return build_model(name, datamodule.in_channels, datamodule.num_classes, datamodule.input_size, **kwargs)
+        return build_model(**architecture)
     except TypeError as err:
-        raise ConfigError(f"model={name}: {err}; remove or fix the offending model.* key") from err
+        raise ConfigError(f"model={architecture['name']}: {err}; remove or fix the offending model.* key") from err
     except ValueError as err:
         raise ConfigError(f"model: {err}") from err
 

@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from torch import nn
 
 from alq_lightning.app.builders import MODEL_PREFIX, make_trainer
 from alq_lightning.app.common import ConfigError, to_container
+from alq_lightning.files import write_atomic
 from alq_lightning.module import ClassifierModule
 
 PRETRAIN_KEYS = ("epochs", "optimizer", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
@@ -40,18 +40,6 @@ def cache_path(cfg: DictConfig, shape: dict[str, int]) -> Path:
     """``<pretrain.cache_dir>/<model>-<data>-s<seed>-e<epochs>-<hash>.pt``."""
     name = f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}-e{cfg.pretrain.epochs}-{cache_key(cfg, shape)}.pt"
     return Path(os.path.expanduser(str(cfg.pretrain.cache_dir))) / name
-
-
-def save_atomic(payload: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def read_state_dict(path: str | Path, source: str = "pretrain.checkpoint") -> dict[str, torch.Tensor]:
@@ -135,5 +123,7 @@ def obtain_float_weights(cfg: DictConfig, network: nn.Module, datamodule: Lightn
     trainer.fit(pretrain_module(cfg, network, shape["num_classes"]), datamodule=datamodule)
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
-        save_atomic({"state_dict": network.state_dict(), "key": cache_key(cfg, shape)}, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"state_dict": network.state_dict(), "key": cache_key(cfg, shape)}
+        write_atomic(path, lambda handle: torch.save(payload, handle))
     return {"source": "trained", "path": str(path), "seconds": seconds}

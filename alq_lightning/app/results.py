@@ -1,4 +1,5 @@
-"""``results.json`` of a run: accuracies, bits, storage, per-layer and per-round bits, timings, provenance."""
+"""``results.json`` of a run: accuracies, bits, storage, per-layer and per-round bits, timings, provenance (the
+data files read, the config, seed, git commit and hardware)."""
 from __future__ import annotations
 
 import json
@@ -6,17 +7,17 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from alq_lightning.files import write_atomic
 from alq_lightning.summary import BitSummary
 
 REQUIRED_KEYS = (
     "float_test_acc", "test_acc", "target_bits", "avg_bits", "storage_bytes", "compression", "layer_bits",
-    "layers", "rounds", "timings_s", "pretrained", "config", "seed", "git_commit", "hardware",
+    "layers", "rounds", "timings_s", "pretrained", "data_files", "config", "seed", "git_commit", "hardware",
 )
 
 
@@ -88,19 +89,10 @@ def clean(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(data: dict[str, Any], path: str | Path) -> Path:
-    """Write ``data`` as indented JSON to a temporary file beside ``path``, then rename it onto ``path``."""
+def write_results(data: dict[str, Any], path: str | Path) -> Path:
+    """Write ``data`` as indented JSON to ``path`` (its folder created), atomically and never over an existing
+    file: FileExistsError then, the old file kept. Returns ``path``."""
+    text = json.dumps(clean(data), indent=2, allow_nan=False) + "\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(clean(data), out, indent=2, allow_nan=False)
-            out.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), exclusive=True)

@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
 
 from alq_lightning.data.tensor_loader import TensorLoader
+from alq_lightning.files import write_atomic
 
 
 class DataNotFoundError(FileNotFoundError):
@@ -46,21 +47,19 @@ def fetch_chunks(url: str, timeout: float = 60.0) -> tuple[int | None, Iterator[
 def download_file(url: str, dest: Path, *, md5: str | None = None, sha256: str | None = None) -> Path:
     """Download ``url`` to ``dest`` with a progress bar, checking its MD5 and/or SHA-256.
 
-    The bytes go to a temporary file beside ``dest`` that is renamed onto ``dest`` only once the checksum
-    matches, so ``dest`` is never left half-written; on any failure the temporary file is removed.
-    Raises :class:`ChecksumError` on a mismatch and ``OSError`` (``URLError``) when the fetch fails.
+    The bytes go through :func:`alq_lightning.files.write_atomic`: ``dest`` appears only once the checksum
+    matches, never half-written. Raises :class:`ChecksumError` on a mismatch and ``OSError`` (``URLError``)
+    when the fetch fails.
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    digests = {name: hashlib.new(name) for name, want in (("md5", md5), ("sha256", sha256)) if want}
-    handle, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(handle, "wb") as out, Progress(
-            TextColumn(f"downloading {dest.name}"), BarColumn(), DownloadColumn(), TransferSpeedColumn()
-        ) as progress:
+
+    def fetch(out: BinaryIO) -> None:
+        digests = {name: hashlib.new(name) for name, want in (("md5", md5), ("sha256", sha256)) if want}
+        with Progress(TextColumn(f"downloading {dest.name}"), BarColumn(), DownloadColumn(),
+                      TransferSpeedColumn()) as progress:
             size, chunks = fetch_chunks(url)
             task = progress.add_task("download", total=size)
             for chunk in chunks:
@@ -73,10 +72,8 @@ def download_file(url: str, dest: Path, *, md5: str | None = None, sha256: str |
                 raise ChecksumError(
                     f"{url}: {name} {digests[name].hexdigest()} differs from the published {want}; file discarded"
                 )
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
+
+    return write_atomic(dest, fetch)
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -85,6 +82,18 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"val_size={val_size} must be in [0, {n}) for a training set of {n} samples")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+
+def check_labels(labels: Tensor, num_classes: int, source: str) -> None:
+    """ValueError naming ``source``, the first bad value and the allowed range unless ``labels`` ``[N]`` are
+    integers in ``[0, num_classes)``."""
+    if labels.is_floating_point():
+        raise ValueError(f"{source}: labels are {labels.dtype}; expected integers in [0, {num_classes - 1}]")
+    bad = ((labels < 0) | (labels >= num_classes)).nonzero()
+    if bad.numel():
+        index = int(bad[0, 0])
+        raise ValueError(f"{source}: label {int(labels[index])} at index {index} is outside [0, {num_classes - 1}] "
+                         f"({num_classes} classes)")
 
 
 def _check_limit(name: str, value: int | None) -> None:
@@ -96,8 +105,9 @@ class TensorDataModule(LightningDataModule, ABC):
     """A small data set held as tensors on the training device and batched there by :class:`TensorLoader`.
 
     Subclasses set ``num_classes``, ``in_channels``, ``input_size``, ``mean`` and ``std`` (per channel) and
-    implement :meth:`load_train` / :meth:`load_test`. Images ``[N, C, H, W]`` come back from them as uint8
-    (scaled to [0, 1] and normalised here) or as float (taken as already normalised); labels ``[N]``.
+    implement :meth:`load_train` / :meth:`load_test`, which add the paths they read to ``source_files``.
+    Images ``[N, C, H, W]`` come back from them as uint8 (scaled to [0, 1] and normalised here) or as float
+    (taken as already normalised); labels ``[N]``.
 
     Args:
         batch_size: training batch size per rank.
@@ -144,6 +154,7 @@ class TensorDataModule(LightningDataModule, ABC):
         self.limits = {"train": train_limit, "val": val_limit, "test": test_limit}
         self.augment, self.padding = augment, padding
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.source_files: list[Path] = []
 
     @abstractmethod
     def load_train(self) -> tuple[Tensor, Tensor]:

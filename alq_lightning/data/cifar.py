@@ -11,7 +11,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alq_lightning.data.base import DataNotFoundError, TensorDataModule, download_file, resolve_cache_dir
+from alq_lightning.data.base import (
+    DataNotFoundError,
+    TensorDataModule,
+    check_labels,
+    download_file,
+    resolve_cache_dir,
+)
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
@@ -19,6 +25,7 @@ ARCHIVE = "cifar-10-python.tar.gz"
 FOLDER = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
+CIFAR10_CLASSES = 10
 
 _ALLOWED_GLOBALS = {
     *((f"numpy.{core}.{module}", name) for core in ("core", "_core")
@@ -51,14 +58,16 @@ def read_cifar_batch(stream: IO[bytes], name: str) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{name}: not a CIFAR python batch ({err!r})") from err
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (data.shape[0],):
         raise ValueError(f"{name}: data shape {data.shape} and labels shape {labels.shape}; expected [N, 3072] and [N]")
-    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+    labels = torch.from_numpy(labels)
+    check_labels(labels, CIFAR10_CLASSES, name)
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), labels
 
 
 def read_cifar10(path: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
     """Read ``cifar-10-python.tar.gz`` or an extracted ``cifar-10-batches-py`` folder.
 
     Returns ``{"train": (uint8 [50000, 3, 32, 32], int64 [50000]), "test": (uint8 [10000, ...], [10000])}``
-    (fewer samples for smaller files written in the same format).
+    (fewer samples for smaller files written in the same format). Labels outside ``[0, 10)`` raise ValueError.
     """
     path = Path(path)
     names = {"train": TRAIN_BATCHES, "test": (TEST_BATCH,)}
@@ -84,37 +93,48 @@ def read_cifar10(path: str | Path) -> dict[str, tuple[Tensor, Tensor]]:
     return {split: (torch.cat([p[0] for p in ps]), torch.cat([p[1] for p in ps])) for split, ps in parts.items()}
 
 
+def data_folder(root: str | Path | None) -> Path:
+    """``root`` when given (the only folder searched), else the cache folder."""
+    return Path(root).expanduser() if root is not None else resolve_cache_dir("cifar10")
+
+
 def find_cifar10(root: str | Path | None = None) -> Path | None:
-    """The first extracted folder or archive under ``root``, then under the cache folder, or None."""
-    folders = [Path(root).expanduser()] if root is not None else []
-    folders.append(resolve_cache_dir("cifar10"))
-    for folder in folders:
-        for candidate in (folder / FOLDER, folder, folder / ARCHIVE):
-            is_folder = candidate.is_dir() and (candidate / TRAIN_BATCHES[0]).is_file()
-            if is_folder or (candidate.suffix == ".gz" and candidate.is_file()):
-                return candidate
+    """The extracted folder or the archive in :func:`data_folder`, or None."""
+    folder = data_folder(root)
+    for candidate in (folder / FOLDER, folder, folder / ARCHIVE):
+        is_folder = candidate.is_dir() and (candidate / TRAIN_BATCHES[0]).is_file()
+        if is_folder or (candidate.suffix == ".gz" and candidate.is_file()):
+            return candidate
     return None
 
 
 def locate_cifar10(root: str | Path | None = None, download: bool = True) -> Path:
-    """Find CIFAR-10, downloading the official archive into ``root`` (or the cache) if allowed.
+    """Find CIFAR-10 in ``root`` alone when it is given (downloaded into it when allowed and the folder exists),
+    else in the cache (downloaded there when allowed).
 
     Raises :class:`DataNotFoundError` saying where it looked and how to provide the files.
     """
     found = find_cifar10(root)
     if found is not None:
         return found
-    target = (Path(root).expanduser() if root is not None else resolve_cache_dir("cifar10")) / ARCHIVE
-    reason = "download disabled (download=False)"
-    if download:
+    folder = data_folder(root)
+    if root is not None and not folder.is_dir():
+        reason = f"root={str(root)!r} does not exist"
+    elif not download:
+        reason = "download disabled (download=False)"
+    else:
         try:
-            return download_file(CIFAR10_URL, target, md5=CIFAR10_MD5)
+            return download_file(CIFAR10_URL, folder / ARCHIVE, md5=CIFAR10_MD5)
         except (OSError, ValueError) as err:
-            reason = f"download into {target} failed: {err}"
-    looked = [Path(root).expanduser()] if root is not None else []
-    looked.append(resolve_cache_dir("cifar10"))
+            reason = f"download into {folder / ARCHIVE} failed: {err}"
+    if root is not None:
+        raise DataNotFoundError(
+            f"CIFAR-10: data root {folder} cannot serve; {reason}.\nExpected {folder / ARCHIVE} or "
+            f"{folder / FOLDER}/ (or the batch files in {folder}).\nPut them there, allow the download into an "
+            "existing root (download=True), or leave root unset (data.root=null) to use the cache"
+        )
     raise DataNotFoundError(
-        f"CIFAR-10 not found; {reason}.\nLooked in: {', '.join(map(str, looked))} for {FOLDER}/ or {ARCHIVE}.\n"
+        f"CIFAR-10 not found; {reason}.\nLooked in: {folder} for {FOLDER}/ or {ARCHIVE}.\n"
         "Provide it in one of these ways:\n"
         f"  1. pass root=/path/to/folder (data.root=... on the command line) holding {ARCHIVE} or {FOLDER}/\n"
         f"  2. allow the download (download=True) on a machine with network access to {CIFAR10_URL}"
@@ -127,9 +147,10 @@ class CIFAR10DataModule(TensorDataModule):
     Training batches are randomly cropped (padding 4) and flipped on the device when ``augment``.
 
     Args:
-        root: folder holding ``cifar-10-python.tar.gz`` or ``cifar-10-batches-py/``, and the download target.
+        root: folder holding ``cifar-10-python.tar.gz`` or ``cifar-10-batches-py/``, the only one searched when
+            given; None searches the cache.
         batch_size, val_size, seed, augment: see :class:`TensorDataModule`.
-        download: fetch the official archive when it is found nowhere.
+        download: fetch the official archive into ``root`` (when it exists) or the cache when it is not found.
         **kwargs: further :class:`TensorDataModule` arguments (``train_limit``, ``eval_batch_size``, ...).
     """
 
@@ -160,7 +181,9 @@ class CIFAR10DataModule(TensorDataModule):
 
     def _take(self, split: str) -> tuple[Tensor, Tensor]:
         if self._data is None or split not in self._data:
-            self._data = read_cifar10(locate_cifar10(self.root, self.download))
+            path = locate_cifar10(self.root, self.download)
+            self._data = read_cifar10(path)
+            self.source_files.append(path)
         return self._data.pop(split)
 
     def load_train(self) -> tuple[Tensor, Tensor]:

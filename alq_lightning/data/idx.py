@@ -12,7 +12,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from alq_lightning.data.base import DataNotFoundError, TensorDataModule, download_file, resolve_cache_dir
+from alq_lightning.data.base import (
+    DataNotFoundError,
+    TensorDataModule,
+    check_labels,
+    download_file,
+    resolve_cache_dir,
+)
 
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -93,15 +99,12 @@ MNIST = IdxSource(
 
 
 def list_search_dirs(source: IdxSource, root: str | Path | None) -> list[Path]:
-    """Folders searched, in order: ``root`` (and torchvision's ``root/<Name>/raw``), standard ones, the cache."""
-    dirs: list[Path] = []
-    if root is not None:
-        dirs.append(Path(root).expanduser())
-        if source.torchvision_dir:
-            dirs.append(Path(root).expanduser() / source.torchvision_dir / "raw")
-    dirs += [Path(d) for d in source.standard_dirs]
-    dirs.append(resolve_cache_dir(source.name))
-    return dirs
+    """Folders searched, in order: ``root`` and torchvision's ``root/<Name>/raw`` when ``root`` is given (and
+    nothing else), else the standard folders and the cache."""
+    if root is None:
+        return [*map(Path, source.standard_dirs), resolve_cache_dir(source.name)]
+    root = Path(root).expanduser()
+    return [root, *([root / source.torchvision_dir / "raw"] if source.torchvision_dir else [])]
 
 
 def find_idx_files(source: IdxSource, root: str | Path | None = None) -> dict[str, Path] | None:
@@ -131,7 +134,8 @@ def download_idx_files(source: IdxSource, folder: Path) -> dict[str, Path]:
 
 
 def locate_idx_files(source: IdxSource, root: str | Path | None = None, download: bool = True) -> dict[str, Path]:
-    """Find the IDX files of ``source``, downloading them into ``root`` (or the cache) if allowed.
+    """Find the IDX files of ``source``: in ``root`` alone when it is given (downloaded into it when allowed
+    and the folder exists), else in the standard folders or the cache (downloaded into the cache when allowed).
 
     Raises :class:`DataNotFoundError` saying where it looked and how to provide the files.
     """
@@ -139,14 +143,24 @@ def locate_idx_files(source: IdxSource, root: str | Path | None = None, download
     if found is not None:
         return found
     target = Path(root).expanduser() if root is not None else resolve_cache_dir(source.name)
-    reason = "download disabled (download=False)"
-    if download:
+    if root is not None and not target.is_dir():
+        reason = f"root={str(root)!r} does not exist"
+    elif not download:
+        reason = "download disabled (download=False)"
+    else:
         try:
             return download_idx_files(source, target)
         except (OSError, ValueError) as err:
             reason = f"download into {target} failed: {err}"
     looked = "\n".join(f"  - {d}" for d in list_search_dirs(source, root))
     names = ", ".join(IDX_FILES)
+    if root is not None:
+        elsewhere = " or ".join([*source.standard_dirs, "the cache"])
+        raise DataNotFoundError(
+            f"{source.title}: data root {target} cannot serve; {reason}.\nExpected {names} (.gz or raw) in:\n"
+            f"{looked}\nPut them there, allow the download into an existing root (download=True), or leave root "
+            f"unset (data.root=null) to use {elsewhere}"
+        )
     ways = [f"pass root=/path/to/folder (data.root=... on the command line) holding {names} (.gz or raw)"]
     if source.debian_package:
         ways.append(
@@ -165,9 +179,10 @@ class IdxDataModule(TensorDataModule):
     """A 28x28 grey-scale IDX data set (60 000 training, 10 000 test images) held on the device.
 
     Args:
-        root: folder holding the IDX files (searched first) and the download target.
+        root: folder holding the IDX files (or ``<Name>/raw`` under it), the only one searched when given;
+            None searches the standard folders and the cache.
         batch_size, val_size, seed: see :class:`TensorDataModule`.
-        download: fetch the official files when they are found nowhere.
+        download: fetch the official files into ``root`` (when it exists) or the cache when they are not found.
         **kwargs: further :class:`TensorDataModule` arguments (``train_limit``, ``eval_batch_size``, ...).
     """
 
@@ -202,6 +217,8 @@ class IdxDataModule(TensorDataModule):
                 f"{image_file} holds shape {tuple(images.shape)} and {label_file} shape {tuple(labels.shape)}; "
                 "expected [N, H, W] images and [N] labels"
             )
+        check_labels(labels, self.num_classes, str(label_file))
+        self.source_files += [image_file, label_file]
         return images.unsqueeze(1), labels.long()
 
     def load_train(self) -> tuple[Tensor, Tensor]:

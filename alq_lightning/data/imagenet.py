@@ -63,6 +63,7 @@ class ImageNetDataModule(LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.num_classes, self.pin_memory = num_workers, num_classes, pin_memory
         self.datasets: dict[str, Any] = {}
+        self.source_files: list[Path] = []
 
     def build_transform(self, train: bool) -> Any:
         """The torchvision transform of training (``train=True``) or evaluation images."""
@@ -74,7 +75,7 @@ class ImageNetDataModule(LightningDataModule):
         return transforms.Compose([*steps, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     def setup(self, stage: str | None = None) -> None:
-        """Index the image folders (needs torchvision)."""
+        """Index the image folders (needs torchvision); they are the ``source_files`` of the run."""
         folder_cls = import_torchvision().datasets.ImageFolder
         for split in ("train", "val"):
             if split in self.datasets:
@@ -92,6 +93,7 @@ class ImageNetDataModule(LightningDataModule):
                     "set num_classes to match the folders"
                 )
             self.datasets[split] = dataset
+            self.source_files.append(folder)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if split not in self.datasets:

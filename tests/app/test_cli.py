@@ -5,9 +5,14 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
+import hydra.core.utils as hydra_utils
 import pytest
+import yaml
+from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,16 +37,32 @@ def test_issue_command_verbatim(tmp_path):
 
 
 def test_multirun_gives_each_job_its_own_offline_run(tmp_path):
-    sweep = tmp_path / "sweep"
-    done = train_py(["-m", "experiment=smoke", "alq.target_bits=1,0.5", f"hydra.sweep.dir={sweep}",
+    pattern = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())["hydra"]["sweep"]["dir"]
+    done = train_py(["-m", "experiment=smoke", "alq.target_bits=1,0.5", f"hydra.sweep.dir={tmp_path}/{pattern}",
                      "trainer.enable_progress_bar=false"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").glob("*/*")  # one sweep folder for both jobs: one time stamp and token
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     runs = sorted(sweep.glob("*/wandb/offline-run-*"))
     assert len(runs) == 2 and runs[0].parent.parent != runs[1].parent.parent
     targets = sorted(json.loads(p.read_text())["target_bits"] for p in sweep.glob("*/results.json"))
     assert targets == [0.5, 1.0]
     pretrained = [json.loads(p.read_text())["pretrained"]["source"] for p in sorted(sweep.glob("*/results.json"))]
     assert pretrained == ["trained", "cache"]
+
+
+def test_runs_started_at_the_same_instant_get_their_own_folders(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import train  # noqa: F401  (registers the run_token resolver, as `python train.py` does)
+
+    instant = datetime(2030, 1, 2, 3, 4, 5, 678901)
+    monkeypatch.setattr(hydra_utils, "datetime", SimpleNamespace(now=lambda: instant))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        first, second = (compose("config", return_hydra_config=True) for _ in range(2))
+    assert first.hydra.run.dir.startswith("outputs/2030-01-02/03-04-05-678901-")
+    assert first.hydra.run.dir == first.hydra.run.dir != second.hydra.run.dir
+    assert first.hydra.sweep.dir.startswith("multirun/2030-01-02/03-04-05-678901-")
+    assert first.hydra.sweep.dir != second.hydra.sweep.dir
 
 
 @pytest.mark.parametrize("args,message", [

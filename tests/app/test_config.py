@@ -87,11 +87,12 @@ def test_local_data_sets_load(data, tmp_path):
     assert x.shape[1:] == (datamodule.in_channels, datamodule.input_size, datamodule.input_size)
 
 
-@pytest.mark.parametrize("data", ["mnist", "cifar10"])
-def test_missing_data_files_say_how_to_provide_them(data, tmp_path):
-    cfg = compose_with([f"data={data}", f"data.root={tmp_path / 'none'}", "data.download=false"], tmp_path)
+@pytest.mark.parametrize("data", ["fashion_mnist", "mnist", "cifar10"])
+@pytest.mark.parametrize("download", ["true", "false"])
+def test_data_root_that_cannot_serve_is_an_error(data, download, tmp_path):
+    cfg = compose_with([f"data={data}", f"data.root={tmp_path / 'none'}", f"data.download={download}"], tmp_path)
     datamodule = build_data(cfg.data)
-    with pytest.raises(DataNotFoundError, match="data.root="):
+    with pytest.raises(DataNotFoundError, match=f"data root {tmp_path / 'none'} cannot serve; root=.* does not exist"):
         datamodule.prepare_data()
 
 

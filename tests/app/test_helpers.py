@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,15 @@ from lightning.pytorch.loggers import CSVLogger
 from alq_lightning.app import (
     ConfigError,
     PhaseLogger,
+    build_data,
     build_logger,
+    build_network,
     cache_key,
     finish_logger,
+    obtain_float_weights,
     read_state_dict,
     resolve_wandb_mode,
-    write_json_atomic,
+    write_results,
 )
 from alq_lightning.app import loggers as app_loggers
 from alq_lightning.models import build_model
@@ -106,13 +110,36 @@ def test_cache_key_follows_what_decides_the_weights(tmp_path):
         assert cache_key(compose_with([override], tmp_path), SHAPE) != base, override
 
 
-def test_results_are_written_atomically(tmp_path):
-    path = write_json_atomic({"a": float("nan"), "b": (1, 2), "c": torch.tensor(0.5)}, tmp_path / "r.json")
+def test_results_are_written_atomically_and_never_overwritten(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = write_results({"a": float("nan"), "b": (1, 2), "c": torch.tensor(0.5)}, tmp_path / "r.json")
+    finally:
+        os.umask(old)
     assert json.loads(path.read_text()) == {"a": None, "b": [1, 2], "c": 0.5}
+    assert path.stat().st_mode & 0o777 == 0o640
     with pytest.raises(TypeError):
-        write_json_atomic({"bad": object()}, tmp_path / "r.json")
+        write_results({"bad": object()}, tmp_path / "r.json")
+    with pytest.raises(FileExistsError, match="r.json' exists already; it is not overwritten"):
+        write_results({"c": 1.0}, tmp_path / "r.json")
     assert json.loads(path.read_text())["c"] == 0.5
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_cached_weights_follow_the_umask(tmp_path):
+    cfg = compose_with(["data=synthetic", "data.input_size=16", "data.train_size=32", "data.val_size=16",
+                        "data.test_size=16", "data.batch_size=16", "pretrain.epochs=1", "logger=none",
+                        "trainer.enable_progress_bar=false", f"pretrain.cache_dir={tmp_path / 'cache'}"], tmp_path)
+    datamodule = build_data(cfg.data)
+    shape = {"in_channels": 3, "num_classes": 10, "input_size": 16}
+    old = os.umask(0o027)
+    try:
+        source = obtain_float_weights(cfg, build_network(cfg.model, datamodule), datamodule, None, shape)
+    finally:
+        os.umask(old)
+    assert source["source"] == "trained"
+    assert Path(source["path"]).stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [Path(source["path"]).name]
 
 
 def test_wandb_is_imported_only_by_the_app():

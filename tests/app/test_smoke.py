@@ -10,13 +10,18 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from alq_lightning import bit_summary
 from alq_lightning.app import REQUIRED_KEYS, ConfigError
+from alq_lightning.data.idx import IDX_FILES
+from alq_lightning.export import load_packed
+from alq_lightning.export_cli import main as export_main
 from alq_lightning.models import build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from train import train  # noqa: E402
 
+FMNIST = "/usr/share/datasets/fashion-mnist"
 STAGES = ("pretrain", "float_test", "init", "basis", "coordinate", "pruning", "ste", "final_coordinate", "test")
 SYNTHETIC = ["data=synthetic", "data.input_size=8", "data.train_size=64", "data.val_size=32", "data.test_size=64",
              "data.batch_size=32", "data.eval_batch_size=64", "logger=csv"]
@@ -62,10 +67,17 @@ def test_lenet5_on_fashion_mnist_slices_then_cache_reuse(tmp_path):
     results, out = run(tmp_path, ["alq.rounds=2"])
     check_results(results, out, rounds=2)
     assert results["pretrained"]["source"] == "trained"
+    assert sorted(results["data_files"]) == sorted(f"{FMNIST}/{stem}.gz" for stem in IDX_FILES)
     media = next((out / "wandb").glob("offline-run-*")) / "files" / "media"
     assert list(media.glob("table/alq/bit_summary_*.table.json")) and list(media.glob("table/alq/rounds_*"))
     assert {p.name.split("_")[0] for p in media.glob("images/plots/*.png")} == {"layer", "accuracy"}
-    again, out2 = run(tmp_path, ["alq.rounds=2", "logger=none"], name="again")
+    root = tmp_path / "fmnist"
+    root.mkdir()
+    for stem in IDX_FILES:
+        (root / f"{stem}.gz").symlink_to(f"{FMNIST}/{stem}.gz")
+    again, out2 = run(tmp_path, ["alq.rounds=2", "logger=none", f"data.root={root}"], name="again")
+    read = json.loads((out2 / "results.json").read_text())["data_files"]
+    assert sorted(read) == sorted(f"{root}/{stem}.gz" for stem in IDX_FILES)
     assert again["pretrained"] == {**results["pretrained"], "source": "cache"}
     assert again["float_test_acc"] == results["float_test_acc"]
     assert again["test_acc"] == pytest.approx(results["test_acc"], abs=0.02)
@@ -86,9 +98,26 @@ def test_pretrain_checkpoint_is_loaded(tmp_path):
     checkpoint = tmp_path / "float.pt"
     torch.save({"state_dict": {f"model.{k}": v for k, v in build_model("lenet5", 3, 10, 8 * 2).state_dict().items()}},
                checkpoint)
+    overrides = ["data=synthetic", "data.input_size=16", "data.train_size=64", "data.val_size=32",
+                 "data.test_size=64", "logger=none", f"pretrain.checkpoint={checkpoint}"]
+    results, out = run(tmp_path, overrides)
+    assert results["pretrained"]["source"] == "checkpoint" and results["data_files"] == []
+    written = (out / "results.json").read_text()
+    with pytest.raises(ConfigError, match="results.json exists already: a run never overwrites"):
+        run(tmp_path, overrides)
+    assert (out / "results.json").read_text() == written
+
+
+def test_readme_export_command_on_a_train_py_checkpoint(tmp_path, capsys):
     results, out = run(tmp_path, ["data=synthetic", "data.input_size=16", "data.train_size=64", "data.val_size=32",
-                                  "data.test_size=64", "logger=none", f"pretrain.checkpoint={checkpoint}"])
-    assert results["pretrained"]["source"] == "checkpoint" and (out / "results.json").is_file()
+                                  "data.test_size=64", "logger=csv", "trainer.enable_checkpointing=true"])
+    checkpoint = next(out.rglob("*.ckpt"))
+    assert export_main([str(checkpoint), str(tmp_path / "model.alq"), "--model", "lenet5"]) == 0, \
+        capsys.readouterr().err
+    model = load_packed(tmp_path / "model.alq", build_model("lenet5", 3, 10, 16))
+    assert bit_summary(model).avg_bits == pytest.approx(results["avg_bits"])
+    state = torch.load(checkpoint, weights_only=True)["state_dict"]
+    assert all(torch.equal(state[f"model.{key}"], value) for key, value in model.state_dict().items())
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -130,9 +130,46 @@ def test_malformed_batch_is_named(tmp_path: Path) -> None:
 def test_missing_cifar_raises_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(DataNotFoundError) as info:
-        CIFAR10DataModule(root=tmp_path / "none", download=False).prepare_data()
-    for needle in (str(tmp_path / "none"), str(tmp_path / "cache"), "data.root=", "download=True", cifar.ARCHIVE):
+        CIFAR10DataModule(root=None, download=False).prepare_data()
+    for needle in (str(tmp_path / "cache"), "data.root=", "download=True", cifar.ARCHIVE):
         assert needle in str(info.value), needle
+
+
+@pytest.mark.parametrize("name,download,reason", [
+    ("typo", False, "does not exist"), ("typo", True, "does not exist"), ("empty", False, "download disabled"),
+])
+def test_explicit_root_that_cannot_serve_is_an_error(cifar_files, monkeypatch: pytest.MonkeyPatch, name: str,
+                                                     download: bool, reason: str) -> None:
+    tmp_path, _ = cifar_files
+    cache = tmp_path / "cache" / "alq_lightning" / "cifar10"
+    cache.mkdir(parents=True)
+    os.replace(tmp_path / "src" / cifar.FOLDER, cache / cifar.FOLDER)
+    assert CIFAR10DataModule(root=None, download=False, val_size=2).split("test")[0].shape[0] == PER_BATCH
+    monkeypatch.setattr(base, "fetch_chunks", lambda url, timeout=60.0: pytest.fail("no download"))
+    (tmp_path / "empty").mkdir()
+    root = tmp_path / name
+    with pytest.raises(DataNotFoundError) as info:
+        CIFAR10DataModule(root=root, download=download).prepare_data()
+    for needle in (f"data root {root} cannot serve", reason, str(root / cifar.ARCHIVE), "data.root=null"):
+        assert needle in str(info.value), needle
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_labels_out_of_range_name_the_file(tmp_path: Path) -> None:
+    folder = tmp_path / cifar.FOLDER
+    write_folder(folder)
+    batch = batch_dict(2)
+    batch[b"labels"][4] = 200
+    (folder / "data_batch_3").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(ValueError, match=r"data_batch_3: label 200 at index 4 is outside \[0, 9\]"):
+        CIFAR10DataModule(root=tmp_path, val_size=2).setup("fit")
+
+
+def test_source_files_are_the_ones_read(cifar_files) -> None:
+    tmp_path, _ = cifar_files
+    dm = CIFAR10DataModule(root=tmp_path / "src", val_size=2)
+    dm.setup()
+    assert dm.source_files == [tmp_path / "src" / cifar.FOLDER]
 
 
 def test_download_checks_the_md5(cifar_files, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -144,6 +181,8 @@ def test_download_checks_the_md5(cifar_files, monkeypatch: pytest.MonkeyPatch) -
         return len(payload), iter([payload[:1000], payload[1000:]])
 
     monkeypatch.setattr(base, "fetch_chunks", fetch)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "good").mkdir()
     with pytest.raises(DataNotFoundError, match="md5"):
         CIFAR10DataModule(root=tmp_path / "bad").prepare_data()
     assert not any((tmp_path / "bad").iterdir())

@@ -107,15 +107,64 @@ def test_root_is_searched_before_standard_dirs_and_torchvision_layout(no_standar
 
 
 def test_missing_files_raise_one_clear_error(no_standard_dirs: Path) -> None:
-    dm = FashionMNISTDataModule(root=no_standard_dirs / "mine", download=False)
+    dm = FashionMNISTDataModule(root=None, download=False)
     with pytest.raises(DataNotFoundError) as info:
         dm.prepare_data()
     text = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
-    for needle in ("Fashion-MNIST", str(no_standard_dirs / "mine"), str(no_standard_dirs / "absent"),
+    for needle in ("Fashion-MNIST", str(no_standard_dirs / "absent"),
                    str(no_standard_dirs / "cache" / "alq_lightning" / "fashion_mnist"), "data.root=",
                    "apt-get install dataset-fashion-mnist", "download=True", "network access"):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize("name,download,reason", [
+    ("typo", False, "does not exist"), ("typo", True, "does not exist"), ("empty", False, "download disabled"),
+])
+def test_explicit_root_that_cannot_serve_is_an_error(no_standard_dirs: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     name: str, download: bool, reason: str) -> None:
+    write_idx_set(no_standard_dirs / "absent")
+    assert FashionMNISTDataModule(root=None, download=False, val_size=2).split("test")[0].shape[0] == 6
+    monkeypatch.setattr(base, "fetch_chunks", lambda url, timeout=60.0: pytest.fail("no download"))
+    (no_standard_dirs / "empty").mkdir()
+    root = no_standard_dirs / name
+    with pytest.raises(DataNotFoundError) as info:
+        FashionMNISTDataModule(root=root, download=download).prepare_data()
+    text = str(info.value)
+    for needle in (f"data root {root} cannot serve", reason, *IDX_FILES, str(root / "FashionMNIST" / "raw"),
+                   "data.root=null", str(no_standard_dirs / "absent")):
+        assert needle in text, needle
+    assert not root.exists() or not any(root.iterdir())
+
+
+def test_partial_root_is_an_error(no_standard_dirs: Path) -> None:
+    write_idx_set(no_standard_dirs / "absent")
+    write_idx_set(no_standard_dirs / "mine")
+    (no_standard_dirs / "mine" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataNotFoundError, match="cannot serve; download disabled"):
+        FashionMNISTDataModule(root=no_standard_dirs / "mine", download=False, val_size=2).setup()
+
+
+def test_source_files_are_the_ones_read(no_standard_dirs: Path) -> None:
+    write_idx_set(no_standard_dirs / "absent")
+    write_idx_set(no_standard_dirs / "mine", gz=False)
+    dm = FashionMNISTDataModule(root=no_standard_dirs / "mine", download=False, val_size=2)
+    dm.setup()
+    assert dm.source_files == [no_standard_dirs / "mine" / stem for stem in IDX_FILES]
+
+
+@pytest.mark.parametrize("labels,message", [
+    (np.array([0, 1, 200, 3, 4, 5], np.uint8), r"label 200 at index 2 is outside \[0, 9\] \(10 classes\)"),
+    (np.array([0, 1, 2, 3, 4, -1], np.int8), r"label -1 at index 5 is outside \[0, 9\]"),
+    (np.arange(6, dtype=np.float32), r"labels are torch.float32; expected integers in \[0, 9\]"),
+])
+def test_labels_out_of_range_name_the_file(no_standard_dirs: Path, labels: np.ndarray, message: str) -> None:
+    write_idx_set(no_standard_dirs / "mine")
+    path = no_standard_dirs / "mine" / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(idx_bytes(labels)))
+    dm = FashionMNISTDataModule(root=no_standard_dirs / "mine", download=False, val_size=2)
+    with pytest.raises(ValueError, match=f"{path}: {message}"):
+        dm.setup("test")
 
 
 def test_failed_download_is_reported_in_the_error(no_standard_dirs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,6 +172,7 @@ def test_failed_download_is_reported_in_the_error(no_standard_dirs: Path, monkey
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(base, "fetch_chunks", offline)
+    (no_standard_dirs / "m").mkdir()
     with pytest.raises(DataNotFoundError, match="network is unreachable"):
         MNISTDataModule(root=no_standard_dirs / "m").prepare_data()
     assert not any((no_standard_dirs / "m").glob("*"))
@@ -176,6 +226,7 @@ def test_datamodule_downloads_verified_files_into_root(no_standard_dirs: Path, m
     md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in served.iterdir()}
     monkeypatch.setattr(MNISTDataModule, "source", dataclasses.replace(MNISTDataModule.source, md5=md5))
     monkeypatch.setattr(base, "fetch_chunks", fake_fetch(payloads))
+    (no_standard_dirs / "dl").mkdir()
     dm = MNISTDataModule(root=no_standard_dirs / "dl", val_size=2, batch_size=4)
     dm.prepare_data()
     assert sorted(p.name for p in (no_standard_dirs / "dl").iterdir()) == sorted(f"{s}.gz" for s in IDX_FILES)
