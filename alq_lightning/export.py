@@ -104,11 +104,6 @@ class PackedFile:
         return self.payload[entry["offset"]: entry["offset"] + entry["length"]]
 
 
-def weight_key(name: str) -> str:
-    """``state_dict`` key of the weight of module ``name``."""
-    return f"{name}.weight" if name else "weight"
-
-
 def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 32) -> ExportReport:
     """Write the multi-bit layers and float remainder of ``model`` to ``path`` (atomically; see module doc)."""
     path = check_target(path)
@@ -153,16 +148,23 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
 
 
 def float_remainder(model: nn.Module, layer_names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Every ``state_dict`` tensor of ``model`` except the weights of ``layer_names``."""
-    skip = {weight_key(name) for name in layer_names}
+    """Every ``state_dict`` tensor of ``model`` except the weights of ``layer_names`` and the other names
+    of those same Parameters (a weight shared by several modules is stored once, as its layer)."""
+    quantized = {id(model.get_submodule(name).weight) for name in layer_names}
     remainder = {}
-    for key, value in model.state_dict().items():
-        if key in skip:
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in quantized:
             continue
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; it cannot be packed")
-        remainder[key] = value
+        remainder[key] = value.detach()
     return remainder
+
+
+def float_tensors_for(packed: PackedFile, remainder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The file's float tensors that the model's ``remainder`` takes (files written before shared weights
+    were stored once also hold those weights' other names, which their layer already gives)."""
+    return {key: tensor for key, tensor in float_tensors(packed).items() if key in remainder}
 
 
 def _read_preamble(path: Path, data: bytes) -> tuple[int, int]:
@@ -364,7 +366,8 @@ def check_model(header: dict[str, Any], model: nn.Module, attached_must_match: b
         if tuple(tensor.shape) != tuple(stored[key]["shape"]):
             raise ValueError(f"tensor {key!r} is {tuple(tensor.shape)} in the model, {tuple(stored[key]['shape'])} "
                              f"in the file")
-    unknown = [key for key in stored if key not in remainder]
+    shared = set(model.state_dict()) - set(remainder)
+    unknown = [key for key in stored if key not in remainder and key not in shared]
     if unknown:
         raise ValueError(f"the file's tensor {unknown[0]!r} is not in the model")
     return found
@@ -397,7 +400,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     modules = check_model(packed.header, model)
     entries = {entry["name"]: entry for entry in packed.header["layers"]}
     states = {name: decode_entry(packed, entry) for name, entry in entries.items()}
-    floats = float_tensors(packed)
+    floats = float_tensors_for(packed, float_remainder(model, modules))
     missing = [name for name, module in modules.items()
                if not isinstance(getattr(module, "alq_mask", None), torch.Tensor)]
     if missing:

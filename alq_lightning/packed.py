@@ -23,7 +23,7 @@ from torch import nn
 
 from .core import GroupLayout, auto_layout
 from .core.multibit import compute_dtype
-from .export import LAYER_SECTIONS, PackedFile, check_model, float_tensors, read_packed
+from .export import LAYER_SECTIONS, PackedFile, check_model, float_remainder, float_tensors_for, read_packed
 from .packing import decode_layer, parse_dtype
 
 
@@ -77,6 +77,7 @@ class PackedModel(nn.Module):
     """``model`` with its quantized layers in packed form; ``forward`` is the model's forward.
 
     Build it with :func:`load_packed_for_inference`. ``packed_layers`` maps layer names to their modules.
+    Every module sharing a quantized layer's weight is packed with that layer's sections.
     """
 
     def __init__(self, model: nn.Module, packed: PackedFile) -> None:
@@ -84,9 +85,14 @@ class PackedModel(nn.Module):
         modules = check_model(packed.header, model, attached_must_match=False)
         self.model = model
         with torch.no_grad():
-            model.load_state_dict(float_tensors(packed), strict=False)
+            model.load_state_dict(float_tensors_for(packed, float_remainder(model, modules)), strict=False)
+        users: dict[int, list[nn.Module]] = {}
+        for module in model.modules():
+            if isinstance(getattr(module, "weight", None), nn.Parameter):
+                users.setdefault(id(module.weight), []).append(module)
         for entry in packed.header["layers"]:
-            pack_module(modules[entry["name"]], packed, entry)
+            for user in users[id(modules[entry["name"]].weight)]:
+                pack_module(user, packed, entry)
         self.packed_layers = list(modules)
         self.quantized_bytes = int(packed.header["quantized_bytes"])
 

@@ -12,8 +12,9 @@ registered as int32 (int64) tensors of the same bytes and read through a float v
 ``module.to(dtype)`` — which ``precision="bf16-true"`` and ``"16-true"`` apply to the whole model — casts
 floating buffers but leaves integer ones alone. ALQ's statistics and coordinates would not survive bf16.
 
-A Parameter shared by several modules is quantized once, on the first selected module that holds it;
-writing ŵ into it updates every module that uses it.
+A Parameter shared by several modules is quantized once, on the first selected module that holds it (one
+selected user is enough, one explicitly left in float is an error); writing ŵ into it updates every module
+that uses it.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ _BUFFERS = ("codes", "coords", "mask", "weight_m", "weight_v", "weight_vmax",
 _FLOAT_BUFFERS = frozenset(_BUFFERS) - {"codes", "mask"}
 _STORAGE = {torch.float32: torch.int32, torch.float64: torch.int64}
 _VIEWED_AS = {storage: dtype for dtype, storage in _STORAGE.items()}
+_EXPLICIT = ("matched by exclude", "first layer kept in float", "last layer kept in float")
 
 
 @dataclass
@@ -152,28 +154,29 @@ class LayerSelection:
                     raise ValueError(
                         f"{argument} pattern {pattern!r} matches no Linear/Conv layer; layers are: {names}"
                     )
-        chosen, left_float, holder = {}, {}, {}
-        for index, (name, module) in enumerate(candidates):
-            reason = self._float_reason(name, module, index, len(candidates), allowed)
-            owner = holder.setdefault(id(module.weight), name)
+        reasons = {name: self._float_reason(name, module, index, len(candidates), allowed)
+                   for index, (name, module) in enumerate(candidates)}
+        owners: dict[int, str] = {}
+        for name, module in candidates:
+            if not reasons[name]:
+                owners.setdefault(id(module.weight), name)
+        chosen, left_float = {}, {}
+        for name, module in candidates:
+            owner = owners.get(id(module.weight), name)
             if owner != name:
-                if (owner in chosen) == bool(reason):
-                    raise ValueError(
-                        f"layers {owner!r} and {name!r} share one weight Parameter, but only one of them is selected "
-                        f"(the other: {reason or left_float[owner]}); select both or neither"
-                    )
-                left_float[name] = f"shares its weight with {owner!r}" + (", quantized there" if owner in chosen
-                                                                          else "")
-                continue
-            if reason:
-                left_float[name] = reason
-                continue
-            structure = _first_match(self.structures, name)
-            try:
-                layout = auto_layout(module.weight.shape, structure)
-            except ValueError as error:
-                raise ValueError(f"layer {name!r}: {error}") from None
-            chosen[name] = (module, layout, _first_match(self.max_bits_overrides, name) or self.max_bits)
+                if reasons[name] in _EXPLICIT:
+                    raise ValueError(f"layers {owner!r} and {name!r} share one weight Parameter, but {name!r} is "
+                                     f"{reasons[name]} while {owner!r} is selected: select both or neither")
+                left_float[name] = f"shares its weight with {owner!r}, quantized there"
+            elif reasons[name]:
+                left_float[name] = reasons[name]
+            else:
+                structure = _first_match(self.structures, name)
+                try:
+                    layout = auto_layout(module.weight.shape, structure)
+                except ValueError as error:
+                    raise ValueError(f"layer {name!r}: {error}") from None
+                chosen[name] = (module, layout, _first_match(self.max_bits_overrides, name) or self.max_bits)
         if not chosen:
             raise ValueError(
                 f"no layer to quantize in {type(model).__name__}: candidates {names or 'none'} were all left in "

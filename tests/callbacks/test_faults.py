@@ -176,7 +176,7 @@ def test_a_parameter_shared_by_two_modules_is_quantized_once_and_both_modules_us
 
 def test_selecting_only_one_user_of_a_shared_parameter_is_refused():
     module = TinyModule(SharedWeight())
-    with pytest.raises(ValueError, match=r"'net.a' and 'net.b' share one weight Parameter"):
+    with pytest.raises(ValueError, match=r"'net.a' and 'net.b' share one weight Parameter, but 'net.b' is matched by"):
         fit(module, short(exclude=["net.b"]))
 
 
