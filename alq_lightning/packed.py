@@ -23,7 +23,8 @@ from torch import nn
 
 from .core import GroupLayout, auto_layout
 from .core.multibit import compute_dtype
-from .export import LAYER_SECTIONS, PackedFile, check_model, float_remainder, float_tensors_for, read_packed
+from .export import PackedFile, check_model, float_remainder, float_tensors_for, read_packed
+from .packed_header import LAYER_SECTIONS
 from .packing import decode_layer, parse_dtype
 
 
