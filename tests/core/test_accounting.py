@@ -45,6 +45,7 @@ def test_figures():
     assert bits.storage_bits() == 525 + 21 * 32 + 60 == bits.storage_bits(32)
     assert bits.storage_bits(16) == 525 + 21 * 16 + 60
     assert bits.storage_bytes() == 66 + 84 + 8
+    assert all(type(bits.storage_bytes(c)) is int for c in COORD_BITS), "a whole number of bytes"
     other = LayerBits.of(torch.zeros(4, 6, dtype=torch.bool), 250)  # fully pruned layer of 1000 weights
     assert other.binary_bits == 0 and other.storage_bits() == 24
     assert average_bits([bits, other]) == pytest.approx(525 / 1250, rel=1e-15)

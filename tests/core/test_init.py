@@ -45,6 +45,7 @@ def check_invariants(state, max_bits, n):
         assert state.mask[row, :i].all() and not state.mask[row, i:].any(), "live slots first, dead after"
         assert torch.all(state.coords[row, 1:i] >= state.coords[row, : i - 1]) if i > 1 else True
         assert torch.all(state.coords[row, i:] == 0)
+    assert bool((state.bases[~state.mask] == 1).all()), "dead slots keep β = +1"
 
 
 def relative_errors(state, w):
@@ -154,6 +155,20 @@ def test_exact_when_max_bits_reaches_group_size(group_size):
         assert bool((rel[full] < 1e-10).all())
 
 
+@pytest.mark.parametrize("group_size", [1, 2, 3, 4, 7])
+def test_zero_tolerance_never_stops_early(group_size):
+    """With ``tol = 0`` the stopping test ``‖r‖²/‖w‖² < tol`` never holds: every nonzero group takes all ``max_bits``
+    slots, also once its residual is exactly zero, and the sketch stays exact with ``α >= 0`` (signs moved into β)."""
+    w = torch.randn(32, group_size, dtype=torch.float64, generator=torch.Generator().manual_seed(group_size))
+    w[0] = 0
+    w[1] = 0.75 * torch.where(torch.arange(group_size) % 2 == 0, 1.0, -1.0)  # exact with one slot
+    for max_bits in range(group_size, 9):
+        state = greedy_init(w, max_bits, tol=0.0)
+        check_invariants(state, max_bits, group_size)
+        assert state.mask.sum(dim=1).tolist() == [0] + [max_bits] * 31
+        torch.testing.assert_close(state.reconstruct(), w, rtol=0, atol=1e-9)
+
+
 def test_sign_of_zero_is_plus_one():
     state = greedy_init(torch.tensor([[0.0, 0.0, 0.0, 5.0], [0.0, -2.0, 0.0, 0.0]], dtype=torch.float64), 1)
     assert state.bases[:, 0].tolist() == [[1, 1, 1, 1], [1, -1, 1, 1]]
@@ -211,6 +226,16 @@ def test_float32_follows_float64():
     assert state32.coords.dtype == torch.float32 and torch.isfinite(state32.coords).all()
     check_invariants(state32, 4, 9)
     torch.testing.assert_close(state32.reconstruct().double(), state64.reconstruct(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_sketched_in_float32(dtype):
+    """Half-precision weights are sketched in float32: the same state as the float32 sketch of the same values."""
+    w = torch.randn(20, 9, generator=torch.Generator().manual_seed(6)).to(dtype)
+    state, reference = greedy_init(w, 4), greedy_init(w.float(), 4)
+    assert state.coords.dtype == torch.float32
+    assert torch.equal(state.codes, reference.codes) and torch.equal(state.mask, reference.mask)
+    torch.testing.assert_close(state.coords, reference.coords, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("max_bits", [0, 9, -1, 2.0, True, "3", None])

@@ -1,6 +1,8 @@
 """Group layouts against the structure table of the specification (§1), checked with explicit index loops."""
+import ast
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -114,6 +116,38 @@ def test_unknown_structure_names_argument_and_allowed_values():
         parse_structure("pixelwise(2)")
 
 
+def allowed_names(message):
+    """The structure names an error message offers after ``allowed:`` (up to an ``or`` clause)."""
+    listed = re.search(r"allowed: (.*?)(?: or |$)", message)[1]
+    return [name.strip() for name in listed.split(",")]
+
+
+def test_unknown_structure_errors_offer_exactly_the_valid_names():
+    """The names an error offers are exactly the structures, each accepted as written."""
+    for call in (lambda: GroupLayout("blockwise", (4, 3, 3, 3)), lambda: parse_structure("blockwise")):
+        with pytest.raises(ValueError) as error:
+            call()
+        names = allowed_names(str(error.value))
+        assert sorted(names) == sorted(STRUCTURES)
+        assert all(parse_structure(name) == (name, 1) for name in names)
+
+
+@pytest.mark.parametrize("in_features", [1, 7, 10, 12])
+def test_subchannels_error_offers_exactly_the_valid_choices(in_features):
+    """The divisors an error offers are exactly the ``S`` a layout accepts for that input size."""
+    valid = []
+    for s in range(1, in_features + 2):
+        try:
+            GroupLayout("subchannelwise", (2, in_features), s)
+            valid.append(s)
+        except ValueError:
+            pass
+    with pytest.raises(ValueError) as error:
+        GroupLayout("subchannelwise", (2, in_features), in_features + 1)
+    offered = ast.literal_eval(re.search(r"one of (\[.*\])", str(error.value))[1])
+    assert offered == valid and valid[0] == 1 and valid[-1] == in_features
+
+
 @pytest.mark.parametrize("subchannels", [3, 4, 0, -2])
 def test_subchannels_not_dividing_input(subchannels):
     with pytest.raises(ValueError, match=rf"subchannels={subchannels}\b.*divisor.*\b10\b"):
@@ -152,6 +186,28 @@ def test_parse_structure():
     assert parse_structure("subchannelwise(4)") == ("subchannelwise", 4)
     assert parse_structure("subchannelwise:16") == ("subchannelwise", 16)
     assert set(STRUCTURES) == {"kernelwise", "pixelwise", "channelwise", "subchannelwise"}
+
+
+def test_parse_structure_ignores_spaces():
+    assert parse_structure(" pixelwise ") == ("pixelwise", 1)
+    assert parse_structure("subchannelwise (4)") == ("subchannelwise", 4)
+    assert parse_structure("subchannelwise: 16") == ("subchannelwise", 16)
+
+
+@pytest.mark.parametrize("structure,shape,subchannels", CASES)
+def test_describe_is_a_spec_of_the_same_layout(structure, shape, subchannels):
+    layout = GroupLayout(structure, shape, subchannels)
+    assert auto_layout(shape, layout.describe()) == layout
+
+
+@pytest.mark.parametrize("shape", [[4, 16, 3, 3], torch.Size([4, 16, 3, 3]), (torch.tensor(4), 16, 3, 3)])
+def test_shape_is_normalised_to_a_tuple_of_ints(shape):
+    """A layout built from a list, a ``torch.Size`` or tensor sizes equals (and hashes like) the tuple one."""
+    layout, reference = GroupLayout("pixelwise", shape), GroupLayout("pixelwise", (4, 16, 3, 3))
+    assert layout == reference and hash(layout) == hash(reference)
+    assert type(layout.shape) is tuple and all(type(s) is int for s in layout.shape)
+    weight = torch.randn(4, 16, 3, 3)
+    assert torch.equal(layout.from_groups(layout.to_groups(weight)), weight)
 
 
 @pytest.mark.parametrize("ci", [16, 17, 64, 512])

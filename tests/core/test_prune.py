@@ -218,6 +218,35 @@ def test_select_budget_direct():
     assert select_budget(torch.zeros(0), torch.zeros(0), 3).tolist() == []
 
 
+def test_select_budget_keeps_index_order_among_many_ties():
+    """Equal scores are taken in index order, however many there are (an unstable sort would scramble them)."""
+    scores = torch.tensor([1.0, 0.0] * 500, dtype=F64)
+    chosen = select_budget(scores, torch.ones(1000, dtype=F64), 40)
+    assert chosen.nonzero().flatten().tolist() == list(range(1, 80, 2))
+
+
+def test_select_budget_counts_bits_beyond_float32_precision():
+    """Budgets of large networks exceed 2^24 bits: a request one bit above a saving is still met, not rounded."""
+    scores = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
+    bits = torch.tensor([2.0**24, 1.0, 1.0], dtype=F64)
+    assert select_budget(scores, bits, 2**24 + 1).tolist() == [True, True, False]
+    assert select_budget(scores, bits, 2**24).tolist() == [True, False, False]
+
+
+def test_select_groups_never_picks_a_group_without_live_bits():
+    """A group with no live bits saves nothing, so it is never selected, whatever importance it is given."""
+    importance = {"x": torch.tensor([0.0, -1.0, 5.0], dtype=F64)}
+    live_bits = {"x": torch.tensor([6, 0, 4])}
+    assert select_groups(importance, live_bits, 1)["x"].tolist() == [True, False, False]
+    assert select_groups(importance, live_bits, 100)["x"].tolist() == [True, False, True]
+
+
+def test_select_groups_ranks_one_bit_groups_per_bit():
+    """Loss per bit saved: a 1-bit group of importance 1 (1 per bit) goes after a 3-bit group of 2 (2/3 per bit)."""
+    importance = {"x": torch.tensor([1.0, 2.0], dtype=F64)}
+    assert select_groups(importance, {"x": torch.tensor([1, 3])}, 1)["x"].tolist() == [False, True]
+
+
 def test_slot_selection_from_real_importance():
     """End to end on two layers: the removed slots are the smallest Δℓ, and removing them costs Σ Δℓ in the model."""
     layers = {name: random_layer(seed) for name, seed in (("l1", 1), ("l2", 2))}

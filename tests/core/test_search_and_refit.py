@@ -16,6 +16,7 @@ from alq_lightning.core import (
     refit_coords,
     update_stats,
 )
+from alq_lightning.core.multibit import row_blocks
 
 from step_oracles import (
     CONFIG,
@@ -59,6 +60,13 @@ def test_quadratic_config_validation(kwargs):
         QuadraticConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [{"beta1": 0.0}, {"beta2": 0.0}, {"beta1": 0.999999}, {"eps": 1e-12}, {}])
+def test_quadratic_config_accepts_the_documented_ranges(kwargs):
+    """``beta1, beta2`` in ``[0, 1)`` and any ``eps > 0`` are valid (``beta = 0``: no averaging)."""
+    config = QuadraticConfig(**kwargs)
+    assert all(getattr(config, key) == value for key, value in kwargs.items())
+
+
 def test_stats_reset():
     stats = AmsgradStats.zeros_like(torch.zeros(3))
     update_stats(stats, torch.ones(3), CONFIG)
@@ -79,6 +87,26 @@ def test_all_patterns_and_bases_round_trip(max_bits):
     assert state.bases.dtype == torch.int8 and torch.equal(state.bases, bases)
     assert torch.equal(MultiBitState.from_bases(bases, state.coords, state.mask).codes, state.codes)
     assert state.reconstruct()[0].tolist() == patterns.sum(dim=1).tolist()
+
+
+def test_from_bases_reads_signs_with_zero_as_plus_one():
+    bases = torch.tensor([[[0.0, 0.5, -0.25, 3.0], [-1.0, 0.0, 1.0, -0.0]]])
+    state = MultiBitState.from_bases(bases, torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool))
+    assert state.bases.tolist() == [[[1, 1, -1, 1], [-1, 1, 1, 1]]]
+    assert state.codes.dtype == torch.uint8
+
+
+@given(num_groups=st.integers(0, 40), group_size=st.integers(1, 20), block=st.integers(1, 100))
+@settings(max_examples=60, deadline=None)
+def test_row_blocks_are_the_largest_whole_group_blocks_within_the_budget(num_groups, group_size, block):
+    """Consecutive slices cover every group once; each holds as many whole groups as fit in ``block`` weights
+    (at least one), only the last may hold fewer."""
+    slices = row_blocks(num_groups, group_size, block)
+    covered = [g for part in slices for g in range(num_groups)[part]]
+    assert covered == list(range(num_groups))
+    rows = max(1, block // group_size)
+    assert all(len(range(num_groups)[part]) == rows for part in slices[:-1])
+    assert rows == 1 or rows * group_size <= block < (rows + 1) * group_size
 
 
 def pattern_value(coords, index, max_bits):

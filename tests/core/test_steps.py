@@ -99,6 +99,22 @@ def test_fit_bases_reproduces_representable_target():
     torch.testing.assert_close(state.coords, before.coords, rtol=1e-10, atol=1e-12)
 
 
+def test_fit_bases_searches_at_the_targets_precision():
+    """float32 coordinates, float64 target: a weight 1e-9 above a midpoint (a tie once rounded to float32) still
+    gets the nearer pattern, as in the float64 brute-force fit."""
+    coords = torch.tensor([[1.0, 0.5]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    target = torch.tensor([[1.0 + 1e-9, 0.5, -0.5, -1.5, -1.0 - 1e-9]], dtype=F64)  # values ±0.5, ±1.5
+    weight = torch.ones_like(target)
+    bases, refit, unique = fit_oracle(coords.double().numpy(), mask.numpy(), target.numpy(), weight.numpy())
+    assert unique
+    state = MultiBitState(torch.zeros(1, 5, dtype=torch.uint8), coords.clone(), mask.clone())
+    fit_bases(state, target, weight)
+    assert state.bases.tolist() == bases.astype(int).tolist()
+    np.testing.assert_allclose(reconstruct(state.bases, state.coords, state.mask), reconstruct(bases, refit, mask),
+                               rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------- basis step
 def seeded_layer(seed, num_groups=4, group_size=6, max_bits=4, prune=True):
     gen = torch.Generator().manual_seed(seed)
