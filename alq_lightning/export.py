@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from .core import LayerBits, MultiBitState, check_coord_bits
 from .files import check_target, write_atomic
 from .packed_header import LAYER_SECTIONS, check_header
 from .packing import COORD_DTYPES, decode_layer, dtype_name, encode_layer, parse_dtype, tensor_bytes
-from .quantizer import QUANTIZABLE_TYPES, LayerSelection, attach, find_layers
+from .quantizer import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
 from .summary import BitSummary, LayerRow, bit_summary
 
 MAGIC = b"ALQPACK\0"
@@ -98,7 +97,7 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
         except ValueError as error:
             raise ValueError(f"layer {name!r}: {error}") from None
         entry = {"name": name, "structure": layer.layout.describe(), "shape": list(layer.layout.shape),
-                 "weight_dtype": dtype_name(layer.module.weight.dtype), "num_groups": layer.layout.num_groups,
+                 "weight_dtype": dtype_name(layer.param.dtype), "num_groups": layer.layout.num_groups,
                  "group_size": layer.layout.group_size, "max_bits": layer.state.max_bits,
                  "live_slots": layer.bits.live_slots}
         for key, part in zip(LAYER_SECTIONS, parts):
@@ -127,20 +126,6 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
     write_atomic(path, lambda handle: handle.writelines(chunks))
     return ExportReport(str(path), coord_bits, summary.avg_bits, quantized_bytes, offset - quantized_bytes,
                         PREAMBLE.size + len(text), CHECKSUM_BYTES, total, os.path.getsize(path))
-
-
-def float_remainder(model: nn.Module, layer_names: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Every ``state_dict`` tensor of ``model`` except the weights of ``layer_names`` and the other names
-    of those same Parameters (a weight shared by several modules is stored once, as its layer)."""
-    quantized = {id(model.get_submodule(name).weight) for name in layer_names}
-    remainder = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        if id(value) in quantized:
-            continue
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; it cannot be packed")
-        remainder[key] = value.detach()
-    return remainder
 
 
 def float_tensors_for(packed: PackedFile, remainder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -206,30 +191,33 @@ def read_packed(path: str | os.PathLike) -> PackedFile:
     return PackedFile(header, payload)
 
 
-def check_model(header: dict[str, Any], model: nn.Module, attached_must_match: bool = True) -> dict[str, nn.Module]:
-    """Raise ValueError naming the first way ``model`` differs from the file; else ``{layer name: module}``.
+def check_model(header: dict[str, Any], model: nn.Module,
+                attached_must_match: bool = True) -> dict[str, tuple[nn.Module, str]]:
+    """Raise ValueError naming the first way ``model`` differs from the file; else ``{layer name: (module,
+    parameter attribute)}``.
 
     With ``attached_must_match``, a layer that already carries multi-bit state must have the file's structure
     and ``max_bits``, and every such layer must be in the file.
     """
-    modules = dict(model.named_modules())
     found = {}
     for entry in header["layers"]:
         name, shape = entry["name"], tuple(entry["shape"])
-        module = modules.get(name)
-        if not isinstance(module, tuple(QUANTIZABLE_TYPES.values())):
-            what = "missing from" if module is None else f"a {type(module).__name__} in"
-            raise ValueError(f"quantized layer {name!r} of the file is {what} the model")
-        if tuple(module.weight.shape) != shape:
-            raise ValueError(f"layer {name!r}: the model's weight is {tuple(module.weight.shape)}, the file's {shape}")
-        mask = getattr(module, "alq_mask", None)
+        target = resolve(model, name)
+        if target is None:
+            raise ValueError(f"quantized layer {name!r} of the file is missing from the model (it has no weight "
+                             f"parameter of that name)")
+        module, attr = target
+        param = getattr(module, attr)
+        if tuple(param.shape) != shape:
+            raise ValueError(f"layer {name!r}: the model's weight is {tuple(param.shape)}, the file's {shape}")
+        mask = getattr(module, buffer_prefix(attr) + "mask", None)
+        structure = getattr(module, buffer_prefix(attr) + "structure", None)
         expected = (entry["structure"], (entry["num_groups"], entry["max_bits"]))
-        if (attached_must_match and isinstance(mask, torch.Tensor)
-                and (module.alq_structure, tuple(mask.shape)) != expected):
-            raise ValueError(f"layer {name!r} is attached as {module.alq_structure} with mask {tuple(mask.shape)}; the "
+        if attached_must_match and isinstance(mask, torch.Tensor) and (structure, tuple(mask.shape)) != expected:
+            raise ValueError(f"layer {name!r} is attached as {structure} with mask {tuple(mask.shape)}; the "
                              f"file has {entry['structure']} with {entry['num_groups']} groups x "
                              f"{entry['max_bits']} bits")
-        found[name] = module
+        found[name] = target
     if attached_must_match:
         extra = [name for name in find_layers(model) if name not in found]
         if extra:
@@ -277,8 +265,8 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     entries = {entry["name"]: entry for entry in packed.header["layers"]}
     states = {name: decode_entry(packed, entry) for name, entry in entries.items()}
     floats = float_tensors_for(packed, float_remainder(model, modules))
-    missing = [name for name, module in modules.items()
-               if not isinstance(getattr(module, "alq_mask", None), torch.Tensor)]
+    missing = [name for name, (module, attr) in modules.items()
+               if not isinstance(getattr(module, buffer_prefix(attr) + "mask", None), torch.Tensor)]
     if missing:
         attach(model, LayerSelection(
             max_bits=entries[missing[0]]["max_bits"], include=missing,

@@ -21,7 +21,7 @@ from torch import nn
 from .core import GroupLayout, MultiBitState, auto_layout
 from .export import MAGIC, export_packed
 from .models import MODEL_NAMES, build_model
-from .quantizer import LayerSelection, attach
+from .quantizer import LayerSelection, attach, resolve
 from .summary import bit_summary
 
 _ARCHITECTURE = ("in_channels", "num_classes", "input_size")
@@ -30,10 +30,11 @@ _CONV_STRUCTURES = ("kernelwise", "pixelwise", "channelwise")
 
 def candidate_layouts(shape: tuple[int, ...], group_size: int) -> list[GroupLayout]:
     """Layouts of a weight ``shape`` whose groups hold ``group_size`` weights."""
-    if len(shape) == 2:
-        names = [f"subchannelwise({shape[1] // group_size})"] if shape[1] % group_size == 0 else []
-    else:
-        names = list(_CONV_STRUCTURES)
+    names = list(_CONV_STRUCTURES) if len(shape) > 2 else []
+    if shape[-1] % group_size == 0:
+        names.append(f"subchannelwise({shape[-1] // group_size})")
+    if len(shape) == 2 and shape[0] % group_size == 0:
+        names.append(f"columnwise({shape[0] // group_size})")
     layouts = [auto_layout(shape, name) for name in names]
     return [layout for layout in layouts if layout.group_size == group_size]
 
@@ -117,13 +118,13 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.",
 
 def attach_tensors(model: nn.Module, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
     """Attach multi-bit state holding ``{layer: {"codes", "coords", "mask", ...}}`` to ``model``."""
-    modules = dict(model.named_modules())
     structures, max_bits = {}, {}
     for name, layer in tensors.items():
-        if name not in modules:
-            raise ValueError(f"multi-bit layer {name!r} of the checkpoint is not a module of the model")
+        target = resolve(model, name)
+        if target is None:
+            raise ValueError(f"multi-bit layer {name!r} of the checkpoint is not a weight parameter of the model")
         state = MultiBitState(layer["codes"], layer["coords"], layer["mask"].bool())
-        structures[name] = infer_structure(name, modules[name].weight.detach(), state)
+        structures[name] = infer_structure(name, getattr(*target).detach(), state)
         max_bits[name] = state.max_bits
     layers, _ = attach(model, LayerSelection(max_bits=next(iter(max_bits.values())), include=list(tensors),
                                              structures=structures, max_bits_overrides=max_bits))

@@ -83,7 +83,7 @@ class MultiBitNetwork:
 
     def drop_grads(self) -> None:
         for layer in self.layers.values():
-            layer.module.weight.grad = None
+            layer.param.grad = None
 
     @staticmethod
     def all_finite(grads: Mapping[str, torch.Tensor]) -> bool:

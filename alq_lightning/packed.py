@@ -1,15 +1,17 @@
 """Inference straight from the packed form: dense weights exist one quantized layer at a time.
 
-``load_packed_for_inference(path, model_or_factory)`` returns a :class:`PackedModel`. Each quantized module
-keeps only its packed bytes (uint8 buffers ``alq_packed_mask``, ``alq_packed_bases``, ``alq_packed_coords``,
-which follow ``.to()``); its ``weight`` is an empty buffer between calls. A forward pre-hook unpacks the
-layer and sets ``weight`` to its dense reconstruction ŵ for that call; a forward hook (also run when the
-forward raises) empties it again.
+``load_packed_for_inference(path, model_or_factory)`` returns a :class:`PackedModel`. Each quantized parameter
+keeps only its packed bytes (uint8 buffers ``alq_packed_mask``, ``alq_packed_bases``, ``alq_packed_coords`` for
+a module's ``weight``, ``alq_packed_<parameter>_*`` for another parameter; they follow ``.to()``); the
+parameter itself is an empty buffer between calls. A forward pre-hook of its module unpacks it and sets it
+to its dense reconstruction ŵ for that call; a forward hook (also run when the forward raises) empties it
+again.
 
 Peak memory ≈ packed bytes (the file's ``quantized_bytes``) + the float remainder + one layer's dense
 weight and its unpacking intermediates (``codes [G, n]`` uint8, live bits ``[L, n]`` bool, codebook
 ``[G, 2^K]``), plus activations. Outputs equal those of the model :func:`~alq_lightning.export.load_packed`
-gives, exactly (same reconstruction, same dtype, same device).
+gives, exactly (same reconstruction, same dtype, same device), except that attention runs on PyTorch's regular
+path, not its fused fast path (``torch.backends.mha``), whose rounding differs.
 """
 from __future__ import annotations
 
@@ -23,9 +25,10 @@ from torch import nn
 
 from .core import GroupLayout, auto_layout
 from .core.multibit import compute_dtype
-from .export import PackedFile, check_model, float_remainder, float_tensors_for, read_packed
+from .export import PackedFile, check_model, float_tensors_for, read_packed
 from .packed_header import LAYER_SECTIONS
 from .packing import decode_layer, parse_dtype
+from .quantizer import BUFFER_KEYS, buffer_prefix, float_remainder
 
 
 @dataclass(frozen=True)
@@ -37,41 +40,62 @@ class PackedSpec:
     coord_dtype: torch.dtype
 
 
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The dense weight ŵ of a packed module, in the dtype and on the device of its ``weight`` buffer."""
-    spec: PackedSpec = module.alq_packed
-    dtype = module.weight.dtype
+def packed_prefix(attr: str) -> str:
+    """Prefix of the packed buffers of parameter ``attr`` on its module."""
+    return "alq_packed_" if attr == "weight" else f"alq_packed_{attr}_"
+
+
+def dense_weight(module: nn.Module, attr: str = "weight") -> torch.Tensor:
+    """The dense ŵ of packed parameter ``attr`` of ``module``, in the dtype and on the device of its buffer."""
+    spec: PackedSpec = module.alq_packed[attr]
+    dtype = getattr(module, attr).dtype
+    prefix = packed_prefix(attr)
     with torch.no_grad():
-        state = decode_layer(module.alq_packed_mask, module.alq_packed_bases, module.alq_packed_coords,
-                             spec.layout.num_groups, spec.layout.group_size, spec.max_bits, spec.coord_dtype,
-                             compute_dtype(dtype))
+        state = decode_layer(*(getattr(module, prefix + key) for key in LAYER_SECTIONS), spec.layout.num_groups,
+                             spec.layout.group_size, spec.max_bits, spec.coord_dtype, compute_dtype(dtype))
         return spec.layout.from_groups(state.reconstruct()).to(dtype)
 
 
-def _materialise(module: nn.Module, args: Any) -> None:
-    module.weight = dense_weight(module)
+def _materialise(owner: nn.Module, args: Any) -> None:
+    for module, attr in owner.alq_unpacks:
+        setattr(module, attr, dense_weight(module, attr))
 
 
-def _release(module: nn.Module, args: Any, output: Any) -> None:
-    module.weight = module.weight.new_empty(0)
+def _release(owner: nn.Module, args: Any, output: Any) -> None:
+    for module, attr in owner.alq_unpacks:
+        setattr(module, attr, getattr(module, attr).new_empty(0))
 
 
-def pack_module(module: nn.Module, packed: PackedFile, entry: dict[str, Any]) -> None:
-    """Turn one quantized module into its packed form in place (its dense weight and multi-bit buffers go)."""
-    weight = module.weight
-    for key, _ in list(module.named_buffers(recurse=False)):
-        if key.startswith("alq_"):
-            delattr(module, key)
+def pack_module(module: nn.Module, attr: str, packed: PackedFile, entry: dict[str, Any],
+                owner: nn.Module | None = None) -> None:
+    """Turn parameter ``attr`` of ``module`` into its packed form in place (its dense tensor and multi-bit
+    buffers go); forward hooks of ``owner`` (default ``module``), the module whose call reads it, rebuild it
+    for each call and empty it afterwards."""
+    owner = module if owner is None else owner
+    weight = getattr(module, attr)
+    for key in BUFFER_KEYS + ("structure",):
+        if hasattr(module, buffer_prefix(attr) + key):
+            delattr(module, buffer_prefix(attr) + key)
     for key in LAYER_SECTIONS:
-        module.register_buffer(f"alq_packed_{key}", packed.section(entry[key]).clone().to(weight.device),
+        module.register_buffer(packed_prefix(attr) + key, packed.section(entry[key]).clone().to(weight.device),
                                persistent=False)
-    module.alq_packed = PackedSpec(auto_layout(tuple(entry["shape"]), entry["structure"]), entry["max_bits"],
-                                   parse_dtype(packed.header["coord_dtype"]))
-    module.alq_structure = entry["structure"]
-    del module.weight
-    module.register_buffer("weight", weight.detach().new_empty(0), persistent=False)
-    module.register_forward_pre_hook(_materialise)
-    module.register_forward_hook(_release, always_call=True)
+    if not hasattr(module, "alq_packed"):
+        module.alq_packed = {}
+    module.alq_packed[attr] = PackedSpec(auto_layout(tuple(entry["shape"]), entry["structure"]), entry["max_bits"],
+                                         parse_dtype(packed.header["coord_dtype"]))
+    if not hasattr(owner, "alq_unpacks"):
+        owner.alq_unpacks = []
+        owner.register_forward_pre_hook(_materialise)
+        owner.register_forward_hook(_release, always_call=True)
+    owner.alq_unpacks.append((module, attr))
+    delattr(module, attr)
+    module.register_buffer(attr, weight.detach().new_empty(0), persistent=False)
+
+
+def hook_owners(model: nn.Module) -> dict[int, nn.Module]:
+    """``{id(module): owner}`` for modules whose weights another module's call reads without calling them:
+    ``nn.MultiheadAttention`` reads ``out_proj.weight`` directly."""
+    return {id(m.out_proj): m for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
 
 
 class PackedModel(nn.Module):
@@ -87,24 +111,33 @@ class PackedModel(nn.Module):
         self.model = model
         with torch.no_grad():
             model.load_state_dict(float_tensors_for(packed, float_remainder(model, modules)), strict=False)
-        users: dict[int, list[nn.Module]] = {}
+        users: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
-            if isinstance(getattr(module, "weight", None), nn.Parameter):
-                users.setdefault(id(module.weight), []).append(module)
+            for attr, param in module.named_parameters(recurse=False):
+                users.setdefault(id(param), []).append((module, attr))
+        owners = hook_owners(model)
         for entry in packed.header["layers"]:
-            for user in users[id(modules[entry["name"]].weight)]:
-                pack_module(user, packed, entry)
+            module, attr = modules[entry["name"]]
+            for user, user_attr in users[id(getattr(module, attr))]:
+                pack_module(user, user_attr, packed, entry, owners.get(id(user)))
         self.packed_layers = list(modules)
+        self._targets = modules
         self.quantized_bytes = int(packed.header["quantized_bytes"])
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        # The fused fast path of nn.TransformerEncoderLayer reads its submodules' weights (linear1, norm1, ...)
+        # without calling those submodules, so their pre-hooks would not unpack them.
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
 
     def packed_bytes(self) -> int:
         """Bytes held by the packed buffers of all quantized layers."""
-        modules = dict(self.model.named_modules())
-        return sum(getattr(modules[name], f"alq_packed_{key}").numel()
-                   for name in self.packed_layers for key in LAYER_SECTIONS)
+        return sum(getattr(module, packed_prefix(attr) + key).numel()
+                   for module, attr in self._targets.values() for key in LAYER_SECTIONS)
 
 
 def load_packed_for_inference(path: str | os.PathLike,

@@ -1,25 +1,33 @@
-"""Attach multi-bit state to the Linear/Conv layers of any ``nn.Module``.
+"""Select the weight parameters of any ``nn.Module`` and attach multi-bit state to them.
 
-Each quantized module keeps its dense ``weight`` Parameter, which always holds the reconstruction ŵ, and
-gains non-persistent buffers (they follow ``.to()`` but stay out of ``state_dict``, so a plain
-``load_state_dict`` of a quantized checkpoint needs nothing from this package)::
+A *layer* is one quantized weight parameter: every floating-point parameter with at least two dimensions
+is a candidate (Linear and Conv weights, ``nn.MultiheadAttention``'s ``in_proj_weight`` and
+``q/k/v_proj_weight``, embedding tables, ``nn.Bilinear``, raw Parameters of custom modules); biases,
+normalisation parameters and other 1-D parameters stay float. A layer is named after its module when the
+parameter is that module's ``weight`` (``"fc1"``) and after the parameter otherwise
+(``"encoder.layers.0.self_attn.in_proj_weight"``).
 
-    alq_codes [G, n] uint8 (packed bases)      alq_coords [G, K]      alq_mask [G, K] bool
-    alq_weight_m/v/vmax [G, n]    alq_coord_m/v/vmax [G, K]      alq_latent [G, n]
+The module keeps its dense Parameter, which always holds the reconstruction ŵ, so the model's own forward
+runs unchanged; it gains non-persistent buffers (they follow ``.to()`` but stay out of ``state_dict``, so a
+plain ``load_state_dict`` of a quantized checkpoint needs nothing from this package), named
+``alq_<key>`` for its ``weight`` and ``alq_<parameter>_<key>`` for another parameter::
+
+    codes [G, n] uint8 (packed bases)      coords [G, K]      mask [G, K] bool
+    weight_m/v/vmax [G, n]    coord_m/v/vmax [G, K]      latent [G, n]
 
 The float buffers hold float32 (float64 for a float64 weight) whatever the model's precision: they are
 registered as int32 (int64) tensors of the same bytes and read through a float view, because
 ``module.to(dtype)`` — which ``precision="bf16-true"`` and ``"16-true"`` apply to the whole model — casts
 floating buffers but leaves integer ones alone. ALQ's statistics and coordinates would not survive bf16.
 
-A Parameter shared by several modules is quantized once, on the first selected module that holds it (one
+A Parameter shared by several modules is quantized once, on the first selected name that holds it (one
 selected user is enough, one explicitly left in float is an error); writing ŵ into it updates every module
 that uses it.
 """
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,29 +35,61 @@ from torch import nn
 
 from .core import AmsgradStats, GroupLayout, LayerBits, MultiBitState, auto_layout, check_max_bits, greedy_init
 
-QUANTIZABLE_TYPES: dict[str, type[nn.Module]] = {
-    "Linear": nn.Linear, "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d,
-}
-_BUFFERS = ("codes", "coords", "mask", "weight_m", "weight_v", "weight_vmax",
+BUFFER_KEYS = ("codes", "coords", "mask", "weight_m", "weight_v", "weight_vmax",
             "coord_m", "coord_v", "coord_vmax", "latent")
-_FLOAT_BUFFERS = frozenset(_BUFFERS) - {"codes", "mask"}
+_FLOATBUFFER_KEYS = frozenset(BUFFER_KEYS) - {"codes", "mask"}
 _STORAGE = {torch.float32: torch.int32, torch.float64: torch.int64}
 _VIEWED_AS = {storage: dtype for dtype, storage in _STORAGE.items()}
 _EXPLICIT = ("matched by exclude", "first layer kept in float", "last layer kept in float")
 
 
+def layer_name(module_name: str, attr: str) -> str:
+    """``("fc1", "weight")`` -> ``"fc1"``; ``("attn", "in_proj_weight")`` -> ``"attn.in_proj_weight"``."""
+    if attr == "weight":
+        return module_name
+    return f"{module_name}.{attr}" if module_name else attr
+
+
+def buffer_prefix(attr: str) -> str:
+    """Prefix of the multi-bit buffers of parameter ``attr`` on its module."""
+    return "alq_" if attr == "weight" else f"alq_{attr}_"
+
+
+def default_kind(module: nn.Module, attr: str) -> str:
+    """The automatic layout kind of parameter ``attr`` of ``module`` (see :func:`~alq_lightning.core.auto_layout`):
+    ``"conv"`` for Conv weights, ``"columns"`` for ``(in, out)`` weights used as ``x @ W`` (Hugging Face's
+    ``Conv1D``), ``"rows"`` for everything else."""
+    if attr == "weight" and isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    transposed = type(module).__name__ == "Conv1D" and getattr(module, "nf", None) == module.weight.shape[-1]
+    if attr == "weight" and transposed:
+        return "columns"
+    return "rows"
+
+
 @dataclass
 class QuantizedLayer:
-    """One quantized module: its layout and views of its multi-bit buffers."""
+    """One quantized parameter ``attr`` of ``module`` (named ``module_name``): its layout and views of its
+    multi-bit buffers."""
 
     name: str
     module: nn.Module
     layout: GroupLayout
+    attr: str = "weight"
+    module_name: str = ""
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The dense parameter, holding ŵ."""
+        return getattr(self.module, self.attr)
+
+    def buffer_name(self, key: str) -> str:
+        return buffer_prefix(self.attr) + key
 
     def buffer(self, key: str) -> torch.Tensor:
         """The multi-bit tensor ``key``; float ones as a float view of their integer storage."""
-        stored = getattr(self.module, f"alq_{key}")
-        return stored.view(_VIEWED_AS[stored.dtype]) if key in _FLOAT_BUFFERS else stored
+        stored = getattr(self.module, self.buffer_name(key))
+        return stored.view(_VIEWED_AS[stored.dtype]) if key in _FLOATBUFFER_KEYS else stored
 
     @property
     def state(self) -> MultiBitState:
@@ -68,12 +108,12 @@ class QuantizedLayer:
         return LayerBits.of(self.buffer("mask"), self.layout.group_size)
 
     def grad_groups(self) -> torch.Tensor | None:
-        """``[G, n]`` gradient of the weight in group layout (float32 at least), or None."""
-        grad = self.module.weight.grad
+        """``[G, n]`` gradient of the parameter in group layout (float32 at least), or None."""
+        grad = self.param.grad
         return None if grad is None else self.layout.to_groups(grad.to(self.buffer("coords").dtype))
 
     def weight_groups(self) -> torch.Tensor:
-        return self.layout.to_groups(self.module.weight.detach().to(self.buffer("coords").dtype))
+        return self.layout.to_groups(self.param.detach().to(self.buffer("coords").dtype))
 
     def initialize(self) -> None:
         """Structured sketching of the current float weight (see :meth:`load_state`)."""
@@ -91,34 +131,67 @@ class QuantizedLayer:
         self.write_weight()
 
     def write_weight(self) -> None:
-        """Copy the reconstruction ŵ into the module's weight."""
-        weight = self.module.weight
+        """Copy the reconstruction ŵ into the dense parameter."""
+        param = self.param
         with torch.no_grad():
-            weight.copy_(self.layout.from_groups(self.state.reconstruct()).to(weight.dtype))
+            param.copy_(self.layout.from_groups(self.state.reconstruct()).to(param.dtype))
 
     def multibit_tensors(self) -> dict[str, torch.Tensor]:
-        return {key: self.buffer(key) for key in _BUFFERS}
+        return {key: self.buffer(key) for key in BUFFER_KEYS}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A floating-point parameter with at least two dimensions: ``module.<attr>``, named ``name``."""
+
+    name: str
+    module_name: str
+    module: nn.Module
+    attr: str
+
+    @property
+    def param(self) -> nn.Parameter:
+        return getattr(self.module, self.attr)
+
+    @property
+    def full_name(self) -> str:
+        return f"{self.module_name}.{self.attr}" if self.module_name else self.attr
+
+    def matches(self, pattern: str) -> bool:
+        """Whether ``pattern`` matches the layer name or the parameter's fully qualified name."""
+        return fnmatch.fnmatchcase(self.name, pattern) or fnmatch.fnmatchcase(self.full_name, pattern)
+
+
+def candidates(model: nn.Module) -> Iterator[Candidate]:
+    """Every floating-point parameter of ``model`` with at least two dimensions, under each name it has."""
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dim() >= 2:
+                yield Candidate(layer_name(module_name, attr), module_name, module, attr)
 
 
 @dataclass
 class LayerSelection:
-    """Which layers get quantized, and how.
+    """Which weight parameters get quantized, and how.
 
     Args:
         max_bits: slots per group, 1..8.
-        include / exclude: module-name patterns (``fnmatch``); a layer is quantized if it matches some
-            ``include`` pattern and no ``exclude`` pattern. A frozen layer (weight ``requires_grad=False``)
-            stays in float unless ``include`` names it exactly.
-        types: module types to quantize, among ``Linear``, ``Conv1d``, ``Conv2d``, ``Conv3d``.
-        structures: ``{pattern: structure}`` overrides (first match wins); other layers use :func:`auto_layout`.
+        include / exclude: ``fnmatch`` patterns over layer names (``"fc*"``, ``"encoder.*.in_proj_weight"``)
+            or fully qualified parameter names (``"*.weight"``); a candidate is quantized if it matches some
+            ``include`` pattern and no ``exclude`` pattern. A frozen parameter (``requires_grad=False``)
+            stays in float unless ``include`` names its layer exactly.
+        types: module class names (``"Linear"``, ``"Embedding"``, ``"MultiheadAttention"``, ...) whose
+            parameters may be quantized; None for every module.
+        structures: ``{pattern: structure}`` overrides (first match wins); other layers use the automatic
+            layout of their kind (:func:`default_kind`).
         max_bits_overrides: ``{pattern: max_bits}`` overrides (first match wins).
-        keep_first / keep_last: leave the first / last quantizable layer (registration order) in float.
+        keep_first / keep_last: leave the first / last candidate (registration order) in float.
     """
 
     max_bits: int = 6
     include: Sequence[str] = ("*",)
     exclude: Sequence[str] = ()
-    types: Sequence[str] = tuple(QUANTIZABLE_TYPES)
+    types: Sequence[str] | None = None
     structures: Mapping[str, str] = field(default_factory=dict)
     max_bits_overrides: Mapping[str, int] = field(default_factory=dict)
     keep_first: bool = False
@@ -131,110 +204,140 @@ class LayerSelection:
                 check_max_bits(bits)
             except ValueError as error:
                 raise ValueError(f"max_bits_overrides[{pattern!r}]: {error}") from None
-        unknown = [name for name in self.types if name not in QUANTIZABLE_TYPES]
-        if unknown:
-            raise ValueError(f"types={list(self.types)} has unknown {unknown}; allowed: {list(QUANTIZABLE_TYPES)}")
 
-    def select(self, model: nn.Module) -> tuple[dict[str, tuple[nn.Module, GroupLayout, int]], dict[str, str]]:
-        """``({name: (module, layout, max_bits)}, {float layer name: reason})`` for ``model``.
+    def select(self, model: nn.Module) -> tuple[dict[str, tuple[Candidate, GroupLayout, int]], dict[str, str]]:
+        """``({layer: (candidate, layout, max_bits)}, {float layer: reason})`` for ``model``.
 
-        Raises ValueError when a pattern matches no candidate layer or nothing is left to quantize.
+        Raises ValueError when a pattern or type matches no candidate or nothing is left to quantize.
         """
-        allowed = tuple(QUANTIZABLE_TYPES[name] for name in self.types)
-        candidates = [(name, m) for name, m in model.named_modules()
-                      if isinstance(m, tuple(QUANTIZABLE_TYPES.values()))]
-        names = [name for name, _ in candidates]
-        if not candidates:
-            raise ValueError(f"no layer to quantize in {type(model).__name__}: candidates none; "
-                             f"quantizable types are {list(QUANTIZABLE_TYPES)}")
+        found = list(candidates(model))
+        names = [c.name for c in found]
+        if not found:
+            raise ValueError(f"no weight to quantize in {type(model).__name__}: it has no floating-point parameter "
+                             f"with two or more dimensions")
         for argument, patterns in (("include", self.include), ("exclude", self.exclude),
                                    ("structures", self.structures), ("max_bits_overrides", self.max_bits_overrides)):
             for pattern in patterns:
-                if not fnmatch.filter(names, pattern):
-                    raise ValueError(
-                        f"{argument} pattern {pattern!r} matches no Linear/Conv layer; layers are: {names}"
-                    )
-        reasons = {name: self._float_reason(name, module, index, len(candidates), allowed)
-                   for index, (name, module) in enumerate(candidates)}
+                if not any(c.matches(pattern) for c in found):
+                    raise ValueError(f"{argument} pattern {pattern!r} matches no weight parameter; layers are: {names}")
+        present = sorted({type(c.module).__name__ for c in found})
+        unknown = [name for name in self.types or () if name not in present]
+        if unknown:
+            raise ValueError(f"types={list(self.types)} has {unknown}, which hold no weight parameter here; "
+                             f"module types holding one: {present}")
+        reasons = {c.name: self._float_reason(c, index, len(found)) for index, c in enumerate(found)}
         owners: dict[int, str] = {}
-        for name, module in candidates:
-            if not reasons[name]:
-                owners.setdefault(id(module.weight), name)
+        for c in found:
+            if not reasons[c.name]:
+                owners.setdefault(id(c.param), c.name)
         chosen, left_float = {}, {}
-        for name, module in candidates:
-            owner = owners.get(id(module.weight), name)
-            if owner != name:
-                if reasons[name] in _EXPLICIT:
-                    raise ValueError(f"layers {owner!r} and {name!r} share one weight Parameter, but {name!r} is "
-                                     f"{reasons[name]} while {owner!r} is selected: select both or neither")
-                left_float[name] = f"shares its weight with {owner!r}, quantized there"
-            elif reasons[name]:
-                left_float[name] = reasons[name]
+        for c in found:
+            owner = owners.get(id(c.param), c.name)
+            if owner != c.name:
+                if reasons[c.name] in _EXPLICIT:
+                    raise ValueError(f"layers {owner!r} and {c.name!r} share one weight Parameter, but {c.name!r} is "
+                                     f"{reasons[c.name]} while {owner!r} is selected: select both or neither")
+                left_float[c.name] = f"shares its weight with {owner!r}, quantized there"
+            elif reasons[c.name]:
+                left_float[c.name] = reasons[c.name]
             else:
-                structure = _first_match(self.structures, name)
                 try:
-                    layout = auto_layout(module.weight.shape, structure)
+                    layout = auto_layout(c.param.shape, _first_match(self.structures, c),
+                                         default_kind(c.module, c.attr))
                 except ValueError as error:
-                    raise ValueError(f"layer {name!r}: {error}") from None
-                chosen[name] = (module, layout, _first_match(self.max_bits_overrides, name) or self.max_bits)
+                    raise ValueError(f"layer {c.name!r}: {error}") from None
+                chosen[c.name] = (c, layout, _first_match(self.max_bits_overrides, c) or self.max_bits)
         if not chosen:
-            raise ValueError(
-                f"no layer to quantize in {type(model).__name__}: candidates {names or 'none'} were all left in "
-                f"float ({left_float}); quantizable types are {list(QUANTIZABLE_TYPES)}"
-            )
+            raise ValueError(f"no layer to quantize in {type(model).__name__}: candidates {names} were all left in "
+                             f"float ({left_float})")
         return chosen, left_float
 
-    def _float_reason(self, name: str, module: nn.Module, index: int, count: int, allowed: tuple) -> str:
-        if not isinstance(module, allowed):
-            return f"type {type(module).__name__} not in types"
-        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+    def _float_reason(self, candidate: Candidate, index: int, count: int) -> str:
+        kind = type(candidate.module).__name__
+        if self.types is not None and kind not in self.types:
+            return f"type {kind} not in types"
+        if not any(candidate.matches(p) for p in self.include):
             return "not matched by include"
-        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+        if any(candidate.matches(p) for p in self.exclude):
             return "matched by exclude"
         if self.keep_first and index == 0:
             return "first layer kept in float"
         if self.keep_last and index == count - 1:
             return "last layer kept in float"
-        if not module.weight.requires_grad and name not in self.include:
+        if not candidate.param.requires_grad and candidate.name not in self.include:
             return "frozen (requires_grad=False); name it in include to quantize it"
         return ""
 
 
-def _first_match(overrides: Mapping[str, object], name: str):
-    return next((value for pattern, value in overrides.items() if fnmatch.fnmatchcase(name, pattern)), None)
+def _first_match(overrides: Mapping[str, object], candidate: Candidate):
+    return next((value for pattern, value in overrides.items() if candidate.matches(pattern)), None)
 
 
 def attach(model: nn.Module, selection: LayerSelection) -> tuple[dict[str, QuantizedLayer], dict[str, str]]:
-    """Register zeroed multi-bit buffers on the selected layers (idempotent); return them and the float layers.
+    """Register zeroed multi-bit buffers on the selected parameters (idempotent); return the layers and the
+    float candidates with the reason each stays float.
 
     The state is float64 for a float64 weight, float32 for every other dtype.
     """
     chosen, left_float = selection.select(model)
     layers = {}
-    for name, (module, layout, max_bits) in chosen.items():
-        weight = module.weight
-        storage = _STORAGE[torch.float64 if weight.dtype == torch.float64 else torch.float32]
+    for name, (candidate, layout, max_bits) in chosen.items():
+        module, param = candidate.module, candidate.param
+        layer = QuantizedLayer(name, module, layout, candidate.attr, candidate.module_name)
+        storage = _STORAGE[torch.float64 if param.dtype == torch.float64 else torch.float32]
         shapes = dict.fromkeys(("codes", "weight_m", "weight_v", "weight_vmax", "latent"),
                                (layout.num_groups, layout.group_size))
         shapes.update(dict.fromkeys(("coords", "mask", "coord_m", "coord_v", "coord_vmax"),
                                     (layout.num_groups, max_bits)))
-        for key in _BUFFERS:
+        for key in BUFFER_KEYS:
             kind = {"codes": torch.uint8, "mask": torch.bool}.get(key, storage)
-            existing = getattr(module, f"alq_{key}", None)
+            existing = getattr(module, layer.buffer_name(key), None)
             if existing is not None and tuple(existing.shape) == shapes[key] and existing.dtype == kind:
                 continue
             fill = 2**max_bits - 1 if key == "codes" else 0
-            module.register_buffer(f"alq_{key}", torch.full(shapes[key], fill, dtype=kind, device=weight.device),
-                                   persistent=False)
-        module.alq_structure = layout.describe()
-        layers[name] = QuantizedLayer(name, module, layout)
+            module.register_buffer(layer.buffer_name(key),
+                                   torch.full(shapes[key], fill, dtype=kind, device=param.device), persistent=False)
+        setattr(module, layer.buffer_name("structure"), layout.describe())
+        layers[name] = layer
     return layers, left_float
 
 
 def find_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
-    """Every module of ``model`` that carries multi-bit state, by name, in registration order."""
-    return {
-        name: QuantizedLayer(name, module, auto_layout(module.weight.shape, module.alq_structure))
-        for name, module in model.named_modules()
-        if isinstance(getattr(module, "alq_mask", None), torch.Tensor)
-    }
+    """Every parameter of ``model`` that carries multi-bit state, by layer name, in registration order."""
+    layers = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            structure = getattr(module, buffer_prefix(attr) + "structure", None)
+            if isinstance(getattr(module, buffer_prefix(attr) + "mask", None), torch.Tensor) and structure:
+                name = layer_name(module_name, attr)
+                layers[name] = QuantizedLayer(name, module, auto_layout(param.shape, structure), attr, module_name)
+    return layers
+
+
+def resolve(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    """``(module, attr)`` of the parameter that layer ``name`` of ``model`` names, or None."""
+    modules = dict(model.named_modules())
+    if isinstance(getattr(modules.get(name), "weight", None), nn.Parameter):
+        return modules[name], "weight"
+    module_name, _, attr = name.rpartition(".")
+    module = modules.get(module_name)
+    if attr != "weight" and module is not None and isinstance(getattr(module, attr, None), nn.Parameter):
+        return module, attr
+    return None
+
+
+def float_remainder(model: nn.Module, layer_names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Every ``state_dict`` tensor of ``model`` except the parameters of the quantized ``layer_names`` and
+    the other names of those same Parameters (a weight shared by several modules counts once, as its layer)."""
+    quantized = set()
+    for name in layer_names:
+        module, attr = resolve(model, name)
+        quantized.add(id(getattr(module, attr)))
+    remainder = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if id(value) in quantized:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"state_dict entry {key!r} is a {type(value).__name__}, not a tensor; it cannot be packed")
+        remainder[key] = value.detach()
+    return remainder

@@ -39,7 +39,7 @@ def test_shared_weights_are_stored_once_and_every_user_gets_the_reconstruction(t
     path = tmp_path / "tied.alq"
     export_packed(model, path)
     header = read_packed(path).header
-    assert [entry["name"] for entry in header["layers"]] == ["a", "head"]
+    assert [entry["name"] for entry in header["layers"]] == ["embed", "a"]
     stored = {entry["name"] for entry in header["float"]}
     assert stored == {"a.bias", "b.bias"}, "a shared weight's other names are not stored again"
     fresh = Tied()

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..core import QuadraticConfig
 from ..network import MultiBitNetwork
-from ..quantizer import QUANTIZABLE_TYPES, LayerSelection, attach
+from ..quantizer import LayerSelection, attach
 from ..summary import bit_summary
 
 CHECKPOINT_KEY = "alq"
@@ -17,7 +17,7 @@ _REFUSED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 
 
 class ALQInit(Callback):
-    """Quantize the selected Linear/Conv layers of any LightningModule into multi-bit form.
+    """Quantize the weight parameters of any LightningModule into multi-bit form.
 
     In ``setup`` the layers get fixed-shape multi-bit buffers (before DDP wraps the model and before a
     checkpoint is restored); at the start of fitting each layer is initialised from its float weight by
@@ -33,8 +33,10 @@ class ALQInit(Callback):
         max_bits: binary bases per group (1..8).
         structures: ``{name pattern: structure}``, e.g. ``{"conv1": "kernelwise", "fc*": "subchannelwise(2)"}``;
             unmatched layers use the automatic choice.
-        include / exclude: module-name patterns selecting the layers.
-        types: module types to quantize (default all of Linear, Conv1d/2d/3d).
+        include / exclude: patterns over layer names or fully qualified parameter names (default: every
+            floating-point parameter with two or more dimensions: Linear/Conv weights, attention projections,
+            embeddings, raw Parameters; see :mod:`alq_lightning.quantizer`).
+        types: module class names whose parameters may be quantized (default: any).
         max_bits_overrides: ``{name pattern: max_bits}``.
         keep_first / keep_last: leave the first / last quantizable layer in float.
         beta1 / beta2 / eps: AMSGrad constants of the quadratic model.
@@ -46,7 +48,7 @@ class ALQInit(Callback):
         structures: Mapping[str, str] | None = None,
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
-        types: Sequence[str] = tuple(QUANTIZABLE_TYPES),
+        types: Sequence[str] | None = None,
         max_bits_overrides: Mapping[str, int] | None = None,
         keep_first: bool = False,
         keep_last: bool = False,
@@ -55,7 +57,8 @@ class ALQInit(Callback):
         eps: float = 1e-8,
     ) -> None:
         self.selection = LayerSelection(
-            max_bits=max_bits, include=tuple(include), exclude=tuple(exclude), types=tuple(types),
+            max_bits=max_bits, include=tuple(include), exclude=tuple(exclude),
+            types=None if types is None else tuple(types),
             structures=dict(structures or {}), max_bits_overrides=dict(max_bits_overrides or {}),
             keep_first=keep_first, keep_last=keep_last,
         )
@@ -85,7 +88,8 @@ class ALQInit(Callback):
                 stage.reset()
         layers, float_layers = attach(pl_module, self.selection)
         self.network = MultiBitNetwork(layers, float_layers, self.config)
-        ignored = [f"{layer}.alq_{key}" for layer, q in layers.items() for key in q.multibit_tensors()]
+        ignored = [".".join(filter(None, (q.module_name, q.buffer_name(key))))
+                   for q in layers.values() for key in q.multibit_tensors()]
         pl_module._ddp_params_and_buffers_to_ignore = (
             list(getattr(pl_module, "_ddp_params_and_buffers_to_ignore", [])) + ignored
         )

@@ -9,7 +9,6 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..core import check_target_bits
 from ..network import MultiBitNetwork
-from ..quantizer import QUANTIZABLE_TYPES
 from .arguments import check, is_int
 from .init import ALQInit
 from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
@@ -67,7 +66,7 @@ class ALQCallback(Callback):
         structures: Mapping[str, str] | None = None,
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
-        types: Sequence[str] = tuple(QUANTIZABLE_TYPES),
+        types: Sequence[str] | None = None,
         max_bits_overrides: Mapping[str, int] | None = None,
         keep_first: bool = False,
         keep_last: bool = False,

@@ -206,7 +206,7 @@ class BitwidthReduction(ALQStage):
     def _check_stats(self) -> None:
         """Refuse frozen quantized layers; warn once about layers without a gradient so far (not ranked)."""
         missing = [name for name in self.network.without_stats() if name not in self._reported]
-        frozen = [name for name in missing if not self.network.layers[name].module.weight.requires_grad]
+        frozen = [name for name in missing if not self.network.layers[name].param.requires_grad]
         if frozen:
             raise ValueError(
                 f"quantized layers {frozen} have weights with requires_grad=False and never received a gradient, "

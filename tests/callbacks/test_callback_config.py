@@ -36,7 +36,6 @@ def short(**kwargs) -> ALQCallback:
         (dict(lr_decay=1.5), r"lr_decay=1.5 .*\(0, 1\]"),
         (dict(pruning="rows"), r"pruning='rows' .*coordinates"),
         (dict(pruning="groups", per_bit=True), r"per_bit=True"),
-        (dict(types=["Embedding"]), r"unknown \['Embedding'\]; allowed"),
         (dict(max_bits_overrides={"net.0": 11}), r"max_bits_overrides\['net.0'\].*max_bits=11"),
     ],
 )
@@ -51,8 +50,10 @@ def test_bad_arguments_are_refused_at_construction(kwargs, message):
         (dict(structures={"net.0": "rowwise"}), r"structure='rowwise' is unknown; allowed: kernelwise"),
         (dict(structures={"net.10": "subchannelwise(5)"}),
          r"subchannels=5 must be a positive divisor of the input size 64"),
-        (dict(structures={"net.0": "subchannelwise(2)"}), r"layer 'net.0'.*Linear weight"),
-        (dict(include=["encoder.*"]), r"include pattern 'encoder.\*' matches no Linear/Conv layer"),
+        (dict(structures={"net.0": "subchannelwise(2)"}), r"layer 'net.0'.*divisor of the input size 3"),
+        (dict(structures={"net.0": "columnwise"}), r"layer 'net.0'.*columnwise' needs a transposed Linear"),
+        (dict(include=["encoder.*"]), r"include pattern 'encoder.\*' matches no weight parameter"),
+        (dict(types=["Embedding"]), r"types=\['Embedding'\] has \['Embedding'\], which hold no weight parameter"),
         (dict(exclude=["nothing"]), r"exclude pattern 'nothing' matches no"),
         (dict(structures={"head": "pixelwise"}), r"structures pattern 'head' matches no"),
         (dict(types=["Linear"], include=["net.0"]), r"no layer to quantize"),
@@ -64,10 +65,22 @@ def test_bad_layer_selection_is_refused_at_setup(kwargs, message):
         trainer([alq], alq.total_epochs).fit(build("cnn"), loader())
 
 
-def test_a_module_without_quantizable_layers_is_refused():
-    module = TinyModule(nn.Sequential(nn.Flatten(), nn.LayerNorm(64), nn.Bilinear(64, 64, 4)))
+class OnlyVectors(nn.Module):
+    """Parameters, but none with two dimensions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.flatten(1))[:, :4] * self.scale
+
+
+def test_a_module_without_weight_matrices_is_refused():
+    module = TinyModule(OnlyVectors())
     alq = short()
-    with pytest.raises(ValueError, match=r"no layer to quantize in TinyModule: candidates none"):
+    with pytest.raises(ValueError, match=r"no weight to quantize in TinyModule: it has no floating-point parameter"):
         trainer([alq], alq.total_epochs).fit(module, loader())
 
 

@@ -191,12 +191,13 @@ class TiedEmbedding(nn.Module):
         return self.head(self.embed(x).mean(dim=1))[:, :4]
 
 
-def test_tied_embedding_and_output_weights_are_quantized_through_the_linear():
+def test_tied_embedding_and_output_weights_are_quantized_once():
     torch.manual_seed(0)
     module = TinyModule(TiedEmbedding())
     alq = short()
     fit(module, alq, kind="tokens")
-    assert list(alq.network.layers) == ["net.head"]
+    assert list(alq.network.layers) == ["net.embed"]
+    assert alq.network.float_layers == {"net.head": "shares its weight with 'net.embed', quantized there"}
     assert torch.equal(module.net.embed.weight, module.net.head.weight)
     assert_quantized(alq)
 

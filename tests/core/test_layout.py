@@ -21,14 +21,21 @@ CONV_SHAPES = {
     "rect": (3, 2, 1, 4),
 }
 LINEAR_CASES = [((6, 12), s) for s in (1, 2, 3, 4, 6, 12)] + [((3, 7), 1), ((3, 7), 7), ((1, 1), 1)]
+ROWS_CASES = [((2, 3, 8), 2), ((1, 5, 4), 1), ((2, 2, 2, 6), 3)]  # Bilinear, position embedding, any N-D
+COLUMN_CASES = [((12, 6), 1), ((12, 6), 3), ((7, 3), 7), ((1, 1), 1)]  # (in, out), used as x @ W
 
 
 def oracle_groups(structure, w, subchannels=1):
     """The groups of the spec table, built element by element, in row-major group order."""
-    if structure == "subchannelwise":
-        rows, cols = w.shape
+    if structure == "subchannelwise":  # rows over every leading index, each cut in S chunks of the last dim
+        *lead, cols = w.shape
         n = cols // subchannels
-        return [[w[o, s * n + j].item() for j in range(n)] for o in range(rows) for s in range(subchannels)]
+        rows = itertools.product(*(range(k) for k in lead))
+        return [[w[(*r, s * n + j)].item() for j in range(n)] for r in rows for s in range(subchannels)]
+    if structure == "columnwise":  # the inputs of one output, cut in S chunks
+        inputs, outputs = w.shape
+        n = inputs // subchannels
+        return [[w[s * n + j, o].item() for j in range(n)] for o in range(outputs) for s in range(subchannels)]
     co, ci, *kernel = w.shape
     taps = list(itertools.product(*(range(k) for k in kernel)))
     if structure == "kernelwise":  # one kernel W[o, i, ...]
@@ -42,7 +49,9 @@ def oracle_groups(structure, w, subchannels=1):
 def expected_size(structure, shape, subchannels=1):
     """(num_groups, group_size) from the spec table."""
     if structure == "subchannelwise":
-        return shape[0] * subchannels, shape[1] // subchannels
+        return math.prod(shape[:-1]) * subchannels, shape[-1] // subchannels
+    if structure == "columnwise":
+        return shape[1] * subchannels, shape[0] // subchannels
     co, ci, *kernel = shape
     taps = math.prod(kernel)
     return {"kernelwise": (co * ci, taps), "pixelwise": (co * taps, ci), "channelwise": (co, ci * taps)}[structure]
@@ -53,7 +62,8 @@ def unique_weight(shape):
 
 
 CASES = [(s, shape, 1) for s in ("kernelwise", "pixelwise", "channelwise") for shape in CONV_SHAPES.values()]
-CASES += [("subchannelwise", shape, s) for shape, s in LINEAR_CASES]
+CASES += [("subchannelwise", shape, s) for shape, s in LINEAR_CASES + ROWS_CASES]
+CASES += [("columnwise", shape, s) for shape, s in COLUMN_CASES]
 
 
 @pytest.mark.parametrize("structure,shape,subchannels", CASES)
@@ -118,7 +128,7 @@ def test_unknown_structure_names_argument_and_allowed_values():
 
 def allowed_names(message):
     """The structure names an error message offers after ``allowed:`` (up to an ``or`` clause)."""
-    listed = re.search(r"allowed: (.*?)(?: or |$)", message)[1]
+    listed = re.search(r"allowed: (.*?)(?: or |;|$)", message)[1]
     return [name.strip() for name in listed.split(",")]
 
 
@@ -160,8 +170,8 @@ def test_subchannels_not_dividing_input(subchannels):
 def test_structure_and_shape_mismatch():
     with pytest.raises(ValueError, match=r"structure='pixelwise'.*subchannelwise"):
         GroupLayout("pixelwise", (4, 10))
-    with pytest.raises(ValueError, match=r"structure='subchannelwise'.*\(out, in\)"):
-        GroupLayout("subchannelwise", (4, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"structure='columnwise'.*\(in, out\)"):
+        GroupLayout("columnwise", (4, 3, 3, 3))
     with pytest.raises(ValueError, match=r"subchannels=2.*subchannelwise"):
         GroupLayout("kernelwise", (4, 3, 3, 3), 2)
     with pytest.raises(ValueError, match=r"shape"):
@@ -185,7 +195,8 @@ def test_parse_structure():
     assert parse_structure("subchannelwise") == ("subchannelwise", 1)
     assert parse_structure("subchannelwise(4)") == ("subchannelwise", 4)
     assert parse_structure("subchannelwise:16") == ("subchannelwise", 16)
-    assert set(STRUCTURES) == {"kernelwise", "pixelwise", "channelwise", "subchannelwise"}
+    assert parse_structure("columnwise(3)") == ("columnwise", 3)
+    assert set(STRUCTURES) == {"kernelwise", "pixelwise", "channelwise", "subchannelwise", "columnwise"}
 
 
 def test_parse_structure_ignores_spaces():
