@@ -45,7 +45,7 @@ from .files import check_target, write_atomic
 from .packed_header import LAYER_SECTIONS, check_header
 from .packing import COORD_DTYPES, decode_layer, dtype_name, encode_layer, parse_dtype, tensor_bytes
 from .quantizer import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
-from .summary import BitSummary, LayerRow, bit_summary
+from .summary import BitSummary, FloatRow, LayerRow, bit_summary
 
 MAGIC = b"ALQPACK\0"
 FORMAT_VERSION = 1
@@ -289,7 +289,9 @@ def packed_summary(header: dict[str, Any]) -> BitSummary:
                            entry["max_bits"], entry["live_slots"]), header["coord_bits"])
         for entry in header["layers"]
     )
-    return BitSummary(rows, header["coord_bits"])
+    floats = tuple(FloatRow(entry["name"], tuple(entry["shape"]), parse_dtype(entry["dtype"]))
+                   for entry in header["float"])
+    return BitSummary(rows, header["coord_bits"], floats)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,41 @@
-"""``bit_summary``: per-layer bits and storage of a multi-bit model, printable and loggable."""
+"""``bit_summary``: per-layer bits and storage of a multi-bit model, printable and loggable.
+
+Whole-model figures sit next to the quantized part: every ``state_dict`` tensor that is not a quantized
+weight (biases, norms, buffers, weights left in float) is the *float remainder*, listed with its size and
+counted at its own dtype's bits — exactly what :func:`~alq_lightning.export_packed` stores besides the layers.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .core import LayerBits, average_bits, check_coord_bits
-from .quantizer import find_layers
+from .quantizer import find_layers, float_remainder
+
+
+@dataclass(frozen=True)
+class FloatRow:
+    """One tensor of the float remainder, stored as it is."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def float32_bytes(self) -> int:
+        """Its size with floating-point values in float32 (the uncompressed model's reference)."""
+        return 4 * self.numel if self.dtype.is_floating_point else self.bytes
 
 
 @dataclass(frozen=True)
@@ -29,10 +58,26 @@ class LayerRow:
 @dataclass(frozen=True)
 class BitSummary:
     """Per-layer rows and totals. ``storage_bytes`` counts bases, live coordinates and masks;
-    ``binary_bytes`` counts bases only; ``float_bytes`` is what the quantized weights take in float32."""
+    ``binary_bytes`` counts bases only; ``float_bytes`` is what the quantized weights take in float32.
+    ``floats`` is the float remainder; ``model_bytes`` = ``storage_bytes`` + its bytes, the packed file's
+    payload; ``model_compression`` compares it with the whole model in float32."""
 
     rows: tuple[LayerRow, ...]
     coord_bits: int
+    floats: tuple[FloatRow, ...] = ()
+
+    @property
+    def remainder_bytes(self) -> int:
+        return sum(row.bytes for row in self.floats)
+
+    @property
+    def model_bytes(self) -> int:
+        return self.storage_bytes + self.remainder_bytes
+
+    @property
+    def model_compression(self) -> float:
+        """The whole model in float32 over its multi-bit storage plus the float remainder."""
+        return (self.float_bytes + sum(row.float32_bytes for row in self.floats)) / max(self.model_bytes, 1)
 
     @property
     def numel(self) -> int:
@@ -72,10 +117,23 @@ class BitSummary:
         lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                  for row in cells]
         rule = "-" * len(lines[0])
-        totals = (f"total: {self.numel} weights, {self.avg_bits:.4f} avg bits, binary {self.binary_bytes} B, "
+        totals = (f"quantized: {self.numel} weights, {self.avg_bits:.4f} avg bits, binary {self.binary_bytes} B, "
                   f"storage {self.storage_bytes} B ({self.coord_bits}-bit coords), "
                   f"{self.compression:.1f}x smaller than float32")
-        return "\n".join([lines[0], rule, *lines[1:], rule, totals])
+        return "\n".join([lines[0], rule, *lines[1:], rule, totals, *self._remainder_lines()])
+
+    def _remainder_lines(self) -> list[str]:
+        """Float matrices left out, one line each; vectors and scalars in one line; the whole model."""
+        matrices = [row for row in self.floats if len(row.shape) >= 2]
+        rest = [row for row in self.floats if len(row.shape) < 2]
+        lines = [f"left in float: {row.name} {'x'.join(map(str, row.shape))} {str(row.dtype).removeprefix('torch.')} "
+                 f"{row.bytes} B" for row in matrices]
+        if rest:
+            lines.append(f"float remainder: {len(rest)} vectors and scalars (biases, norms, buffers), "
+                         f"{sum(row.bytes for row in rest)} B")
+        lines.append(f"whole model: {self.model_bytes} B = quantized {self.storage_bytes} B + float remainder "
+                     f"{self.remainder_bytes} B, {self.model_compression:.1f}x smaller than float32")
+        return lines
 
 
 def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
@@ -88,7 +146,9 @@ def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
         LayerRow(name, layer.layout.shape, layer.layout.describe(), layer.bits, coord_bits)
         for name, layer in layers.items()
     )
-    return BitSummary(rows, coord_bits)
+    floats = tuple(FloatRow(key, tuple(tensor.shape), tensor.dtype)
+                   for key, tensor in float_remainder(model, layers).items())
+    return BitSummary(rows, coord_bits, floats)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(packed_summary(header))
-    print(f"float remainder: {header['float_bytes']} B in {len(header['float'])} tensors")
     return 0
 
 

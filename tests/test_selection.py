@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from alq_lightning import export_packed, load_packed, load_packed_for_inference
+from alq_lightning import bit_summary, export_packed, load_packed, load_packed_for_inference
 from alq_lightning.network import MultiBitNetwork
 from alq_lightning.packed import dense_weight
 from alq_lightning.quantizer import LayerSelection, attach, find_layers
@@ -145,3 +145,24 @@ def test_every_quantized_parameter_holds_its_reconstruction_and_the_packed_file_
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
     assert report.file_bytes == path.stat().st_size
+
+
+def test_whole_model_accounting_lists_every_float_tensor_and_equals_the_packed_payload(tmp_path):
+    torch.manual_seed(0)
+    model = Zoo()
+    network = MultiBitNetwork(*attach(model, LayerSelection(max_bits=3, exclude=["gpt"])))
+    network.initialize()
+    summary = bit_summary(model)
+    expected = model.state_dict()
+    quantized = {"position", "embed.weight", "attn.in_proj_weight", "attn.out_proj.weight", "cross.q_proj_weight",
+                 "cross.k_proj_weight", "cross.v_proj_weight", "cross.out_proj.weight", "mix.matrix",
+                 "bilinear.weight", "head.weight"}
+    floats = {row.name: row for row in summary.floats}
+    assert set(floats) == set(expected) - quantized
+    assert floats["gpt.weight"].bytes == 16 * 24 * 4
+    assert summary.remainder_bytes == sum(t.numel() * t.element_size() for k, t in expected.items() if k in floats)
+    everything = sum(t.numel() * 4 for t in expected.values())
+    assert summary.model_compression == pytest.approx(everything / (summary.storage_bytes + summary.remainder_bytes))
+    report = export_packed(model, tmp_path / "zoo.alq")
+    assert report.quantized_bytes + report.float_bytes == summary.model_bytes
+    assert "left in float: gpt.weight 16x24 float32 1536 B" in str(summary)

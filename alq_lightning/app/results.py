@@ -64,13 +64,19 @@ def hardware() -> dict[str, Any]:
 
 
 def summarize_bits(summary32: BitSummary, summary16: BitSummary) -> dict[str, Any]:
-    """Average bits, storage (bases only; with 32-bit and 16-bit coordinates), per-layer bits and rows."""
+    """Average bits, storage (bases only; with 32-bit and 16-bit coordinates; the whole model with its float
+    remainder), per-layer bits and rows, and the weight matrices left in float."""
     return {
         "avg_bits": summary32.avg_bits,
         "num_weights": summary32.numel,
         "storage_bytes": {"binary": summary32.binary_bytes, "coords32": summary32.storage_bytes,
-                          "coords16": summary16.storage_bytes, "float32": summary32.float_bytes},
-        "compression": {"coords32": summary32.compression, "coords16": summary16.compression},
+                          "coords16": summary16.storage_bytes, "float32": summary32.float_bytes,
+                          "float_remainder": summary32.remainder_bytes, "model_coords32": summary32.model_bytes,
+                          "model_coords16": summary16.model_bytes},
+        "compression": {"coords32": summary32.compression, "coords16": summary16.compression,
+                        "model_coords32": summary32.model_compression,
+                        "model_coords16": summary16.model_compression},
+        "float_tensors": {row.name: list(row.shape) for row in summary32.floats if len(row.shape) >= 2},
         "layer_bits": {row.name: row.avg_bits for row in summary32.rows},
         "layers": [dict(zip(BitSummary.HEADER, row)) for row in summary32.table()],
     }

@@ -113,7 +113,8 @@ class ALQInit(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         summary = bit_summary(pl_module)
-        metrics = {"alq/avg_bits": summary.avg_bits, "alq/storage_bytes": float(summary.storage_bytes)}
+        metrics = {"alq/avg_bits": summary.avg_bits, "alq/storage_bytes": float(summary.storage_bytes),
+                   "alq/model_bytes": float(summary.model_bytes)}
         metrics.update({f"alq/{row.name}/bits": row.avg_bits for row in summary.rows})
         pl_module.log_dict(metrics, rank_zero_only=True)
 

@@ -53,6 +53,8 @@ def check_results(results: dict, out: Path, rounds: int) -> None:
     assert 0 < on_disk["avg_bits"] <= on_disk["target_bits"]
     storage = on_disk["storage_bytes"]
     assert 0 < storage["binary"] <= storage["coords16"] <= storage["coords32"] < storage["float32"]
+    assert on_disk["float_tensors"] == {}, "every weight matrix of the model is quantized"
+    assert storage["model_coords32"] > storage["coords32"] and on_disk["compression"]["model_coords32"] > 1
     assert on_disk["layer_bits"] and all(0 <= bits <= 8 for bits in on_disk["layer_bits"].values())
     assert [r["round"] for r in on_disk["rounds"]] == list(range(1, rounds + 1))
     assert on_disk["rounds"][-1]["avg_bits"] <= on_disk["target_bits"]
