@@ -95,3 +95,24 @@ def test_resuming_a_checkpoint_without_multibit_state_is_refused(tmp_path):
     alq = schedule()
     with pytest.raises(ValueError, match="no ALQ multi-bit state"):
         trainer([alq], alq.total_epochs).fit(build("cnn"), loader(), ckpt_path=tmp_path / "float.ckpt")
+
+
+def test_transformer_resumes_exactly_from_pruning_and_ste(tmp_path):
+    """Every weight matrix of a transformer (embedding, raw position embedding, attention's in_proj_weight)
+    resumes exactly: a run restarted mid-pruning and mid-STE ends like the uninterrupted one."""
+    def run(ckpt_path=None, callbacks=()):
+        alq = ALQCallback(0.8, max_bits=3, rounds=1, basis_epochs=1, coordinate_epochs=1, ste_epochs=1,
+                          final_coordinate_epochs=0)
+        x, y = make_data("tokens").tensors
+        trainer([alq, *callbacks], alq.total_epochs, enable_checkpointing=bool(callbacks)).fit(
+            build("transformer"), TensorLoader(x, y, 32, shuffle=True, seed=1), ckpt_path=ckpt_path)
+        return alq
+
+    saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}")
+    reference = final_state(run(callbacks=[saver]))
+    assert {"net.embed", "net.position", "net.encoder.self_attn.in_proj_weight"} <= set(reference)
+    for step in (20, 30):  # 8 steps per epoch: 0 basis, 1 coordinate, 2 pruning, 3 STE
+        resumed = final_state(run(ckpt_path=tmp_path / f"step={step}.ckpt"))
+        for name, tensors in reference.items():
+            for expected, actual in zip(tensors, resumed[name]):
+                assert torch.equal(expected, actual), f"{name} from step {step}"

@@ -40,11 +40,11 @@ class Probe(Callback):
         self.bits[trainer.current_epoch] = network.avg_bits
 
 
-@pytest.mark.parametrize("kind", ["mlp", "cnn", "float_parts"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "float_parts", "transformer"])
 def test_invariants_hold_after_every_stage_and_rounds_follow_the_budget(kind):
     alq = short(0.8)
     probe = Probe(alq)
-    data = loader("tokens" if kind == "float_parts" else "image")
+    data = loader("tokens" if kind in ("float_parts", "transformer") else "image")
     trainer(callbacks=[alq, probe], max_epochs=alq.total_epochs).fit(build(kind), data)
     network = alq.network
     largest_slot = max(layer.layout.group_size for layer in network.layers.values()) / network.numel

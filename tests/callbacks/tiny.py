@@ -74,6 +74,21 @@ class WithFloatParts(nn.Module):
         return self.head(self.norm(h))
 
 
+class TinyTransformer(nn.Module):
+    """Token embedding, a raw position embedding, one pre-norm encoder layer (attention's Q/K/V in the raw
+    ``in_proj_weight``), a Linear head on the mean token: every weight matrix is a different kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(8, 16)
+        self.position = nn.Parameter(torch.randn(1, 8, 16) * 0.1)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x) + self.position).mean(dim=1))
+
+
 def make_data(kind: str, n: int = 256, seed: int = 0) -> TensorDataset:
     """A learnable 4-class problem: images ``[n, 1, 8, 8]`` or token sequences ``[n, 8]``."""
     g = torch.Generator().manual_seed(seed)
@@ -99,7 +114,8 @@ def trainer(callbacks, max_epochs: int, **kwargs) -> L.Trainer:
 
 def build(kind: str, seed: int = 0) -> TinyModule:
     torch.manual_seed(seed)
-    return TinyModule({"mlp": mlp, "cnn": small_cnn, "float_parts": WithFloatParts}[kind]())
+    return TinyModule({"mlp": mlp, "cnn": small_cnn, "float_parts": WithFloatParts,
+                       "transformer": TinyTransformer}[kind]())
 
 
 CORE = ("basis_step", "coordinate_step", "ste_step", "update_stats", "quadratic_model")
