@@ -141,7 +141,7 @@ def test_float_parameters_keep_training_and_param_groups_are_untouched():
         assert not torch.equal(before[name], module.get_submodule(name.rsplit(".", 1)[0]).get_parameter(
             name.rsplit(".", 1)[1]).detach()), f"{name} should keep training"
     for layer in alq.network.layers.values():
-        assert not optimizer_states[0].get(layer.module.weight), "quantized weights must not reach the optimizer"
+        assert not optimizer_states[0].get(layer.param), "quantized weights must not reach the optimizer"
 
 
 class NaNAt(Callback):
@@ -152,7 +152,7 @@ class NaNAt(Callback):
 
     def on_after_backward(self, trainer, pl_module):
         if trainer.global_step == self.step:
-            next(iter(self.alq.network.layers.values())).module.weight.grad[0].fill_(float("nan"))
+            next(iter(self.alq.network.layers.values())).param.grad[0].fill_(float("nan"))
             self.before = self.alq.network.state_tensors()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

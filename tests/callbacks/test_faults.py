@@ -33,7 +33,7 @@ def assert_quantized(alq: ALQCallback, target_bits: float = TARGET, unstepped: t
     network = alq.network
     assert network.avg_bits <= target_bits
     for name, layer in network.layers.items():
-        weight = layer.module.weight.detach()
+        weight = layer.param.detach()
         expected = layer.layout.from_groups(layer.state.reconstruct()).to(weight.dtype)
         assert torch.equal(weight, expected), name
         assert bool((layer.state.coords >= 0).all()), name
@@ -228,7 +228,7 @@ def test_every_precision_keeps_float_state_and_writes_the_reconstruction_in_the_
     alq = short()
     fit(module, alq, precision=precision)
     for layer in alq.network.layers.values():
-        assert layer.module.weight.dtype == weight_dtype
+        assert layer.param.dtype == weight_dtype
         assert all(layer.buffer(key).dtype == state_dtype for key in ("coords", "weight_v", "coord_vmax", "latent"))
     assert not [w for w in recwarn if "not finite" in str(w.message)]
     assert_quantized(alq)

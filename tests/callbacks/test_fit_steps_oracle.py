@@ -40,7 +40,7 @@ FIRST_STE = 8
 
 def snapshot(layer) -> dict[str, torch.Tensor]:
     tensors = {key: layer.buffer(key).clone() for key in layer.multibit_tensors()}
-    tensors["weight"] = layer.module.weight.detach().clone()
+    tensors["weight"] = layer.param.detach().clone()
     return tensors
 
 
@@ -61,7 +61,7 @@ class Capture(Callback):
         self.alq, self.steps = alq, []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.before = {name: {**snapshot(layer), "grad": layer.module.weight.grad.detach().clone()}
+        self.before = {name: {**snapshot(layer), "grad": layer.param.grad.detach().clone()}
                        for name, layer in self.alq.network.layers.items()}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

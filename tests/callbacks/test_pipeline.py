@@ -31,7 +31,7 @@ class Probe(Callback):
         network = self.alq.network
         for name, layer in network.layers.items():
             state = layer.state
-            assert torch.equal(layer.module.weight.detach(), layer.layout.from_groups(state.reconstruct())), name
+            assert torch.equal(layer.param.detach(), layer.layout.from_groups(state.reconstruct())), name
             assert bool((state.coords >= 0).all()), name
             assert bool((state.coords[~state.mask] == 0).all()), name
             if name in self.masks:

@@ -93,7 +93,7 @@ def test_trace_follows_the_documented_schedule(monkeypatch, case):
     assert recorder.stray == [], "core calls between optimizer steps"
     network = alq.network
     layers = len(network.layers)
-    numel = sum(layer.module.weight.numel() for layer in network.layers.values())
+    numel = sum(layer.param.numel() for layer in network.layers.values())
     sizes = [layer.layout.group_size * (layer.state.max_bits if c["pruning"] == "groups" else 1)
              for layer in network.layers.values()]
     slot = max(sizes)

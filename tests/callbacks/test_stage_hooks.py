@@ -85,7 +85,7 @@ class Accumulated(Callback):
         self.batches.append(batch)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        weights = [layer.module.weight for layer in self.alq.network.layers.values()]
+        weights = [layer.param for layer in self.alq.network.layers.values()]
         loss = sum(nn.functional.cross_entropy(pl_module(x), y) for x, y in self.batches)
         grads = torch.autograd.grad(loss / trainer.accumulate_grad_batches, weights)
         self.expected.append((trainer.current_epoch, len(self.batches), [g.reshape(g.shape[0], -1) for g in grads]))
@@ -130,7 +130,7 @@ class Reconstruction(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.equal.append(all(
-            torch.equal(layer.module.weight.detach(), layer.layout.from_groups(layer.state.reconstruct()))
+            torch.equal(layer.param.detach(), layer.layout.from_groups(layer.state.reconstruct()))
             for layer in self.alq.network.layers.values()))
 
 
@@ -145,7 +145,7 @@ def test_bf16_mixed_precision_keeps_the_weights_at_the_reconstruction(monkeypatc
     assert len(check.equal) == 2 * alq.total_epochs and all(check.equal)
     assert all(len(step.calls) >= len(alq.network.layers) for step in recorder.steps)
     for layer in alq.network.layers.values():
-        assert layer.module.weight.dtype == torch.float32
+        assert layer.param.dtype == torch.float32
         for key, tensor in layer.multibit_tensors().items():
             if key not in ("codes", "mask"):
                 assert tensor.dtype == torch.float32 and bool(tensor.isfinite().all()), key

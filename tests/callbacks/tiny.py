@@ -156,8 +156,8 @@ class Recorder(Callback):
         self.stray: list[Call] = []
 
     def _snapshot(self, pl_module) -> None:
-        quantized = {id(layer.module.weight) for layer in self.alq.network.layers.values()}
-        self.weights = {n: layer.module.weight.detach().clone() for n, layer in self.alq.network.layers.items()}
+        quantized = {id(layer.param) for layer in self.alq.network.layers.values()}
+        self.weights = {n: layer.param.detach().clone() for n, layer in self.alq.network.layers.items()}
         self.floats = {n: p.detach().clone() for n, p in pl_module.named_parameters() if id(p) not in quantized}
 
     def on_train_start(self, trainer, pl_module) -> None:
