@@ -130,7 +130,7 @@ def attach_tensors(model: nn.Module, tensors: Mapping[str, Mapping[str, torch.Te
                                              structures=structures, max_bits_overrides=max_bits))
     for name, layer in layers.items():
         for key, tensor in layer.multibit_tensors().items():
-            if key in tensors[name]:
+            if key in tensors[name] and key != "latent":  # latent weights exist only during STE; export needs none
                 tensor.copy_(tensors[name][key])
         layer.write_weight()
 

@@ -116,7 +116,12 @@ class MultiBitNetwork:
     def start_ste(self) -> None:
         """Latent float weights start at ŵ."""
         for layer in self.layers.values():
-            layer.buffer("latent").copy_(layer.state.reconstruct())
+            layer.hold_latent(layer.state.reconstruct())
+
+    def end_ste(self) -> None:
+        """Drop the latent weights (4 bytes per weight) once STE is over."""
+        for layer in self.layers.values():
+            layer.hold_latent(None)
 
     def ste_step(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
         for name, grad in grads.items():
@@ -187,13 +192,19 @@ class MultiBitNetwork:
         for name, layer in self.layers.items():
             for key, target in layer.multibit_tensors().items():
                 source = tensors[name].get(key)
-                if source is None or source.shape != target.shape:
+                shapes = {tuple(target.shape)}
+                if key == "latent":
+                    shapes = {(0, layer.layout.group_size), (layer.layout.num_groups, layer.layout.group_size)}
+                if source is None or tuple(source.shape) not in shapes:
                     found = None if source is None else tuple(source.shape)
                     raise ValueError(f"checkpoint tensor {name}.{key} is {found}, the model expects "
-                                     f"{tuple(target.shape)}")
+                                     f"{' or '.join(map(str, sorted(shapes)))}")
         for name, layer in self.layers.items():
             for key, target in layer.multibit_tensors().items():
-                target.copy_(tensors[name][key])
+                if key != "latent":
+                    target.copy_(tensors[name][key])
+            latent = tensors[name]["latent"]
+            layer.hold_latent(latent if latent.numel() else None)
             if "steps" in tensors[name]:
                 self.weight_steps[name], self.coord_steps[name] = map(int, tensors[name]["steps"].tolist())
         self.write_weights()

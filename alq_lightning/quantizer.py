@@ -13,7 +13,7 @@ plain ``load_state_dict`` of a quantized checkpoint needs nothing from this pack
 ``alq_<key>`` for its ``weight`` and ``alq_<parameter>_<key>`` for another parameter::
 
     codes [G, n] uint8 (packed bases)      coords [G, K]      mask [G, K] bool
-    weight_m/v/vmax [G, n]    coord_m/v/vmax [G, K]      latent [G, n]
+    weight_m/v/vmax [G, n]    coord_m/v/vmax [G, K]      latent [G, n] during STE, [0, n] otherwise
 
 The float buffers hold float32 (float64 for a float64 weight) whatever the model's precision: they are
 registered as int32 (int64) tensors of the same bytes and read through a float view, because
@@ -120,15 +120,25 @@ class QuantizedLayer:
         self.load_state(greedy_init(self.weight_groups(), self.state.max_bits))
 
     def load_state(self, state: MultiBitState) -> None:
-        """Copy ``state`` into the buffers, zero statistics and latent weights, write ŵ into the weight."""
+        """Copy ``state`` into the buffers, zero statistics, drop latent weights, write ŵ into the weight."""
         current = self.state
         for target, source in zip((current.codes, current.coords, current.mask),
                                   (state.codes, state.coords, state.mask)):
             target.copy_(source)
         for stats in (self.weight_stats, self.coord_stats):
             stats.reset()
-        self.buffer("latent").zero_()
+        self.hold_latent(None)
         self.write_weight()
+
+    def hold_latent(self, latent: torch.Tensor | None) -> None:
+        """Hold a copy of ``latent [G, n]`` as the latent weights, or none (``[0, n]``): STE alone needs them,
+        so the other stages do without their 4 bytes per weight."""
+        coords = self.buffer("coords")
+        rows = 0 if latent is None else self.layout.num_groups
+        stored = torch.zeros(rows, self.layout.group_size, dtype=coords.dtype, device=coords.device)
+        if latent is not None:
+            stored.copy_(latent)
+        self.module.register_buffer(self.buffer_name("latent"), stored.view(_STORAGE[coords.dtype]), persistent=False)
 
     def write_weight(self) -> None:
         """Copy the reconstruction ŵ into the dense parameter."""
@@ -285,8 +295,8 @@ def attach(model: nn.Module, selection: LayerSelection) -> tuple[dict[str, Quant
         module, param = candidate.module, candidate.param
         layer = QuantizedLayer(name, module, layout, candidate.attr, candidate.module_name)
         storage = _STORAGE[torch.float64 if param.dtype == torch.float64 else torch.float32]
-        shapes = dict.fromkeys(("codes", "weight_m", "weight_v", "weight_vmax", "latent"),
-                               (layout.num_groups, layout.group_size))
+        shapes = dict.fromkeys(("codes", "weight_m", "weight_v", "weight_vmax"), (layout.num_groups, layout.group_size))
+        shapes["latent"] = (0, layout.group_size)
         shapes.update(dict.fromkeys(("coords", "mask", "coord_m", "coord_v", "coord_vmax"),
                                     (layout.num_groups, max_bits)))
         for key in BUFFER_KEYS:

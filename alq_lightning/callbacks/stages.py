@@ -115,6 +115,10 @@ class STEFineTune(ALQStage):
             self.started = True
         self.network.ste_step(grads, self.current_lr(trainer))
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.started and trainer.current_epoch == self.end_epoch - 1:
+            self.network.end_ste()
+
     def state_dict(self) -> dict[str, Any]:
         return {"started": self.started}
 
