@@ -16,6 +16,7 @@ from alq_lightning.models import (
     ResNet20,
     ResNet34,
     VGGSmall,
+    ViTTiny,
     build_model,
     paper_structures,
 )
@@ -44,6 +45,9 @@ def build_on_meta(cls: type[nn.Module], **kwargs: object) -> nn.Module:
         ("resnet34", 3, 32, {}),
         ("resnet18", 3, 64, {}),
         ("resnet34", 3, 64, {}),
+        ("vit_tiny", 1, 28, {}),
+        ("vit_tiny", 1, 28, {"patch_size": 7, "depth": 2, "dropout": 0.1}),
+        ("vit_tiny", 3, 32, {"dim": 48, "heads": 3, "mlp_ratio": 4}),
     ],
 )
 def test_output_shape(name: str, channels: int, size: int, kwargs: dict) -> None:
@@ -70,6 +74,49 @@ def test_lenet5_order_pool_before_relu() -> None:
     h = torch.relu(torch.max_pool2d(model.conv2(h), 2))
     expected = model.fc2(torch.relu(model.fc1(h.flatten(1))))
     torch.testing.assert_close(model(x), expected)
+
+
+def test_vit_tiny_parameters_and_count() -> None:
+    model = ViTTiny(patch_size=7)
+    matrices = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() >= 2}
+    layer = {"self_attn.in_proj_weight": (192, 64), "self_attn.out_proj.weight": (64, 64),
+             "linear1.weight": (128, 64), "linear2.weight": (64, 128)}
+    assert matrices == {
+        "class_token": (1, 64),
+        "position_embedding": (17, 64),
+        "patch_embedding.weight": (64, 1, 7, 7),
+        **{f"encoder.layers.{i}.{name}": shape for i in range(4) for name, shape in layer.items()},
+        "head.weight": (10, 64),
+    }
+    # Q, K and V are one raw Parameter of nn.MultiheadAttention, the class token and position embedding raw
+    # Parameters of the model: no Linear/Conv module holds them.
+    attention = model.encoder.layers[0].self_attn
+    assert isinstance(attention, nn.MultiheadAttention) and attention.in_proj_weight is not None
+    held = {id(m.weight) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    raw = [n for n, p in model.named_parameters() if p.dim() >= 2 and id(p) not in held]
+    assert raw == ["class_token", "position_embedding"] + [f"encoder.layers.{i}.self_attn.in_proj_weight"
+                                                           for i in range(4)]
+    # matrices: 64 + 17*64 + 64*49 + 4 * (3*64*64 + 64*64 + 2 * 64*128) + 10*64 = 136 000; vectors (biases,
+    # LayerNorms): 64 + 4 * (3*64 + 64 + 128 + 64 + 4*64) + 2*64 + 10 = 3 018.
+    assert sum(p.numel() for n, p in model.named_parameters() if n in matrices) == 136_000
+    assert count_parameters(model) == 139_018
+    assert count_parameters(ViTTiny()) == 139_018 + (50 - 17) * 64 - 64 * (49 - 16)
+    layer_0 = model.encoder.layers[0]
+    assert layer_0.norm_first and layer_0.self_attn.batch_first and layer_0.self_attn.num_heads == 4
+
+
+def test_vit_tiny_forward_by_hand() -> None:
+    torch.manual_seed(0)
+    model = ViTTiny(patch_size=7, depth=2).eval()
+    x = torch.randn(3, 1, 28, 28)
+    tokens = model.patch_embedding(x).flatten(2).transpose(1, 2)
+    tokens = torch.cat([model.class_token.expand(3, 1, 64), tokens], dim=1) + model.position_embedding
+    for layer in model.encoder.layers:
+        h = layer.norm1(tokens)
+        tokens = tokens + layer.self_attn(h, h, h, need_weights=False)[0]
+        tokens = tokens + layer.linear2(torch.nn.functional.gelu(layer.linear1(layer.norm2(tokens))))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.head(model.norm(tokens[:, 0])), atol=1e-5, rtol=1e-5)
 
 
 def test_resnet_counts() -> None:
@@ -131,6 +178,10 @@ def test_vgg_small_width_rounds_to_integers() -> None:
         (lambda: VGGSmall(input_size=4), "input_size=4"),
         (lambda: ResNet20(width=0), "width=0"),
         (lambda: ResNet18(in_channels=2.5), "in_channels=2.5"),
+        (lambda: ViTTiny(patch_size=5), "input_size=28 is not a multiple of patch_size=5"),
+        (lambda: ViTTiny(dim=64, heads=6), "dim=64 is not a multiple of heads=6"),
+        (lambda: ViTTiny(depth=0), "depth=0"),
+        (lambda: ViTTiny(dropout=1.0), "dropout=1.0"),
     ],
 )
 def test_invalid_arguments(call, argument: str) -> None:
@@ -184,7 +235,11 @@ def test_paper_presets_match_the_paper() -> None:
         preset = PAPER_STRUCTURES[name]
         assert preset["conv1"] == "channelwise" and preset["fc"] == "subchannelwise(2)"
         assert list(preset.values()).count("pixelwise") == convs - 1 and len(preset) == convs + 1
-    assert PAPER_MAX_BITS == {"lenet5": 6, "vgg_small": 6, "resnet20": 6, "resnet18": 8, "resnet34": 8}
+    vit = dict(PAPER_STRUCTURES["vit_tiny"])
+    assert vit.pop("patch_embedding") == "channelwise" and set(vit.values()) == {"subchannelwise(1)"}
+    assert len(vit) == 4 * 3 + 1 and "head" in vit
+    assert PAPER_MAX_BITS == {"lenet5": 6, "vgg_small": 6, "resnet20": 6, "resnet18": 8, "resnet34": 8,
+                              "vit_tiny": 6}
 
 
 @pytest.mark.parametrize("width", [0.25, 0.3, 0.13, 0.01])

@@ -14,6 +14,7 @@ from torch import nn
 from alq_lightning.models.lenet import LeNet5
 from alq_lightning.models.resnet import BasicBlock, ResNet, ResNet18, ResNet20, ResNet34
 from alq_lightning.models.vgg import VGGSmall
+from alq_lightning.models.vit import ViTTiny
 
 __all__ = [
     "BasicBlock",
@@ -26,6 +27,7 @@ __all__ = [
     "ResNet20",
     "ResNet34",
     "VGGSmall",
+    "ViTTiny",
     "build_model",
     "paper_structures",
 ]
@@ -36,6 +38,7 @@ _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda c, k, s, **kw: ResNet20(c, k, **kw),
     "resnet18": lambda c, k, s, **kw: ResNet18(c, k, s, **kw),
     "resnet34": lambda c, k, s, **kw: ResNet34(c, k, s, **kw),
+    "vit_tiny": lambda c, k, s, **kw: ViTTiny(c, k, s, **kw),
 }
 _DEFAULTS: dict[str, Callable[[], nn.Module]] = {
     "lenet5": LeNet5,
@@ -43,18 +46,23 @@ _DEFAULTS: dict[str, Callable[[], nn.Module]] = {
     "resnet20": ResNet20,
     "resnet18": ResNet18,
     "resnet34": ResNet34,
+    "vit_tiny": ViTTiny,
 }
 MODEL_NAMES: tuple[str, ...] = tuple(_FACTORIES)
 
-PAPER_MAX_BITS: dict[str, int] = {"lenet5": 6, "vgg_small": 6, "resnet20": 6, "resnet18": 8, "resnet34": 8}
+PAPER_MAX_BITS: dict[str, int] = {"lenet5": 6, "vgg_small": 6, "resnet20": 6, "resnet18": 8, "resnet34": 8,
+                                  "vit_tiny": 6}
 
-# Per model: (structure of the first conv, structure of the other convs, S of each Linear in order).
-_PAPER_RULES: dict[str, tuple[str, str, tuple[int, ...]]] = {
+# Per model: (structure of the first conv, structure of the other convs, S of each Linear in order, or one S for
+# every Linear). The paper has no transformer: vit_tiny's preset follows its rules (the patch embedding is the
+# first conv; every Linear row, 64-128 weights at dim 64, is one group, as in LeNet5's last FC layer).
+_PAPER_RULES: dict[str, tuple[str, str, tuple[int, ...] | int]] = {
     "lenet5": ("kernelwise", "kernelwise", (2, 1)),
     "vgg_small": ("channelwise", "pixelwise", (16, 2, 2)),
     "resnet20": ("channelwise", "pixelwise", (2,)),
     "resnet18": ("channelwise", "pixelwise", (2,)),
     "resnet34": ("channelwise", "pixelwise", (2,)),
+    "vit_tiny": ("channelwise", "pixelwise", 1),
 }
 
 
@@ -68,8 +76,9 @@ def check_model_name(name: str) -> str:
 def build_model(name: str, in_channels: int, num_classes: int, input_size: int, **kwargs: Any) -> nn.Module:
     """Build model ``name`` for ``[B, in_channels, input_size, input_size]`` inputs and ``num_classes`` logits.
 
-    ``kwargs`` go to the constructor (``width`` for ``vgg_small`` and ``resnet20``). ``resnet20`` is fully
-    convolutional and ignores ``input_size``.
+    ``kwargs`` go to the constructor (``width`` for ``vgg_small`` and ``resnet20``; ``patch_size``, ``dim``,
+    ``depth``, ``heads``, ``mlp_ratio`` and ``dropout`` for ``vit_tiny``). ``resnet20`` is fully convolutional
+    and ignores ``input_size``.
     """
     return _FACTORIES[check_model_name(name)](in_channels, num_classes, input_size, **kwargs)
 
@@ -86,6 +95,10 @@ def paper_structures(name: str, model: nn.Module | None = None) -> dict[str, str
     The first conv gets the model's first-conv structure, every other conv (shortcuts included) the
     other-conv structure; the Linear layers, in order, get ``subchannelwise(S)`` with the paper's ``S``,
     lowered to the largest divisor of ``in_features`` not above it (width-reduced models stay valid).
+    ``vit_tiny``, which the paper does not cover, gets its rules: ``channelwise`` patch embedding and
+    ``subchannelwise(1)`` for every Linear (attention ``out_proj``, MLPs, head). Raw Parameters (its
+    ``in_proj_weight``, class token, position embedding) are not modules and are not named here: they take
+    the automatic layout, which for rows of up to 1024 weights is the same one group per row.
     """
     first, other, subchannels = _PAPER_RULES[check_model_name(name)]
     if model is None:
@@ -93,6 +106,8 @@ def paper_structures(name: str, model: nn.Module | None = None) -> dict[str, str
             model = _DEFAULTS[name]()
     convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if isinstance(subchannels, int):
+        subchannels = (subchannels,) * len(linears)
     if not convs or len(linears) != len(subchannels):
         raise ValueError(
             f"model has {len(convs)} Conv2d and {len(linears)} Linear layers; the {name!r} preset needs at least "

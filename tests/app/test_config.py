@@ -44,10 +44,10 @@ def _offline(monkeypatch, tmp_path):
 
 def test_every_group_has_its_options():
     assert set(options("data")) == {"fashion_mnist", "mnist", "cifar10", "imagenet", "synthetic"}
-    assert set(options("model")) == {"lenet5", "vgg_small", "resnet20", "resnet18", "resnet34"}
+    assert set(options("model")) == {"lenet5", "vgg_small", "resnet20", "resnet18", "resnet34", "vit_tiny"}
     assert set(options("trainer")) == {"cpu", "gpu", "ddp"}
     assert set(options("logger")) == {"wandb", "csv", "none"}
-    assert {"smoke", "fmnist_lenet5", "fmnist_lenet5_protocol", "fmnist_vgg_small", "lenet5_mnist",
+    assert {"smoke", "fmnist_lenet5", "fmnist_lenet5_protocol", "fmnist_vgg_small", "fmnist_vit_tiny", "lenet5_mnist",
             "vgg_small_cifar10", "resnet18_imagenet"} <= set(options("experiment"))
 
 
@@ -59,6 +59,17 @@ def test_option_composes_and_resolves(group, option, tmp_path):
     if group == "experiment":
         assert cfg.alq.target_bits > 0
         trainer_arguments(cfg.trainer)
+
+
+def test_vit_tiny_experiment_quantizes_every_matrix_at_one_bit(tmp_path):
+    cfg = compose_with(["experiment=fmnist_vit_tiny"], tmp_path)
+    assert (cfg.model.name, cfg.data.name, cfg.alq.target_bits) == ("vit_tiny", "fashion_mnist", 1)
+    assert list(cfg.alq.include) == ["*"] and not cfg.alq.exclude and not cfg.alq.keep_first and not cfg.alq.keep_last
+    datamodule = build_data(cfg.data)
+    network = build_network(cfg.model, datamodule)
+    assert network.position_embedding.shape == (17, 64)
+    callback = build_alq_callback(cfg.alq, cfg.model.name, network)
+    assert callback.init.selection.max_bits == cfg.alq.max_bits
 
 
 def test_default_job_is_fmnist_lenet5(tmp_path):

@@ -89,6 +89,7 @@ def test_lenet5_on_fashion_mnist_slices_then_cache_reuse(tmp_path):
     ("vgg_small", ["model.width=0.25"]),
     ("resnet20", ["model.width=4"]),
     ("resnet34", ["alq.max_bits=2", "data.batch_size=64"]),
+    ("vit_tiny", ["model.depth=1", "model.patch_size=2"]),  # raw Parameters and in_proj_weight quantized too
 ])
 def test_other_models_on_synthetic_data(model, extra, tmp_path):
     results, out = run(tmp_path, [f"model={model}", *SYNTHETIC, *extra])
