@@ -61,6 +61,15 @@ def _check_section(entry: dict[str, Any], where: str, start: int, length: int, g
     return start + length
 
 
+def _unique_name(entry: dict[str, Any], kind: str, names: set[str]) -> str:
+    """``"<kind> '<name>'"`` for messages, after checking the name is new to ``names`` (then added)."""
+    where = f"{kind} {entry['name']!r}"
+    if entry["name"] in names:
+        raise ValueError(f"{where} appears twice")
+    names.add(entry["name"])
+    return where
+
+
 def check_header(header: Any, payload: torch.Tensor) -> None:
     """Raise ValueError naming the first part of ``header`` that does not describe ``payload`` (``[P]`` uint8)
     as :func:`export_packed` lays it out.
@@ -83,10 +92,7 @@ def check_header(header: Any, payload: torch.Tensor) -> None:
     cursor, names = 0, set()
     for index, entry in enumerate(header["layers"]):
         _check_fields(entry, f"layers[{index}]", _LAYER_FIELDS)
-        where = f"layer {entry['name']!r}"
-        if entry["name"] in names:
-            raise ValueError(f"{where} appears twice")
-        names.add(entry["name"])
+        where = _unique_name(entry, "layer", names)
         try:
             layout = auto_layout(_check_shape(entry["shape"], where, 1), entry["structure"])
             check_max_bits(entry["max_bits"])
@@ -113,10 +119,7 @@ def check_header(header: Any, payload: torch.Tensor) -> None:
     names = set()
     for index, entry in enumerate(header["float"]):
         _check_fields(entry, f"float[{index}]", _FLOAT_FIELDS)
-        where = f"float tensor {entry['name']!r}"
-        if entry["name"] in names:
-            raise ValueError(f"{where} appears twice")
-        names.add(entry["name"])
+        where = _unique_name(entry, "float tensor", names)
         length = math.prod(_check_shape(entry["shape"], where, 0)) * _check_dtype(entry["dtype"], where).itemsize
         cursor = _check_section(entry, where, cursor, length, "its shape and dtype", size)
     if header["float_bytes"] != cursor - header["quantized_bytes"]:

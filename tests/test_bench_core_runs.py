@@ -1,24 +1,14 @@
 """bench/bench_core.py keeps every run: the stored runs list, a file from before it, and the history table."""
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
 
 @pytest.fixture
-def core(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    for name in ("common", "bench_core"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    yield importlib.import_module("bench_core")
-    for name in ("common", "bench_core"):
-        sys.modules.pop(name, None)
+def core(bench_module):
+    return bench_module("bench_core")
 
 
 def run(date: str, commit: str | None, dirty: bool = False, device: str = "cpu") -> dict:

@@ -1,24 +1,12 @@
 """The accuracy-vs-bits study's comparison against reference points (bench/accuracy_vs_bits.py)."""
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture
-def study(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-    for name in ("common", "accuracy_vs_bits"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    module = importlib.import_module("accuracy_vs_bits")
-    yield module
-    for name in ("common", "accuracy_vs_bits"):
-        sys.modules.pop(name, None)
+def study(bench_module):
+    return bench_module("accuracy_vs_bits")
 
 
 def row(target: float, bits: float, acc: float, std: float = 0.0, seeds: tuple[int, ...] = (0,)) -> dict:

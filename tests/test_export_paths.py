@@ -2,7 +2,6 @@
 exports, and inputs that are not checkpoints."""
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -31,13 +30,6 @@ def write_checkpoint(path: Path, architecture: dict | None = None) -> Classifier
     torch.save({"state_dict": module.state_dict(), "alq": network.state_tensors(),
                 "hyper_parameters": dict(module.hparams)}, path)
     return module
-
-
-@pytest.fixture
-def umask_027():
-    old = os.umask(0o027)
-    yield 0o640
-    os.umask(old)
 
 
 def test_packed_file_mode_follows_the_umask(tmp_path, umask_027):

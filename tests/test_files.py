@@ -15,13 +15,6 @@ import pytest
 from alq_lightning.files import write_atomic
 
 
-@pytest.fixture
-def umask_027():
-    old = os.umask(0o027)
-    yield 0o640
-    os.umask(old)
-
-
 def test_new_file_takes_its_mode_from_the_umask(tmp_path, umask_027):
     path = write_atomic(tmp_path / "f.bin", lambda handle: handle.write(b"data"))
     assert path.read_bytes() == b"data"
