@@ -45,7 +45,10 @@ def test_invariants_hold_after_every_stage_and_rounds_follow_the_budget(kind):
     alq = short(0.8)
     probe = Probe(alq)
     data = loader("tokens" if kind in ("float_parts", "transformer") else "image")
-    trainer(callbacks=[alq, probe], max_epochs=alq.total_epochs).fit(build(kind), data)
+    module = build(kind)
+    trainer(callbacks=[alq, probe], max_epochs=alq.total_epochs).fit(module, data)
+    matrices = {id(p) for p in module.parameters() if p.dim() >= 2}
+    assert {id(layer.param) for layer in alq.network.layers.values()} == matrices, "every weight matrix, by default"
     network = alq.network
     largest_slot = max(layer.layout.group_size for layer in network.layers.values()) / network.numel
     prunings = [s for s in alq.stages if isinstance(s, BitwidthReduction)]
