@@ -219,6 +219,16 @@ def test_independent_of_batch():
         torch.testing.assert_close(alone.reconstruct()[0], batched.reconstruct()[g], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("block", [1, 18, 24, 41, 1 << 20])
+def test_blocks_of_groups_give_the_same_sketch(block):
+    """Groups are sketched independently, so any block size (1, 2, 3 or 7 blocks of 7 groups of 6) gives the
+    same state."""
+    w = torch.randn(7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    whole, blocked = greedy_init(w, 4), greedy_init(w, 4, block=block)
+    assert torch.equal(blocked.codes, whole.codes) and torch.equal(blocked.mask, whole.mask)
+    torch.testing.assert_close(blocked.coords, whole.coords, rtol=1e-12, atol=1e-14)
+
+
 def test_float32_follows_float64():
     w = torch.randn(20, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     state32 = greedy_init(w.float(), 4)

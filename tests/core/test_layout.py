@@ -245,6 +245,36 @@ def test_auto_layout_explicit_structure_wins():
         auto_layout((10,))
 
 
+@pytest.mark.parametrize("shape,kind,expected", [
+    ((8, 32, 3, 3), "auto", ("pixelwise", 1)),
+    ((8, 3, 3, 3), "conv", ("kernelwise", 1)),
+    ((10, 2048), "auto", ("subchannelwise", 2)),
+    ((10, 2048), "rows", ("subchannelwise", 2)),
+    ((1, 5, 2048), "rows", ("subchannelwise", 2)),  # rows over every leading index, chunks of the last dimension
+    ((2048, 10), "columns", ("columnwise", 2)),  # (in, out) used as x @ W: chunks of the inputs of one output
+    ((3000, 2048), "columns", ("columnwise", 3)),
+])
+def test_auto_layout_default_of_each_kind(shape, kind, expected):
+    """Each kind's documented default; chunks of the rows/columns kinds hold at most 1024 weights."""
+    layout = auto_layout(shape, kind=kind)
+    assert (layout.structure, layout.subchannels) == expected
+    assert layout.structure in ("pixelwise", "kernelwise") or layout.group_size <= 1024
+
+
+def test_auto_layout_refuses_an_unknown_kind_and_names_the_valid_ones():
+    with pytest.raises(ValueError, match="kind='diagonal'") as error:
+        auto_layout((4, 4), kind="diagonal")
+    offered = allowed_names(str(error.value))
+    assert offered == ["auto", "conv", "rows", "columns"]
+    for kind in offered:  # each is accepted (a conv kind for a matrix fails on the shape, not on the kind)
+        try:
+            auto_layout((4, 4), kind=kind)
+        except ValueError as shape_error:
+            assert "kind=" not in str(shape_error)
+    with pytest.raises(ValueError, match=r"shape=\(4, 10\).*Conv weight"):
+        auto_layout((4, 10), kind="conv")
+
+
 @given(in_features=st.integers(1, 5000))
 @settings(max_examples=50, deadline=None)
 def test_auto_subchannels_chunk_size(in_features):

@@ -229,8 +229,24 @@ def test_select_budget_counts_bits_beyond_float32_precision():
     """Budgets of large networks exceed 2^24 bits: a request one bit above a saving is still met, not rounded."""
     scores = torch.tensor([0.0, 1.0, 2.0], dtype=F64)
     bits = torch.tensor([2.0**24, 1.0, 1.0], dtype=F64)
-    assert select_budget(scores, bits, 2**24 + 1).tolist() == [True, True, False]
-    assert select_budget(scores, bits, 2**24).tolist() == [True, False, False]
+    assert select_budget(scores, bits, 2.0**24 + 1).tolist() == [True, True, False]
+    assert select_budget(scores, bits, 2.0**24).tolist() == [True, False, False]
+
+
+def test_select_budget_takes_a_single_entry():
+    assert select_budget(torch.tensor([1.0]), torch.tensor([4.0]), 2.0).tolist() == [True]
+    assert select_budget(torch.tensor([INF]), torch.tensor([4.0]), 2.0).tolist() == [False]
+
+
+def test_select_budget_equals_oracle_with_empty_unselectable_entries():
+    """Unselectable entries without bits (empty groups: infinite score, no live bits) never change the selection."""
+    rng = random.Random(0)
+    for _ in range(300):
+        scores = [rng.choice([-1.0, 0.0, 1.0, 3.5, INF, INF]) for _ in range(rng.randint(1, 10))]
+        bits = [0.0 if score == INF and rng.random() < 0.7 else float(rng.randint(1, 8)) for score in scores]
+        request = rng.choice([0.5, 1.0, 3.0, 7.0, 20.0, sum(b for s, b in zip(scores, bits) if s != INF)])
+        chosen = select_budget(torch.tensor(scores, dtype=F64), torch.tensor(bits, dtype=F64), request)
+        assert as_set({"x": chosen}) == oracle_select({"x": scores}, {"x": bits}, request)
 
 
 def test_select_groups_never_picks_a_group_without_live_bits():
