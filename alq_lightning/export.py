@@ -183,7 +183,8 @@ def read_packed(path: str | os.PathLike) -> PackedFile:
     if start + CHECKSUM_BYTES > file_size:
         raise ValueError(f"{path}: its {header_length}-byte header does not fit in the {file_size}-byte file")
     header = _parse_header(path, data[PREAMBLE.size:start])
-    payload = torch.frombuffer(bytearray(data[start:-CHECKSUM_BYTES]), dtype=torch.uint8)
+    body = bytearray(data[start:-CHECKSUM_BYTES])
+    payload = torch.frombuffer(body, dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
     try:
         check_header(header, payload)
     except ValueError as error:

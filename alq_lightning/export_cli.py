@@ -98,11 +98,15 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
 
 
 def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.", **given: Any) -> nn.Module:
-    """The quantized model stored in a Lightning checkpoint (dense ``state_dict`` + ``"alq"`` tensors)."""
+    """The quantized model stored in a Lightning checkpoint (dense ``state_dict`` + ``"alq"`` tensors), in the
+    dtype of its weights when they all share one."""
     name, kwargs = architecture(checkpoint.get("hyper_parameters") or {}, **given)
     model = build_model(name, **kwargs)
     state = {key[len(prefix):]: value for key, value in checkpoint.get("state_dict", {}).items()
              if key.startswith(prefix)}
+    dtypes = {value.dtype for value in state.values() if value.is_floating_point()}
+    if len(dtypes) == 1:  # a run in 16-true / bf16-true / 64-true stored its weights (ŵ) in that dtype
+        model.to(dtypes.pop())
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -93,8 +93,9 @@ def check_header(header: Any, payload: torch.Tensor) -> None:
     for index, entry in enumerate(header["layers"]):
         _check_fields(entry, f"layers[{index}]", _LAYER_FIELDS)
         where = _unique_name(entry, "layer", names)
+        shape = _check_shape(entry["shape"], where, 1)
         try:
-            layout = auto_layout(_check_shape(entry["shape"], where, 1), entry["structure"])
+            layout = auto_layout(shape, entry["structure"])
             check_max_bits(entry["max_bits"])
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
