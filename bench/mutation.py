@@ -1,6 +1,7 @@
 """Mutation scores of three packages with mutmut, each against its own tests.
 
-    python bench/mutation.py [--package core|callbacks|packed|all] [--max-mutants N] [--resume] [--workers 1]
+    python bench/mutation.py [--package core|callbacks|packed|all] [--max-mutants N] [--resume | --retest]
+                             [--workers 1]
 
 For each package the working tree's ``alq_lightning/``, ``tests/`` and ``conf/`` are copied into
 ``bench/runs/mutation/<package>/`` (git-ignored) and mutmut runs there: it mutates its own copy under
@@ -9,6 +10,11 @@ For each package the working tree's ``alq_lightning/``, ``tests/`` and ``conf/``
 test selection), stops at the first failure, and is killed after a CPU-time limit scaled from those tests'
 clean duration (``--timeout-multiplier``, ``--timeout-constant``). Hypothesis runs derandomized without its
 example database, so a run is reproducible.
+
+``--retest`` reuses a finished run after tests were added: the snapshot's tests are replaced by the working
+tree's and only the mutants not killed are run again. A killed mutant stays killed because tests are only ever
+added; the run is refused when a mutated source file differs from the snapshot, when the test selection would
+change (mutmut would then discard every verdict) or when a clean test fails.
 
 Writes ``bench/results/mutation.json`` (per package: killed, survived, timeout, no tests, total, % killed, and an
 "adjusted" % that leaves out the survivors judged equivalent in ``bench/mutation_equivalent.md``) and a table
@@ -32,14 +38,14 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from mutation_report import equivalents, score, statuses, table
+
 from common import git_state, hardware, write_section
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RUNS = HERE / "runs" / "mutation"
 COPIED = ("alq_lightning", "tests", "conf", "pyproject.toml")
-STATUSES = ("killed", "survived", "timeout", "no tests", "suspicious", "segfault", "skipped", "caught by type check",
-            "check was interrupted by user", "not checked")
 MUTMUT_MARK = re.compile(r"__mutmut_\d|mutmut generated")
 
 
@@ -153,6 +159,31 @@ def prepare(name: str, package: Package, args: argparse.Namespace, work: Path, e
     return tests, failed
 
 
+def retest(name: str, package: Package, work: Path, env: dict) -> tuple[list[str], list, list[str]]:
+    """Swap the working tree's tests into a finished snapshot; the tests, the left-out ones, the mutants to rerun."""
+    if not (work / "mutants").exists():
+        sys.exit(f"{name}: no finished run in {work} to retest; run without --retest")
+    changed = [path for path in expand(package.sources, ROOT)
+               if not (work / path).exists() or (work / path).read_bytes() != (ROOT / path).read_bytes()]
+    if changed or expand(package.sources, ROOT) != expand(package.sources, work):
+        sys.exit(f"{name}: the mutated sources changed since the snapshot ({', '.join(changed) or 'files added'}); "
+                 "run without --retest")
+    tests, failed = json.loads((work / "tests.json").read_text())
+    rerun = [key for key, status in statuses(work, env).items() if status not in ("killed", "not checked")]
+    shutil.rmtree(work / "tests")
+    shutil.copytree(ROOT / "tests", work / "tests",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".hypothesis", ".pytest_cache"))
+    if expand(package.tests, work) != tests:
+        sys.exit(f"{name}: the test selection changed ({expand(package.tests, work)} != {tests}): mutmut would "
+                 "discard every verdict; run without --retest")
+    args = ["-p", "no:cacheprovider", "-m", package.markers, "--hypothesis-profile=alq-mutation"]
+    args += [f"--deselect={test}" if "::" in test else f"--ignore={test}" for test in failed]
+    newly_failing = sorted(set(failing_tests(work, tests, args, env)) - set(failed))
+    if newly_failing:
+        sys.exit(f"{name}: these tests fail without any mutation: {newly_failing}")
+    return tests, failed, rerun
+
+
 def mangled_functions(work: Path, package: Package) -> list[str]:
     """mutmut's name prefix of every function and method it can mutate: ``module.x_f`` / ``module.xǁCǁm``."""
     names = []
@@ -217,66 +248,6 @@ def progress(log: Path) -> str:
     return lines[-1] if lines else "(starting)"
 
 
-def statuses(work: Path, env: dict) -> dict[str, str]:
-    """``{mutant name: status}`` of every mutant mutmut generated."""
-    done = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work, env=env,
-                          capture_output=True, text=True, check=True)
-    found = {}
-    for line in done.stdout.splitlines():
-        key, sep, status = line.strip().rpartition(": ")
-        if sep and "__mutmut_" in key:
-            found[key] = status
-    return found
-
-
-def mutated_lines(work: Path, name: str, env: dict) -> tuple[str, list[str]]:
-    """``mutmut show``: the diff of one mutant and its added lines (whitespace-normalised)."""
-    diff = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, env=env, capture_output=True,
-                          text=True, check=False).stdout
-    added = [" ".join(line[1:].split()) for line in diff.splitlines() if line.startswith("+") and
-             not line.startswith("+++")]
-    return diff, added
-
-
-def equivalents(path: Path) -> dict[str, str]:
-    """``{mutant name: mutated line}`` from the bullets ``- `name`: `line``` of ``mutation_equivalent.md``."""
-    if not path.exists():
-        return {}
-    entries = {}
-    for match in re.finditer(r"^- `([^`]+__mutmut_\d+)`: `(.*)`\s*$", path.read_text(), flags=re.M):
-        entries[match[1]] = " ".join(match[2].split())
-    return entries
-
-
-def score(found: dict[str, str], listed: dict[str, str], work: Path, env: dict, diffs: Path) -> dict:
-    """Counts by outcome, raw and adjusted % killed; writes the diffs of every mutant not killed to ``diffs``."""
-    checked = {name: status for name, status in found.items() if status != "not checked"}
-    counts = {status: sum(s == status for s in checked.values()) for status in STATUSES if status != "not checked"}
-    counts["total"] = len(checked)
-    survivors = sorted(name for name, status in checked.items() if status != "killed")
-    equivalent, stale = [], []
-    with open(diffs, "w") as out:
-        for name in survivors:
-            diff, added = mutated_lines(work, name, env)
-            out.write(diff + "\n")
-            if name in listed:
-                (equivalent if checked[name] == "survived" and listed[name] in added else stale).append(name)
-    killed_anyway = sorted(name for name in listed if checked.get(name) == "killed")
-    total = counts["total"]
-    adjusted_total = total - len(equivalent)
-    return {
-        **{key.replace(" ", "_"): value for key, value in counts.items()},
-        "percent_killed": round(100 * counts["killed"] / total, 2) if total else None,
-        "percent_killed_or_timeout": round(100 * (counts["killed"] + counts["timeout"]) / total, 2) if total else None,
-        "equivalent": len(equivalent),
-        "percent_killed_adjusted": round(100 * counts["killed"] / adjusted_total, 2) if adjusted_total else None,
-        "not_killed": [name for name in survivors if name not in equivalent],
-        "equivalent_mutants": equivalent,
-        "listed_but_not_matching": stale,
-        "listed_but_killed": killed_anyway,
-    }
-
-
 def run_package(name: str, args: argparse.Namespace, tool: str) -> dict:
     """Snapshot (or resume), run mutmut, score; the result entry of ``name`` for ``mutation.json``."""
     began = time.perf_counter()
@@ -285,7 +256,12 @@ def run_package(name: str, args: argparse.Namespace, tool: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "WANDB_SILENT": "true", "PYTHONHASHSEED": "0"}
     spent = work / "seconds.json"  # wall time adds up over an interrupted run and its resumptions
-    if args.resume and (work / "mutants").exists():
+    rerun: list[str] = []
+    if args.retest:
+        tests, failed, rerun = retest(name, package, work, env)
+        print(f"{name}: retesting the {len(rerun)} mutants not killed in {work.relative_to(ROOT)}")
+        earlier = json.loads(spent.read_text()) if spent.exists() else {"total": 0.0, "mutmut": 0.0}
+    elif args.resume and (work / "mutants").exists():
         print(f"{name}: resuming in {work.relative_to(ROOT)}")
         tests, failed = json.loads((work / "tests.json").read_text())
         earlier = json.loads(spent.read_text()) if spent.exists() else {"total": 0.0, "mutmut": 0.0}
@@ -297,6 +273,7 @@ def run_package(name: str, args: argparse.Namespace, tool: str) -> dict:
     arguments = ["run", "--max-children", str(args.workers)]
     if args.max_mutants:
         arguments += sample(work, package, args.max_mutants)
+    arguments += rerun
     print(f"{name}: mutating {', '.join(package.sources)} against {' '.join(tests)} (log: {log.relative_to(ROOT)})",
           flush=True)
     start = time.perf_counter()
@@ -315,6 +292,7 @@ def run_package(name: str, args: argparse.Namespace, tool: str) -> dict:
     command = f"python bench/mutation.py --package {name}" + (f" --max-mutants {args.max_mutants}"
                                                                if args.max_mutants else "")
     command += f" --workers {args.workers}" if args.workers != 1 else ""
+    command += " --retest" if args.retest else ""
     return {
         "date": datetime.now().isoformat(timespec="seconds"),
         **git_state(ROOT),
@@ -329,6 +307,7 @@ def run_package(name: str, args: argparse.Namespace, tool: str) -> dict:
         "sampled": args.max_mutants or None,
         "workers": args.workers,
         "resumed": bool(args.resume),
+        "retested": len(rerun) if args.retest else None,
         "seconds": round(earlier["total"] + time.perf_counter() - began, 1),
         "mutmut_seconds": round(mutmut_seconds, 1),
         "bar_percent_killed": package.bar,
@@ -336,44 +315,13 @@ def run_package(name: str, args: argparse.Namespace, tool: str) -> dict:
     }
 
 
-def table(results: dict) -> str:
-    lines = [
-        "## Mutation testing",
-        "",
-        "`python bench/mutation.py --package <name>`: mutmut, one worker unless noted, OMP_NUM_THREADS=1, each "
-        "mutant against the tests that reach the mutated function. % killed counts timeouts and mutants no test "
-        "reaches as not killed; *adjusted* leaves out the survivors listed as equivalent in "
-        "`bench/mutation_equivalent.md`; the bar column says whether the raw/adjusted % reaches it. Time: the whole "
-        "run, snapshot to score.",
-        "",
-        "| package | killed | survived | timeout | no tests | other | total | % killed | % adjusted | bar | "
-        "time | date | commit | tool | hardware |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name in PACKAGES:
-        if name not in results:
-            continue
-        r = results[name]
-        other = r["total"] - r["killed"] - r["survived"] - r["timeout"] - r["no_tests"]
-        met = "/".join("yes" if (r[key] or 0) >= r["bar_percent_killed"] else "no"
-                       for key in ("percent_killed", "percent_killed_adjusted"))
-        sampled = f" (sample of {r['sampled']})" if r["sampled"] else ""
-        workers = f" ({r['workers']} workers)" if r.get("workers", 1) != 1 else ""
-        commit = (r["git_commit"] or "?")[:10] + (" + changes" if r["git_dirty"] else "")
-        lines.append(
-            f"| {name}{sampled} | {r['killed']} | {r['survived']} | {r['timeout']} | {r['no_tests']} | {other} | "
-            f"{r['total']} | {r['percent_killed']} % | {r['percent_killed_adjusted']} % ({r['equivalent']} equiv.) | "
-            f"≥ {r['bar_percent_killed']:.0f} %: {met} | {r['seconds'] / 60:.1f} min{workers} | {r['date'][:10]} | "
-            f"{commit} | {r['tool']} | {r['hardware']} |"
-        )
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--package", choices=[*PACKAGES, "all"], default="core")
     parser.add_argument("--max-mutants", type=int, default=0, help="run at most N mutants, spread over functions")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run without a new snapshot")
+    parser.add_argument("--retest", action="store_true",
+                        help="after adding tests: rerun only the mutants a finished run did not kill")
     parser.add_argument("--workers", type=int, default=1, help="mutants run at once (one per free core)")
     parser.add_argument("--timeout-multiplier", type=float, default=5.0,
                         help="a mutant may use (clean test time + constant) x multiplier x 2 CPU seconds")
@@ -398,9 +346,11 @@ def main() -> None:
         print(f"{name}: {r['killed']}/{r['total']} killed ({r['percent_killed']} %, adjusted "
               f"{r['percent_killed_adjusted']} %), {r['survived']} survived, {r['timeout']} timeout, "
               f"{r['no_tests']} no tests, in {r['seconds'] / 60:.1f} min", flush=True)
+        stored = json.loads(args.out.read_text())["packages"] if args.out.exists() else {}
+        results = {**stored, name: r}  # another package's run may have finished meanwhile
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"tool": tool, "packages": results}, indent=1, ensure_ascii=False) + "\n")
-        write_section(args.markdown, "mutation", table(results))
+        write_section(args.markdown, "mutation", table(results, list(PACKAGES)))
 
 
 if __name__ == "__main__":
