@@ -1,0 +1,300 @@
+"""Flat multi-bit state of several layers that share ``max_bits``: a step in a fixed number of ops.
+
+A bucket lays the groups of its layers end to end. Weight-level tensors are flat ``[N]`` (each layer's
+``[G_l, n_l]`` group layout, row-major, one layer after another), group-level tensors are ``[G, K]`` with
+``G = Σ G_l``, and ``group_sizes [G]`` says how many consecutive weights each group holds, so layers of
+different group sizes share a bucket. Per-group work (pattern sums, codebook look-ups, the nearest-pattern
+search) runs on flat indices ``g · 2^K + pattern``: the ops a step launches depend on ``max_bits`` and the
+number of blocks alone, not on the number of layers, groups or group sizes, and none of them reads a value back
+to the host. ``block`` (weights per block, whole groups) keeps the working set in a CPU's cache; on a GPU one
+block (``None``) is best.
+
+A step takes ``update [G]`` bool, the groups that take it (their layer got a gradient and every gradient is
+finite); every other group, its statistics and its step counters stay bit-identical. Step counters are per
+group and live on the device. Group by group the math is that of :mod:`.steps` (the same nearest-pattern
+rule and tie-break, the same weighted refit, bit for bit on a CPU) except the per-group sums of the second
+moments, whose float summation order differs.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+
+from .multibit import all_patterns, codebook, solve_normal_equations
+from .stats import AmsgradStats, QuadraticConfig
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Tensors the steps of one ``(max_bits, dtype, device, config)`` read: built once, never written."""
+
+    patterns: torch.Tensor  # [2^K, K] ±1: row b is pattern b
+    patterns_t: torch.Tensor  # [K, 2^K], contiguous
+    patterns_t64: torch.Tensor  # [K, 2^K] float64, for the codebook
+    outer: torch.Tensor  # [2^K, K·K]: row b is b bᵀ, flattened
+    powers: torch.Tensor  # [K] int64: 2^k
+    zero: torch.Tensor  # 0-dim, in the compute dtype, like the three below
+    one: torch.Tensor
+    beta2: torch.Tensor
+    one_minus_beta1: torch.Tensor
+
+
+@functools.cache
+def constants(max_bits: int, dtype: torch.dtype, device: torch.device, config: QuadraticConfig) -> Constants:
+    patterns = all_patterns(max_bits, dtype, device)
+
+    def scalar(value: float) -> torch.Tensor:
+        return torch.full((), value, dtype=dtype, device=device)
+
+    return Constants(
+        patterns=patterns,
+        patterns_t=patterns.T.contiguous(),
+        patterns_t64=patterns.T.double().contiguous(),
+        outer=(patterns[:, :, None] * patterns[:, None, :]).reshape(-1, max_bits * max_bits),
+        powers=1 << torch.arange(max_bits, device=device),
+        zero=scalar(0.0), one=scalar(1.0), beta2=scalar(config.beta2), one_minus_beta1=scalar(1 - config.beta1),
+    )
+
+
+def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table [T]`` (flatten a table first) read at ``index [N]`` int64 -> ``[N]``."""
+    return table.index_select(0, index)
+
+
+def pattern_sums(key: torch.Tensor, values: torch.Tensor, num_groups: int, max_bits: int) -> torch.Tensor:
+    """``[G, 2^K]``: per group, the sum of ``values [N]`` over its weights of each pattern (``key = g·2^K + b``)."""
+    sums = values.new_zeros(num_groups << max_bits)
+    return sums.scatter_add_(0, key, values).view(num_groups, 1 << max_bits)
+
+
+@dataclass
+class Bucket:
+    """References to the flat state of a bucket; steps update these tensors in place.
+
+    ``codes [N]`` uint8 (bit ``k`` set iff ``β_k = +1``), ``coords``/``mask [G, K]``, ``weight_stats`` of
+    ``[N]``, ``coord_stats`` of ``[G, K]``, ``weight_steps``/``coord_steps [G]`` int64 (updates folded into
+    each group's statistics), ``group_sizes [G]`` int64, ``latent [N]`` during STE (else None) and ``layers``,
+    the ``(num_groups, group_size)`` of each layer in order (host integers).
+    """
+
+    codes: torch.Tensor
+    coords: torch.Tensor
+    mask: torch.Tensor
+    weight_stats: AmsgradStats
+    coord_stats: AmsgradStats
+    weight_steps: torch.Tensor
+    coord_steps: torch.Tensor
+    group_sizes: torch.Tensor
+    layers: tuple[tuple[int, int], ...]
+    latent: torch.Tensor | None = None
+
+    @property
+    def max_bits(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def num_groups(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return self.codes.shape[0]
+
+    def constants(self, config: QuadraticConfig | None = None) -> Constants:
+        return constants(self.max_bits, self.coords.dtype, self.coords.device, config or QuadraticConfig())
+
+    def group_index(self) -> torch.Tensor:
+        """``[N]`` int64: the group of every weight."""
+        return torch.repeat_interleave(self.group_sizes, output_size=self.numel)
+
+    def codebook(self, c: Constants | None = None) -> torch.Tensor:
+        """``[G, 2^K]``: the value ``Σ_k mask α_k b_k`` of every pattern ``b``."""
+        return codebook(self.coords, self.mask, (c or self.constants()).patterns_t64)
+
+    def reconstruct(self, out: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
+        """``[N]`` ŵ (into ``out`` when given)."""
+        out = self.coords.new_empty(self.numel) if out is None else out
+        for part, _, weights in self.parts(block):
+            key = (part.group_index() << part.max_bits) + part.codes
+            torch.index_select(part.codebook().view(-1), 0, key, out=out[weights])
+        return out
+
+    def spans(self, block: int | None) -> list[tuple[slice, slice]]:
+        """``(groups, weights)`` slices of consecutive whole groups of about ``block`` weights (one: ``None``)."""
+        if block is None:
+            return [(slice(0, self.num_groups), slice(0, self.numel))]
+        return _spans(self.layers, block)
+
+    def parts(self, block: int | None) -> Iterator[tuple[Bucket, slice, slice]]:
+        """The bucket in blocks: ``(part, groups, weights)`` with ``part`` a bucket of views."""
+        spans = self.spans(block)
+        if len(spans) == 1:
+            yield self, *spans[0]
+            return
+        for groups, weights in spans:
+            yield self.part(groups, weights), groups, weights
+
+    def part(self, groups: slice, weights: slice) -> Bucket:
+        """The state of ``groups`` (holding ``weights``) as views; ``layers`` is not kept."""
+        view = {}
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, AmsgradStats):
+                rows = weights if item.name == "weight_stats" else groups
+                value = AmsgradStats(value.m[rows], value.v[rows], value.vmax[rows])
+            elif isinstance(value, torch.Tensor):
+                value = value[weights if item.name in ("codes", "latent") else groups]
+            view[item.name] = value
+        view["layers"] = ()
+        return Bucket(**view)
+
+
+@functools.lru_cache(maxsize=64)
+def _spans(layers: tuple[tuple[int, int], ...], block: int) -> list[tuple[slice, slice]]:
+    spans, start_group, start_weight, group, weight = [], 0, 0, 0, 0
+    for num_groups, group_size in layers:
+        per_block = max(1, block // group_size)
+        for first in range(0, num_groups, per_block):
+            count = min(per_block, num_groups - first)
+            if weight > start_weight and weight - start_weight + count * group_size > block:
+                spans.append((slice(start_group, group), slice(start_weight, weight)))
+                start_group, start_weight = group, weight
+            group, weight = group + count, weight + count * group_size
+    spans.append((slice(start_group, group), slice(start_weight, weight)))
+    return spans
+
+
+def nearest_patterns(codebook: torch.Tensor, target: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``[N]``: per weight, the pattern of its group's ``codebook [G, 2^K]`` nearest to ``target [N]``.
+
+    Each group's values are sorted once; a weight's rank among its group's midpoints is found by a binary
+    search of ``K`` halvings over flat indices (``base = g · 2^K``).
+    On a tie the smaller value wins.
+    """
+    size = codebook.shape[1]
+    values, order = codebook.sort(dim=1)
+    bounds = torch.cat([values[:, 1:], codebook.new_full((codebook.shape[0], 1), torch.inf)], dim=1)
+    bounds = bounds.add_(values).mul_(0.5).view(-1)
+    half = size // 2
+    index = base + (half - 1)
+    while half:
+        index.add_(lookup(bounds, index) < target, alpha=half)
+        if half > 1:
+            index.sub_(half // 2)
+        half //= 2
+    return lookup(order.view(-1), index)
+
+
+def _fold(stats: AmsgradStats, grad: torch.Tensor, update: torch.Tensor, config: QuadraticConfig,
+          c: Constants) -> None:
+    """AMSGrad statistics update where ``update`` (broadcastable to the statistics), else unchanged.
+
+    ``grad`` must be 0 where ``update`` is False.
+    """
+    stats.m.lerp_(grad, torch.where(update, c.one_minus_beta1, c.zero))
+    stats.v.mul_(torch.where(update, c.beta2, c.one)).addcmul_(grad, grad, value=1 - config.beta2)
+    torch.maximum(stats.vmax, stats.v, out=stats.vmax)
+
+
+def _corrections(steps: torch.Tensor, update: torch.Tensor, lr: float, config: QuadraticConfig,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group ``lr / (1 - β1^t)`` (0 where not ``update``) and ``sqrt(1 - β2^t)``, computed in float64."""
+    t = steps.clamp(min=1).double()
+    scale = update.double().mul_(lr).div_(1 - torch.pow(config.beta1, t))
+    root = (1 - torch.pow(config.beta2, t)).sqrt_()
+    return scale.to(dtype), root.to(dtype)
+
+
+def _move(stats: AmsgradStats, scale: torch.Tensor, root: torch.Tensor,
+          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The AMSGrad move ``p / h`` (0 where ``scale`` is) and ``h``, with ``p = m · scale`` and
+    ``h = (sqrt(v̄) + eps) / root``."""
+    h = stats.vmax.sqrt().add_(eps).div_(root)
+    return (stats.m * scale).div_(h), h
+
+
+def _flip_negative(coords: torch.Tensor, codes: torch.Tensor, group: torch.Tensor, c: Constants,
+                   first_moment: torch.Tensor | None = None) -> None:
+    """Make ``coords [G, K]`` >= 0 by negating ``(α, β)`` pairs of ``codes [N]`` (and that slot's first moment)."""
+    negative = coords < 0
+    coords.abs_()
+    flips = (negative * c.powers).sum(dim=1)
+    codes.bitwise_xor_(lookup(flips, group).to(codes.dtype))
+    if first_moment is not None:
+        first_moment.mul_(1 - 2 * negative.to(first_moment.dtype))
+
+
+def weight_domain_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float,
+                       config: QuadraticConfig, ste: bool = False, block: int | None = None) -> None:
+    """Basis step (``ste=False``) or straight-through step of the groups in ``update [G]``.
+
+    ``grad [N]`` is the gradient w.r.t. ŵ (any value where not ``update``). Folds it into the weight
+    statistics, moves to ``target = ŵ - p/h`` (STE: ``latent ← latent - p/h``), takes the nearest patterns
+    for the current coordinates, refits the coordinates weighted by ``h``, makes them non-negative and
+    re-derives the coordinate statistics (:func:`~alq_lightning.core.steps.basis_step`).
+    """
+    for part, groups, weights in bucket.parts(block):
+        _weight_domain_part(part, grad[weights], update[groups], lr, config, ste)
+
+
+def _weight_domain_part(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float,
+                        config: QuadraticConfig, ste: bool) -> None:
+    c, bits, groups = bucket.constants(config), bucket.max_bits, bucket.num_groups
+    group = bucket.group_index()
+    base = group << bits
+    moving = lookup(update, group)
+    _fold(bucket.weight_stats, torch.where(moving, grad, c.zero), moving, config, c)
+    bucket.weight_steps.add_(update)
+    scale, root = _corrections(bucket.weight_steps, update, lr, config, bucket.coords.dtype)
+    move, h = _move(bucket.weight_stats, lookup(scale, group), lookup(root, group), config.eps)
+    codebook = bucket.codebook(c)
+    target = bucket.latent.sub_(move) if ste else lookup(codebook.view(-1), base + bucket.codes).sub_(move)
+    dead = (~bucket.mask * c.powers).sum(dim=1)
+    codes = nearest_patterns(codebook, target, base).bitwise_or_(lookup(dead, group))
+    key = base + codes
+    coords = solve_normal_equations((pattern_sums(key, h, groups, bits) @ c.outer).view(groups, bits, bits),
+                                    pattern_sums(key, h * target, groups, bits) @ c.patterns, bucket.mask)
+    _flip_negative(coords, codes, group, c)
+    key = base + codes
+    rows = update[:, None]
+    bucket.codes.copy_(torch.where(moving, codes, bucket.codes))
+    bucket.coords.copy_(torch.where(rows, coords, bucket.coords))
+    stats = bucket.coord_stats
+    projected = (pattern_sums(key, bucket.weight_stats.m, groups, bits) @ c.patterns) * bucket.mask
+    stats.m.copy_(torch.where(rows, projected, stats.m))
+    for mine, weights in ((stats.v, bucket.weight_stats.v), (stats.vmax, bucket.weight_stats.vmax)):
+        summed = torch.segment_reduce(weights, "sum", lengths=bucket.group_sizes)[:, None]
+        mine.copy_(torch.where(rows, summed, mine))
+    bucket.coord_steps.copy_(torch.where(update, bucket.weight_steps, bucket.coord_steps))
+
+
+def _observe(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, config: QuadraticConfig,
+             group: torch.Tensor, c: Constants) -> None:
+    rows = update[:, None]
+    key = (group << bucket.max_bits) + bucket.codes
+    projected = (pattern_sums(key, grad, bucket.num_groups, bucket.max_bits) @ c.patterns) * bucket.mask
+    _fold(bucket.coord_stats, torch.where(rows, projected, c.zero), rows, config, c)
+    bucket.coord_steps.add_(update)
+
+
+def observe(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, config: QuadraticConfig,
+            block: int | None = None) -> None:
+    """Fold the coordinate gradients ``βᵀ g`` of the groups in ``update`` into the coordinate statistics."""
+    for part, groups, weights in bucket.parts(block):
+        _observe(part, grad[weights], update[groups], config, part.group_index(), part.constants(config))
+
+
+def coordinate_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float,
+                    config: QuadraticConfig, block: int | None = None) -> None:
+    """AMSGrad step on the live coordinates of the groups in ``update`` (bases fixed), then flip negative
+    ``(α, β, m_α)`` (:func:`~alq_lightning.core.steps.coordinate_step`)."""
+    for part, groups, weights in bucket.parts(block):
+        c, group, update_part = part.constants(config), part.group_index(), update[groups]
+        _observe(part, grad[weights], update_part, config, group, c)
+        scale, root = _corrections(part.coord_steps, update_part, lr, config, part.coords.dtype)
+        move, _ = _move(part.coord_stats, scale[:, None], root[:, None], config.eps)
+        part.coords.sub_(torch.where(part.mask, move, c.zero))
+        _flip_negative(part.coords, part.codes, group, c, part.coord_stats.m)
