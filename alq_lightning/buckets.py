@@ -83,7 +83,18 @@ class BoundBucket:
         self.grad_views = [layer.layout.weight_view(self.grad[f]) for layer, f in zip(self.layers, flats)]
         self.weight_views = [layer.layout.weight_view(self.weight[f]) for layer, f in zip(self.layers, flats)]
         self.block = BLOCK.get(device.type)
+        self.lr = torch.zeros((), dtype=torch.float64, device=device)
         self._masks: dict[frozenset[str], torch.Tensor] = {}
+
+    def mark_static(self) -> None:
+        """Tell ``torch.compile`` that the state, gradient and learning-rate tensors keep their addresses (a CUDA
+        graph then updates them in place instead of copying them)."""
+        bucket = self.bucket
+        tensors = [bucket.codes, bucket.coords, bucket.mask, bucket.weight_steps, bucket.coord_steps,
+                   bucket.group_sizes, self.grad, self.lr, *vars(bucket.weight_stats).values(),
+                   *vars(bucket.coord_stats).values(), *([] if bucket.latent is None else [bucket.latent])]
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor)
 
     def is_bound(self) -> bool:
         """Whether every layer's buffers are still this bucket's views."""

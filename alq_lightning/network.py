@@ -5,7 +5,7 @@ per group on the device.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -25,6 +25,17 @@ from .core import (
 from .core.bucket import coordinate_step, observe, weight_domain_step
 from .quantizer import QuantizedLayer
 
+STEPS: dict[str, Callable] = {
+    "basis": lambda bucket, grad, update, lr, config, block: weight_domain_step(
+        bucket, grad, update, lr, config, ste=False, block=block),
+    "ste": lambda bucket, grad, update, lr, config, block: weight_domain_step(
+        bucket, grad, update, lr, config, ste=True, block=block),
+    "coordinate": lambda bucket, grad, update, lr, config, block: coordinate_step(
+        bucket, grad, update, lr, config, block=block),
+    "observe": lambda bucket, grad, update, lr, config, block: observe(bucket, grad, update, config, block=block),
+}
+"""The bucket steps by kind, with one signature ``(bucket, grad, update, lr, config, block)``."""
+
 
 class MultiBitNetwork:
     """The quantized layers of a model, bound to flat buckets, and the step counters of their statistics.
@@ -35,14 +46,17 @@ class MultiBitNetwork:
     sets the layer's coordinate count to its weight count. A step whose gradients are not all finite is
     skipped as a whole, decided on the device (:attr:`skipped` counts them): a step never waits for the
     device. Layers sharing ``max_bits`` share a bucket (:mod:`alq_lightning.buckets`), so a step launches
-    the same kernels whatever the number of layers.
+    the same kernels whatever the number of layers. With ``compile`` each bucket's step runs through
+    ``torch.compile`` (on CUDA replayed as a CUDA graph); it equals the eager step up to float rounding.
     """
 
     def __init__(self, layers: Mapping[str, QuantizedLayer], float_layers: Mapping[str, str],
-                 config: QuadraticConfig | None = None) -> None:
+                 config: QuadraticConfig | None = None, compile: bool = False) -> None:
         self.layers = dict(layers)
         self.float_layers = dict(float_layers)
         self.config = config or QuadraticConfig()
+        self.compile = compile
+        self._compiled_steps: dict[tuple[str, bool], Callable] = {}
         self.initial_bits = 0.0
         self.buckets: list[BoundBucket] = []
         self._steps = dict.fromkeys(self.layers, (0, 0))
@@ -143,29 +157,43 @@ class MultiBitNetwork:
         self._skipped = skipped if self._skipped is None else self._skipped.add_(skipped)
         return [bucket.update_mask(names) & finite for bucket in buckets]
 
-    def _weight_domain(self, names: frozenset[str], lr: float, ste: bool) -> None:
+    def _step(self, kind: str, names: frozenset[str], lr: float = 0.0) -> None:
+        """Run step ``kind`` of :data:`STEPS` on every bucket; write ŵ unless it only observes."""
         for bucket, update in zip(self.bound(), self._updates(names)):
-            weight_domain_step(bucket.bucket, bucket.grad, update, lr, self.config, ste=ste, block=bucket.block)
-            bucket.write_weights()
+            if self.compile:
+                self._compiled(kind, bucket)(bucket.bucket, bucket.grad, update, bucket.lr.fill_(lr), self.config,
+                                             None)
+            else:
+                STEPS[kind](bucket.bucket, bucket.grad, update, lr, self.config, bucket.block)
+            if kind != "observe":
+                bucket.write_weights()
+
+    def _compiled(self, kind: str, bucket: BoundBucket):
+        """``torch.compile`` of step ``kind`` for ``bucket``'s device: one block, the learning rate as a tensor; on
+        CUDA in ``reduce-overhead`` mode (a CUDA graph replayed every step, the state at static addresses)."""
+        cuda = bucket.grad.is_cuda
+        if (kind, cuda) not in self._compiled_steps:
+            self._compiled_steps[kind, cuda] = torch.compile(
+                STEPS[kind], fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+        if cuda:
+            bucket.mark_static()
+        return self._compiled_steps[kind, cuda]
 
     def basis_step(self, names: frozenset[str], lr: float) -> None:
         """Basis step of the layers ``names`` with the gradients in the buckets (:meth:`take_grads`)."""
-        self._weight_domain(names, lr, ste=False)
+        self._step("basis", names, lr)
 
     def ste_step(self, names: frozenset[str], lr: float) -> None:
         """Straight-through step (latent weights, see :meth:`start_ste`) of the layers ``names``."""
-        self._weight_domain(names, lr, ste=True)
+        self._step("ste", names, lr)
 
     def coordinate_step(self, names: frozenset[str], lr: float) -> None:
         """Coordinate step of the layers ``names``."""
-        for bucket, update in zip(self.bound(), self._updates(names)):
-            coordinate_step(bucket.bucket, bucket.grad, update, lr, self.config, block=bucket.block)
-            bucket.write_weights()
+        self._step("coordinate", names, lr)
 
     def observe(self, names: frozenset[str]) -> None:
         """Fold the coordinate gradients of the layers ``names`` into their statistics without stepping."""
-        for bucket, update in zip(self.bound(), self._updates(names)):
-            observe(bucket.bucket, bucket.grad, update, self.config, block=bucket.block)
+        self._step("observe", names)
 
     def start_ste(self) -> None:
         """Latent float weights start at ŵ."""

@@ -41,7 +41,7 @@ class ALQCallback(Callback):
             (whole groups, ranked by loss increase per bit saved).
         per_bit: rank coordinates by loss increase per bit saved (only with ``pruning="coordinates"``).
         max_bits, structures, include, exclude, types, max_bits_overrides, keep_first, keep_last, beta1,
-            beta2, eps: see :class:`ALQInit`.
+            beta2, eps, compile: see :class:`ALQInit`.
     """
 
     def __init__(
@@ -73,9 +73,10 @@ class ALQCallback(Callback):
         beta1: float = 0.9,
         beta2: float = 0.999,
         eps: float = 1e-8,
+        compile: bool = False,
     ) -> None:
         self.init = ALQInit(max_bits, structures, include, exclude, types, max_bits_overrides,
-                            keep_first, keep_last, beta1, beta2, eps)
+                            keep_first, keep_last, beta1, beta2, eps, compile)
         widest = max([max_bits, *(max_bits_overrides or {}).values()])
         self.target_bits = check_target_bits(target_bits, widest)
         for name, value in (("basis_epochs", basis_epochs), ("coordinate_epochs", coordinate_epochs),

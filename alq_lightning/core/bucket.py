@@ -42,21 +42,28 @@ class Constants:
     one_minus_beta1: torch.Tensor
 
 
-@functools.cache
+_CONSTANTS: dict[tuple, Constants] = {}
+
+
 def constants(max_bits: int, dtype: torch.dtype, device: torch.device, config: QuadraticConfig) -> Constants:
-    patterns = all_patterns(max_bits, dtype, device)
+    """The :class:`Constants` of a configuration, built on first use (a plain dict, which ``torch.compile`` reads
+    without tracing the construction)."""
+    key = (max_bits, dtype, device, config)
+    if key not in _CONSTANTS:
+        patterns = all_patterns(max_bits, dtype, device)
 
-    def scalar(value: float) -> torch.Tensor:
-        return torch.full((), value, dtype=dtype, device=device)
+        def scalar(value: float) -> torch.Tensor:
+            return torch.full((), value, dtype=dtype, device=device)
 
-    return Constants(
-        patterns=patterns,
-        patterns_t=patterns.T.contiguous(),
-        patterns_t64=patterns.T.double().contiguous(),
-        outer=(patterns[:, :, None] * patterns[:, None, :]).reshape(-1, max_bits * max_bits),
-        powers=1 << torch.arange(max_bits, device=device),
-        zero=scalar(0.0), one=scalar(1.0), beta2=scalar(config.beta2), one_minus_beta1=scalar(1 - config.beta1),
-    )
+        _CONSTANTS[key] = Constants(
+            patterns=patterns,
+            patterns_t=patterns.T.contiguous(),
+            patterns_t64=patterns.T.double().contiguous(),
+            outer=(patterns[:, :, None] * patterns[:, None, :]).reshape(-1, max_bits * max_bits),
+            powers=1 << torch.arange(max_bits, device=device),
+            zero=scalar(0.0), one=scalar(1.0), beta2=scalar(config.beta2), one_minus_beta1=scalar(1 - config.beta1),
+        )
+    return _CONSTANTS[key]
 
 
 def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -199,9 +206,11 @@ def _fold(stats: AmsgradStats, grad: torch.Tensor, update: torch.Tensor, config:
     torch.maximum(stats.vmax, stats.v, out=stats.vmax)
 
 
-def _corrections(steps: torch.Tensor, update: torch.Tensor, lr: float, config: QuadraticConfig,
+def _corrections(steps: torch.Tensor, update: torch.Tensor, lr: float | torch.Tensor, config: QuadraticConfig,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group ``lr / (1 - β1^t)`` (0 where not ``update``) and ``sqrt(1 - β2^t)``, computed in float64."""
+    """Per group ``lr / (1 - β1^t)`` (0 where not ``update``) and ``sqrt(1 - β2^t)``, computed in float64.
+
+    ``lr`` may be a 0-dim float64 tensor (a compiled step then serves every learning rate)."""
     t = steps.clamp(min=1).double()
     scale = update.double().mul_(lr).div_(1 - torch.pow(config.beta1, t))
     root = (1 - torch.pow(config.beta2, t)).sqrt_()

@@ -2,8 +2,10 @@
 tensors are replaced, and a step whose ops do not grow with the number of layers."""
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 
+import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -122,3 +124,34 @@ def test_a_network_step_launches_the_same_ops_for_two_layers_or_eight_and_never_
         eight = step_ops([16, 12, 8, 24, 6, 10, 16, 4, 8], kind)
         assert two == eight, kind
         assert not {"_local_scalar_dense", "_linalg_check_errors", "nonzero", "item"} & set(two), kind
+
+
+def test_a_compiled_step_equals_the_eager_step_up_to_float_rounding():
+    """``compile=True`` (torch.compile, C++ kernels on a CPU): from one state and gradient, every kind of step gives
+    the eager step's bases, masks and counters exactly and its coordinates and statistics to float rounding
+    (rtol 1e-5); the weights hold ŵ exactly."""
+    pytest.importorskip("torch._inductor")
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("torch.compile needs a C++ compiler on a CPU")
+    model, twin = mlp([24, 16, 8]), mlp([24, 16, 8])
+    eager, compiled = network_of(model), network_of(twin)
+    compiled.compile = True
+    for kind in ("basis", "coordinate", "observe", "ste"):
+        backward(model, seed=5)
+        grads = {name: layer.grad_groups().clone() for name, layer in eager.layers.items()}
+        if kind == "ste":
+            eager.start_ste()
+            compiled.start_ste()
+        compiled.load_state_tensors(eager.state_tensors())
+        for network in (eager, compiled):
+            step = getattr(network, "observe" if kind == "observe" else f"{kind}_step")
+            args = (network.load_grads(grads),) if kind == "observe" else (network.load_grads(grads), 1e-2)
+            step(*args)
+        for (name, mine), theirs in zip(eager.state_tensors().items(), compiled.state_tensors().values()):
+            for key, tensor in mine.items():
+                if tensor.dtype in (torch.uint8, torch.bool, torch.long):
+                    assert torch.equal(tensor, theirs[key]), (kind, name, key)
+                else:
+                    torch.testing.assert_close(theirs[key], tensor, rtol=1e-5, atol=1e-9, msg=f"{kind} {name} {key}")
+        assert reconstructed(compiled), kind
+    assert {kind for kind, _ in compiled._compiled_steps} == {"basis", "coordinate", "observe", "ste"}
