@@ -142,8 +142,7 @@ class BoundBucket:
         return self._masks[key]
 
     def write_weights(self) -> None:
-        """ŵ of every layer into its weight."""
-        self.bucket.reconstruct(out=self.weight, block=self.block)
+        """Copy ŵ, which a step left in :attr:`weight`, into every layer's weight."""
         with torch.no_grad():
             torch._foreach_copy_([layer.param for layer in self.layers], self.weight_views)
 

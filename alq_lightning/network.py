@@ -26,15 +26,16 @@ from .core.bucket import coordinate_step, observe, weight_domain_step
 from .quantizer import QuantizedLayer
 
 STEPS: dict[str, Callable] = {
-    "basis": lambda bucket, grad, update, lr, config, block: weight_domain_step(
-        bucket, grad, update, lr, config, ste=False, block=block),
-    "ste": lambda bucket, grad, update, lr, config, block: weight_domain_step(
-        bucket, grad, update, lr, config, ste=True, block=block),
-    "coordinate": lambda bucket, grad, update, lr, config, block: coordinate_step(
-        bucket, grad, update, lr, config, block=block),
-    "observe": lambda bucket, grad, update, lr, config, block: observe(bucket, grad, update, config, block=block),
+    "basis": lambda bucket, grad, update, lr, config, block, out: weight_domain_step(
+        bucket, grad, update, lr, config, ste=False, block=block, out=out),
+    "ste": lambda bucket, grad, update, lr, config, block, out: weight_domain_step(
+        bucket, grad, update, lr, config, ste=True, block=block, out=out),
+    "coordinate": lambda bucket, grad, update, lr, config, block, out: coordinate_step(
+        bucket, grad, update, lr, config, block=block, out=out),
+    "observe": lambda bucket, grad, update, lr, config, block, out: observe(bucket, grad, update, config, block=block),
 }
-"""The bucket steps by kind, with one signature ``(bucket, grad, update, lr, config, block)``."""
+"""The bucket steps by kind, with one signature ``(bucket, grad, update, lr, config, block, out)``: ``out`` takes
+the new ŵ (``observe`` leaves ŵ as it is)."""
 
 
 class MultiBitNetwork:
@@ -160,12 +161,13 @@ class MultiBitNetwork:
     def _step(self, kind: str, names: frozenset[str], lr: float = 0.0) -> None:
         """Run step ``kind`` of :data:`STEPS` on every bucket; write ŵ unless it only observes."""
         for bucket, update in zip(self.bound(), self._updates(names)):
+            out = None if kind == "observe" else bucket.weight
             if self.compile:
                 self._compiled(kind, bucket)(bucket.bucket, bucket.grad, update, bucket.lr.fill_(lr), self.config,
-                                             None)
+                                             None, out)
             else:
-                STEPS[kind](bucket.bucket, bucket.grad, update, lr, self.config, bucket.block)
-            if kind != "observe":
+                STEPS[kind](bucket.bucket, bucket.grad, update, lr, self.config, bucket.block, out)
+            if out is not None:
                 bucket.write_weights()
 
     def _compiled(self, kind: str, bucket: BoundBucket):

@@ -236,21 +236,24 @@ def _flip_negative(coords: torch.Tensor, codes: torch.Tensor, group: torch.Tenso
         first_moment.mul_(1 - 2 * negative.to(first_moment.dtype))
 
 
-def weight_domain_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float,
-                       config: QuadraticConfig, ste: bool = False, block: int | None = None) -> None:
+def weight_domain_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float | torch.Tensor,
+                       config: QuadraticConfig, ste: bool = False, block: int | None = None,
+                       out: torch.Tensor | None = None) -> None:
     """Basis step (``ste=False``) or straight-through step of the groups in ``update [G]``.
 
     ``grad [N]`` is the gradient w.r.t. ŵ (any value where not ``update``). Folds it into the weight
     statistics, moves to ``target = ŵ - p/h`` (STE: ``latent ← latent - p/h``), takes the nearest patterns
     for the current coordinates, refits the coordinates weighted by ``h``, makes them non-negative and
-    re-derives the coordinate statistics (:func:`~alq_lightning.core.steps.basis_step`).
+    re-derives the coordinate statistics (:func:`~alq_lightning.core.steps.basis_step`); writes the new ŵ
+    ``[N]`` into ``out`` when given.
     """
     for part, groups, weights in bucket.parts(block):
-        _weight_domain_part(part, grad[weights], update[groups], lr, config, ste)
+        _weight_domain_part(part, grad[weights], update[groups], lr, config, ste,
+                            None if out is None else out[weights])
 
 
-def _weight_domain_part(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float,
-                        config: QuadraticConfig, ste: bool) -> None:
+def _weight_domain_part(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float | torch.Tensor,
+                        config: QuadraticConfig, ste: bool, out: torch.Tensor | None) -> None:
     c, bits, groups = bucket.constants(config), bucket.max_bits, bucket.num_groups
     group = bucket.group_index()
     base = group << bits
@@ -267,10 +270,11 @@ def _weight_domain_part(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor
     coords = solve_normal_equations((pattern_sums(key, h, groups, bits) @ c.outer).view(groups, bits, bits),
                                     pattern_sums(key, h * target, groups, bits) @ c.patterns, bucket.mask)
     _flip_negative(coords, codes, group, c)
-    key = base + codes
     rows = update[:, None]
-    bucket.codes.copy_(torch.where(moving, codes, bucket.codes))
+    codes = torch.where(moving, codes, bucket.codes)
+    bucket.codes.copy_(codes)
     bucket.coords.copy_(torch.where(rows, coords, bucket.coords))
+    key = base + codes
     stats = bucket.coord_stats
     projected = (pattern_sums(key, bucket.weight_stats.m, groups, bits) @ c.patterns) * bucket.mask
     stats.m.copy_(torch.where(rows, projected, stats.m))
@@ -278,6 +282,8 @@ def _weight_domain_part(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor
         summed = torch.segment_reduce(weights, "sum", lengths=bucket.group_sizes)[:, None]
         mine.copy_(torch.where(rows, summed, mine))
     bucket.coord_steps.copy_(torch.where(update, bucket.weight_steps, bucket.coord_steps))
+    if out is not None:
+        torch.index_select(bucket.codebook(c).view(-1), 0, key, out=out)
 
 
 def _observe(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, config: QuadraticConfig,
@@ -296,10 +302,11 @@ def observe(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, config: Qu
         _observe(part, grad[weights], update[groups], config, part.group_index(), part.constants(config))
 
 
-def coordinate_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float,
-                    config: QuadraticConfig, block: int | None = None) -> None:
+def coordinate_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float | torch.Tensor,
+                    config: QuadraticConfig, block: int | None = None, out: torch.Tensor | None = None) -> None:
     """AMSGrad step on the live coordinates of the groups in ``update`` (bases fixed), then flip negative
-    ``(α, β, m_α)`` (:func:`~alq_lightning.core.steps.coordinate_step`)."""
+    ``(α, β, m_α)`` (:func:`~alq_lightning.core.steps.coordinate_step`); writes the new ŵ ``[N]`` into ``out``
+    when given."""
     for part, groups, weights in bucket.parts(block):
         c, group, update_part = part.constants(config), part.group_index(), update[groups]
         _observe(part, grad[weights], update_part, config, group, c)
@@ -307,3 +314,6 @@ def coordinate_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr
         move, _ = _move(part.coord_stats, scale[:, None], root[:, None], config.eps)
         part.coords.sub_(torch.where(part.mask, move, c.zero))
         _flip_negative(part.coords, part.codes, group, c, part.coord_stats.m)
+        if out is not None:
+            key = (group << part.max_bits) + part.codes
+            torch.index_select(part.codebook(c).view(-1), 0, key, out=out[weights])
