@@ -1,19 +1,23 @@
-"""Flat multi-bit state of several layers that share ``max_bits``: a step in a fixed number of ops.
+"""Multi-bit state of several layers that share ``max_bits``, stepped together: a step in a fixed number of ops.
 
 A bucket lays the groups of its layers end to end. Weight-level tensors are flat ``[N]`` (each layer's
 ``[G_l, n_l]`` group layout, row-major, one layer after another), group-level tensors are ``[G, K]`` with
 ``G = Σ G_l``, and ``group_sizes [G]`` says how many consecutive weights each group holds, so layers of
-different group sizes share a bucket. Per-group work (pattern sums, codebook look-ups, the nearest-pattern
-search) runs on flat indices ``g · 2^K + pattern``: the ops a step launches depend on ``max_bits`` and the
-number of blocks alone, not on the number of layers, groups or group sizes, and none of them reads a value back
-to the host. ``block`` (weights per block, whole groups) keeps the working set in a CPU's cache; on a GPU one
-block (``None``) is best.
+different group sizes share a bucket.
+
+A step runs over *parts* of the bucket. With ``block=None`` (best on a GPU) the whole bucket is one ragged part
+(:class:`Flat`): per-group work (pattern sums, codebook look-ups, the nearest-pattern search) runs on flat
+indices ``g · 2^K + pattern``, so the ops a step launches depend on ``max_bits`` alone, not on the number of
+layers, groups or group sizes. With a ``block`` of weights (best on a CPU, whose caches it fits), each part is
+whole groups of one layer, viewed ``[g, n]`` (:class:`Rows`), the layout of :mod:`.steps`. No step reads a value
+back to the host.
 
 A step takes ``update [G]`` bool, the groups that take it (their layer got a gradient and every gradient is
 finite); every other group, its statistics and its step counters stay bit-identical. Step counters are per
 group and live on the device. Group by group the math is that of :mod:`.steps` (the same nearest-pattern
-rule and tie-break, the same weighted refit, bit for bit on a CPU) except the per-group sums of the second
-moments, whose float summation order differs.
+rule and tie-break, the same weighted refit), bit for bit on a CPU except where float rounding depends on the
+batch: the per-group sums of second moments of a ragged part and, when a layer's groups are split into other
+blocks, the solved coordinates.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 
 from .multibit import all_patterns, codebook, solve_normal_equations
 from .stats import AmsgradStats, QuadraticConfig
+from .steps import count_below
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,6 @@ class Constants:
     """Tensors the steps of one ``(max_bits, dtype, device, config)`` read: built once, never written."""
 
     patterns: torch.Tensor  # [2^K, K] ±1: row b is pattern b
-    patterns_t: torch.Tensor  # [K, 2^K], contiguous
     patterns_t64: torch.Tensor  # [K, 2^K] float64, for the codebook
     outer: torch.Tensor  # [2^K, K·K]: row b is b bᵀ, flattened
     powers: torch.Tensor  # [K] int64: 2^k
@@ -57,7 +61,6 @@ def constants(max_bits: int, dtype: torch.dtype, device: torch.device, config: Q
 
         _CONSTANTS[key] = Constants(
             patterns=patterns,
-            patterns_t=patterns.T.contiguous(),
             patterns_t64=patterns.T.double().contiguous(),
             outer=(patterns[:, :, None] * patterns[:, None, :]).reshape(-1, max_bits * max_bits),
             powers=1 << torch.arange(max_bits, device=device),
@@ -66,25 +69,103 @@ def constants(max_bits: int, dtype: torch.dtype, device: torch.device, config: Q
     return _CONSTANTS[key]
 
 
-def lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``table [T]`` (flatten a table first) read at ``index [N]`` int64 -> ``[N]``."""
-    return table.index_select(0, index)
-
-
 def pattern_sums(key: torch.Tensor, values: torch.Tensor, num_groups: int, max_bits: int) -> torch.Tensor:
     """``[G, 2^K]``: per group, the sum of ``values [N]`` over its weights of each pattern (``key = g·2^K + b``)."""
     sums = values.new_zeros(num_groups << max_bits)
     return sums.scatter_add_(0, key, values).view(num_groups, 1 << max_bits)
 
 
+def nearest_patterns(codebook: torch.Tensor, target: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``[N]``: per weight, the pattern of its group's ``codebook [G, 2^K]`` nearest to ``target [N]``.
+
+    Each group's values are sorted once; a weight's rank among its group's midpoints is found by a binary
+    search of ``K`` halvings over flat indices (``base = g · 2^K``, int64). On a tie the smaller value wins.
+    """
+    size = codebook.shape[1]
+    values, order = codebook.sort(dim=1)
+    bounds = torch.cat([values[:, 1:], codebook.new_full((codebook.shape[0], 1), torch.inf)], dim=1)
+    bounds = bounds.add_(values).mul_(0.5).view(-1)
+    half = size // 2
+    index = base + (half - 1)
+    while half:
+        index.add_(bounds.index_select(0, index) < target, alpha=half)
+        if half > 1:
+            index.sub_(half // 2)
+        half //= 2
+    return order.view(-1).index_select(0, index)
+
+
+class Flat:
+    """Index arithmetic over a ragged part: weight-level tensors stay ``[N]``; a weight of group ``g`` reads
+    per-group tables at ``g`` and per-pattern tables at ``key = g · 2^K + b``."""
+
+    def __init__(self, group_sizes: torch.Tensor, numel: int, max_bits: int) -> None:
+        self.group_sizes, self.max_bits = group_sizes, max_bits
+        self.group = torch.repeat_interleave(group_sizes, output_size=numel)
+        self.base = self.group << max_bits
+
+    def weights(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def expand(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-group ``values [G]`` at every weight."""
+        return values.index_select(0, self.group)
+
+    def key(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.base + codes
+
+    def lookup(self, table: torch.Tensor, key: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``table [G, 2^K]`` read at each weight's pattern."""
+        return torch.index_select(table.view(-1), 0, key, out=out)
+
+    def sums(self, key: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return pattern_sums(key, values, self.group_sizes.shape[0], self.max_bits)
+
+    def group_sums(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.segment_reduce(values, "sum", lengths=self.group_sizes)
+
+    def nearest(self, codebook: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nearest_patterns(codebook, target, self.base)
+
+
+class Rows:
+    """Index arithmetic over a part whose groups all hold ``group_size`` weights: weight-level tensors are viewed
+    ``[G, n]``, per-group values broadcast and per-pattern tables are read along rows, as in :mod:`.steps`."""
+
+    def __init__(self, num_groups: int, group_size: int, max_bits: int) -> None:
+        self.shape, self.max_bits = (num_groups, group_size), max_bits
+
+    def weights(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.view(self.shape)
+
+    def expand(self, values: torch.Tensor) -> torch.Tensor:
+        return values[:, None]
+
+    def key(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.long()
+
+    def lookup(self, table: torch.Tensor, key: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.gather(table, 1, key, out=out)
+
+    def sums(self, key: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(self.shape[0], 1 << self.max_bits).scatter_add_(1, key, values)
+
+    def group_sums(self, values: torch.Tensor) -> torch.Tensor:
+        return values.sum(dim=1)
+
+    def nearest(self, codebook: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        values, order = codebook.sort(dim=1)
+        return order.gather(1, count_below((values[:, 1:] + values[:, :-1]) / 2, target))
+
+
 @dataclass
 class Bucket:
-    """References to the flat state of a bucket; steps update these tensors in place.
+    """References to the state of a bucket; steps update these tensors in place.
 
     ``codes [N]`` uint8 (bit ``k`` set iff ``β_k = +1``), ``coords``/``mask [G, K]``, ``weight_stats`` of
     ``[N]``, ``coord_stats`` of ``[G, K]``, ``weight_steps``/``coord_steps [G]`` int64 (updates folded into
-    each group's statistics), ``group_sizes [G]`` int64, ``latent [N]`` during STE (else None) and ``layers``,
-    the ``(num_groups, group_size)`` of each layer in order (host integers).
+    each group's statistics), ``group_sizes [G]`` int64, ``layers``, the ``(num_groups, group_size)`` of each
+    layer in order (host integers), and ``latent [N]`` during STE (else None).
     """
 
     codes: torch.Tensor
@@ -113,39 +194,35 @@ class Bucket:
     def constants(self, config: QuadraticConfig | None = None) -> Constants:
         return constants(self.max_bits, self.coords.dtype, self.coords.device, config or QuadraticConfig())
 
-    def group_index(self) -> torch.Tensor:
-        """``[N]`` int64: the group of every weight."""
-        return torch.repeat_interleave(self.group_sizes, output_size=self.numel)
+    def index(self) -> Flat | Rows:
+        """:class:`Rows` when every group has one size, else :class:`Flat`."""
+        if len({size for _, size in self.layers}) == 1:
+            return Rows(self.num_groups, self.layers[0][1], self.max_bits)
+        return Flat(self.group_sizes, self.numel, self.max_bits)
 
     def codebook(self, c: Constants | None = None) -> torch.Tensor:
         """``[G, 2^K]``: the value ``Σ_k mask α_k b_k`` of every pattern ``b``."""
-        return codebook(self.coords, self.mask, (c or self.constants()).patterns_t64)
+        return codebook(self.coords * self.mask, (c or self.constants()).patterns_t64)
 
     def reconstruct(self, out: torch.Tensor | None = None, block: int | None = None) -> torch.Tensor:
         """``[N]`` ŵ (into ``out`` when given)."""
         out = self.coords.new_empty(self.numel) if out is None else out
         for part, _, weights in self.parts(block):
-            key = (part.group_index() << part.max_bits) + part.codes
-            torch.index_select(part.codebook().view(-1), 0, key, out=out[weights])
+            index = part.index()
+            index.lookup(part.codebook(), index.key(index.weights(part.codes)), out=index.weights(out[weights]))
         return out
 
-    def spans(self, block: int | None) -> list[tuple[slice, slice]]:
-        """``(groups, weights)`` slices of consecutive whole groups of about ``block`` weights (one: ``None``)."""
-        if block is None:
-            return [(slice(0, self.num_groups), slice(0, self.numel))]
-        return _spans(self.layers, block)
-
     def parts(self, block: int | None) -> Iterator[tuple[Bucket, slice, slice]]:
-        """The bucket in blocks: ``(part, groups, weights)`` with ``part`` a bucket of views."""
-        spans = self.spans(block)
-        if len(spans) == 1:
-            yield self, *spans[0]
+        """``(part, groups, weights)``: the whole bucket (``block=None``), or whole groups of one layer of about
+        ``block`` weights each, ``part`` a bucket of views."""
+        if block is None:
+            yield self, slice(0, self.num_groups), slice(0, self.numel)
             return
-        for groups, weights in spans:
-            yield self.part(groups, weights), groups, weights
+        for groups, weights, size in _spans(self.layers, block):
+            yield self.part(groups, weights, size), groups, weights
 
-    def part(self, groups: slice, weights: slice) -> Bucket:
-        """The state of ``groups`` (holding ``weights``) as views; ``layers`` is not kept."""
+    def part(self, groups: slice, weights: slice, group_size: int) -> Bucket:
+        """The state of ``groups`` (holding ``weights``, each group ``group_size`` of them) as views."""
         view = {}
         for item in fields(self):
             value = getattr(self, item.name)
@@ -155,44 +232,20 @@ class Bucket:
             elif isinstance(value, torch.Tensor):
                 value = value[weights if item.name in ("codes", "latent") else groups]
             view[item.name] = value
-        view["layers"] = ()
+        view["layers"] = ((groups.stop - groups.start, group_size),)
         return Bucket(**view)
 
 
 @functools.lru_cache(maxsize=64)
-def _spans(layers: tuple[tuple[int, int], ...], block: int) -> list[tuple[slice, slice]]:
-    spans, start_group, start_weight, group, weight = [], 0, 0, 0, 0
+def _spans(layers: tuple[tuple[int, int], ...], block: int) -> list[tuple[slice, slice, int]]:
+    spans, group, weight = [], 0, 0
     for num_groups, group_size in layers:
         per_block = max(1, block // group_size)
         for first in range(0, num_groups, per_block):
             count = min(per_block, num_groups - first)
-            if weight > start_weight and weight - start_weight + count * group_size > block:
-                spans.append((slice(start_group, group), slice(start_weight, weight)))
-                start_group, start_weight = group, weight
+            spans.append((slice(group, group + count), slice(weight, weight + count * group_size), group_size))
             group, weight = group + count, weight + count * group_size
-    spans.append((slice(start_group, group), slice(start_weight, weight)))
     return spans
-
-
-def nearest_patterns(codebook: torch.Tensor, target: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """``[N]``: per weight, the pattern of its group's ``codebook [G, 2^K]`` nearest to ``target [N]``.
-
-    Each group's values are sorted once; a weight's rank among its group's midpoints is found by a binary
-    search of ``K`` halvings over flat indices (``base = g · 2^K``).
-    On a tie the smaller value wins.
-    """
-    size = codebook.shape[1]
-    values, order = codebook.sort(dim=1)
-    bounds = torch.cat([values[:, 1:], codebook.new_full((codebook.shape[0], 1), torch.inf)], dim=1)
-    bounds = bounds.add_(values).mul_(0.5).view(-1)
-    half = size // 2
-    index = base + (half - 1)
-    while half:
-        index.add_(lookup(bounds, index) < target, alpha=half)
-        if half > 1:
-            index.sub_(half // 2)
-        half //= 2
-    return lookup(order.view(-1), index)
 
 
 def _fold(stats: AmsgradStats, grad: torch.Tensor, update: torch.Tensor, config: QuadraticConfig,
@@ -225,13 +278,12 @@ def _move(stats: AmsgradStats, scale: torch.Tensor, root: torch.Tensor,
     return (stats.m * scale).div_(h), h
 
 
-def _flip_negative(coords: torch.Tensor, codes: torch.Tensor, group: torch.Tensor, c: Constants,
+def _flip_negative(coords: torch.Tensor, codes: torch.Tensor, index: Flat | Rows, c: Constants,
                    first_moment: torch.Tensor | None = None) -> None:
-    """Make ``coords [G, K]`` >= 0 by negating ``(α, β)`` pairs of ``codes [N]`` (and that slot's first moment)."""
+    """Make ``coords [G, K]`` >= 0 by negating ``(α, β)`` pairs of ``codes`` (and that slot's first moment)."""
     negative = coords < 0
     coords.abs_()
-    flips = (negative * c.powers).sum(dim=1)
-    codes.bitwise_xor_(lookup(flips, group).to(codes.dtype))
+    codes.bitwise_xor_(index.expand((negative * c.powers).sum(dim=1)).to(codes.dtype))
     if first_moment is not None:
         first_moment.mul_(1 - 2 * negative.to(first_moment.dtype))
 
@@ -254,43 +306,42 @@ def weight_domain_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor,
 
 def _weight_domain_part(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float | torch.Tensor,
                         config: QuadraticConfig, ste: bool, out: torch.Tensor | None) -> None:
-    c, bits, groups = bucket.constants(config), bucket.max_bits, bucket.num_groups
-    group = bucket.group_index()
-    base = group << bits
-    moving = lookup(update, group)
-    _fold(bucket.weight_stats, torch.where(moving, grad, c.zero), moving, config, c)
+    c, bits, groups, index = bucket.constants(config), bucket.max_bits, bucket.num_groups, bucket.index()
+    weights = index.weights
+    stats = AmsgradStats(*(weights(t) for t in vars(bucket.weight_stats).values()))
+    grad, current = weights(grad), weights(bucket.codes)
+    moving = index.expand(update)
+    _fold(stats, torch.where(moving, grad, c.zero), moving, config, c)
     bucket.weight_steps.add_(update)
     scale, root = _corrections(bucket.weight_steps, update, lr, config, bucket.coords.dtype)
-    move, h = _move(bucket.weight_stats, lookup(scale, group), lookup(root, group), config.eps)
-    codebook = bucket.codebook(c)
-    target = bucket.latent.sub_(move) if ste else lookup(codebook.view(-1), base + bucket.codes).sub_(move)
+    move, h = _move(stats, index.expand(scale), index.expand(root), config.eps)
+    book = bucket.codebook(c)
+    target = weights(bucket.latent).sub_(move) if ste else index.lookup(book, index.key(current)).sub_(move)
     dead = (~bucket.mask * c.powers).sum(dim=1)
-    codes = nearest_patterns(codebook, target, base).bitwise_or_(lookup(dead, group))
-    key = base + codes
-    coords = solve_normal_equations((pattern_sums(key, h, groups, bits) @ c.outer).view(groups, bits, bits),
-                                    pattern_sums(key, h * target, groups, bits) @ c.patterns, bucket.mask)
-    _flip_negative(coords, codes, group, c)
+    codes = index.nearest(book, target).bitwise_or_(index.expand(dead))
+    key = index.key(codes)
+    coords = solve_normal_equations((index.sums(key, h) @ c.outer).view(groups, bits, bits),
+                                    index.sums(key, h * target) @ c.patterns, bucket.mask)
+    _flip_negative(coords, codes, index, c)
     rows = update[:, None]
-    codes = torch.where(moving, codes, bucket.codes)
-    bucket.codes.copy_(codes)
+    codes = torch.where(moving, codes, current)
+    current.copy_(codes)
     bucket.coords.copy_(torch.where(rows, coords, bucket.coords))
-    key = base + codes
-    stats = bucket.coord_stats
-    projected = (pattern_sums(key, bucket.weight_stats.m, groups, bits) @ c.patterns) * bucket.mask
-    stats.m.copy_(torch.where(rows, projected, stats.m))
-    for mine, weights in ((stats.v, bucket.weight_stats.v), (stats.vmax, bucket.weight_stats.vmax)):
-        summed = torch.segment_reduce(weights, "sum", lengths=bucket.group_sizes)[:, None]
-        mine.copy_(torch.where(rows, summed, mine))
+    key = index.key(codes)
+    mine = bucket.coord_stats
+    mine.m.copy_(torch.where(rows, (index.sums(key, stats.m) @ c.patterns) * bucket.mask, mine.m))
+    for target_stat, source in ((mine.v, stats.v), (mine.vmax, stats.vmax)):
+        target_stat.copy_(torch.where(rows, index.group_sums(source)[:, None], target_stat))
     bucket.coord_steps.copy_(torch.where(update, bucket.weight_steps, bucket.coord_steps))
     if out is not None:
-        torch.index_select(bucket.codebook(c).view(-1), 0, key, out=out)
+        index.lookup(bucket.codebook(c), key, out=weights(out))
 
 
 def _observe(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, config: QuadraticConfig,
-             group: torch.Tensor, c: Constants) -> None:
+             index: Flat | Rows, c: Constants) -> None:
     rows = update[:, None]
-    key = (group << bucket.max_bits) + bucket.codes
-    projected = (pattern_sums(key, grad, bucket.num_groups, bucket.max_bits) @ c.patterns) * bucket.mask
+    key = index.key(index.weights(bucket.codes))
+    projected = (index.sums(key, index.weights(grad)) @ c.patterns) * bucket.mask
     _fold(bucket.coord_stats, torch.where(rows, projected, c.zero), rows, config, c)
     bucket.coord_steps.add_(update)
 
@@ -299,7 +350,7 @@ def observe(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, config: Qu
             block: int | None = None) -> None:
     """Fold the coordinate gradients ``βᵀ g`` of the groups in ``update`` into the coordinate statistics."""
     for part, groups, weights in bucket.parts(block):
-        _observe(part, grad[weights], update[groups], config, part.group_index(), part.constants(config))
+        _observe(part, grad[weights], update[groups], config, part.index(), part.constants(config))
 
 
 def coordinate_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr: float | torch.Tensor,
@@ -308,12 +359,12 @@ def coordinate_step(bucket: Bucket, grad: torch.Tensor, update: torch.Tensor, lr
     ``(α, β, m_α)`` (:func:`~alq_lightning.core.steps.coordinate_step`); writes the new ŵ ``[N]`` into ``out``
     when given."""
     for part, groups, weights in bucket.parts(block):
-        c, group, update_part = part.constants(config), part.group_index(), update[groups]
-        _observe(part, grad[weights], update_part, config, group, c)
+        c, index, update_part = part.constants(config), part.index(), update[groups]
+        _observe(part, grad[weights], update_part, config, index, c)
         scale, root = _corrections(part.coord_steps, update_part, lr, config, part.coords.dtype)
         move, _ = _move(part.coord_stats, scale[:, None], root[:, None], config.eps)
         part.coords.sub_(torch.where(part.mask, move, c.zero))
-        _flip_negative(part.coords, part.codes, group, c, part.coord_stats.m)
+        codes = index.weights(part.codes)
+        _flip_negative(part.coords, codes, index, c, part.coord_stats.m)
         if out is not None:
-            key = (group << part.max_bits) + part.codes
-            torch.index_select(part.codebook(c).view(-1), 0, key, out=out[weights])
+            index.lookup(part.codebook(c), index.key(codes), out=index.weights(out[weights]))

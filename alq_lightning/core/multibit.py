@@ -53,16 +53,17 @@ def pattern_sums(codes: torch.Tensor, values: torch.Tensor, max_bits: int) -> to
     return sums.scatter_add_(1, codes.long(), values)
 
 
-def codebook(coords: torch.Tensor, mask: torch.Tensor, patterns_t: torch.Tensor | None = None) -> torch.Tensor:
-    """``[G, 2^K]``: per group the value ``Σ_k mask_k α_k b_k`` of every pattern ``b``, in the coordinates' dtype.
+def codebook(live_coords: torch.Tensor, patterns_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``[G, 2^K]``: per group the value ``Σ_k α_k b_k`` of every pattern ``b`` for ``live_coords [G, K]`` (dead
+    slots 0), in their dtype.
 
     The at most 8 signed terms are summed in float64, where float32 sums are exact, so a value does not depend
     on how many groups are computed at once (every reconstruction of ŵ agrees bit for bit). ``patterns_t`` is
     ``all_patterns(K, float64).T`` when the caller has it.
     """
     if patterns_t is None:
-        patterns_t = all_patterns(mask.shape[1], torch.float64, coords.device).T
-    return torch.mm((coords * mask).double(), patterns_t).to(coords.dtype)
+        patterns_t = all_patterns(live_coords.shape[1], torch.float64, live_coords.device).T
+    return torch.mm(live_coords.double(), patterns_t).to(live_coords.dtype)
 
 
 BLOCK = 1 << 20
@@ -120,7 +121,7 @@ class MultiBitState:
 
     def codebook(self) -> torch.Tensor:
         """``[G, 2^K]``: the value ``Σ_k mask α_k b_k`` of every pattern ``b`` (:func:`codebook`)."""
-        return codebook(self.coords, self.mask)
+        return codebook(self.live_coords())
 
     def reconstruct(self, block: int = BLOCK) -> torch.Tensor:
         """``[G, n]``: ``Σ_k mask α β`` in the coordinates' dtype, looked up in blocks of about ``block`` weights."""

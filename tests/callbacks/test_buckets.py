@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from alq_lightning import buckets
 from alq_lightning.network import MultiBitNetwork
 from alq_lightning.quantizer import LayerSelection, attach
 
@@ -118,7 +119,9 @@ def step_ops(widths: list[int], kind: str) -> Counter[str]:
     return ops.ops
 
 
-def test_a_network_step_launches_the_same_ops_for_two_layers_or_eight_and_never_reads_the_device():
+def test_a_network_step_launches_the_same_ops_for_two_layers_or_eight_and_never_reads_the_device(monkeypatch):
+    """In one block per bucket, as on a GPU (a CPU steps a layer's rows in cache-sized blocks)."""
+    monkeypatch.setattr(buckets, "BLOCK", {})
     for kind in ("basis", "coordinate", "ste"):
         two = step_ops([16, 12, 8], kind)
         eight = step_ops([16, 12, 8, 24, 6, 10, 16, 4, 8], kind)
@@ -129,7 +132,7 @@ def test_a_network_step_launches_the_same_ops_for_two_layers_or_eight_and_never_
 def test_a_compiled_step_equals_the_eager_step_up_to_float_rounding():
     """``compile=True`` (torch.compile, C++ kernels on a CPU): from one state and gradient, every kind of step gives
     the eager step's bases, masks and counters exactly and its coordinates and statistics to float rounding
-    (rtol 1e-5); the weights hold ŵ exactly."""
+    (rtol 1e-5, atol 1e-7: sums run in another order); the weights hold ŵ exactly."""
     pytest.importorskip("torch._inductor")
     if shutil.which("g++") is None and shutil.which("c++") is None:
         pytest.skip("torch.compile needs a C++ compiler on a CPU")
@@ -152,6 +155,7 @@ def test_a_compiled_step_equals_the_eager_step_up_to_float_rounding():
                 if tensor.dtype in (torch.uint8, torch.bool, torch.long):
                     assert torch.equal(tensor, theirs[key]), (kind, name, key)
                 else:
-                    torch.testing.assert_close(theirs[key], tensor, rtol=1e-5, atol=1e-9, msg=f"{kind} {name} {key}")
+                    torch.testing.assert_close(theirs[key], tensor, rtol=1e-5, atol=1e-7,
+                                               msg=lambda m, k=(kind, name, key): f"{k}: {m}")
         assert reconstructed(compiled), kind
     assert {kind for kind, _ in compiled._compiled_steps} == {"basis", "coordinate", "observe", "ste"}
