@@ -151,6 +151,7 @@ def find_init(trainer: Trainer, owner: object) -> ALQInit:
     """The ``ALQInit`` callback of ``trainer`` (exactly one), or a clear error naming ``owner``."""
     found = [cb for cb in trainer.callbacks if isinstance(cb, ALQInit)]
     found += [cb.init for cb in trainer.callbacks if isinstance(getattr(cb, "init", None), ALQInit)]
+    found = list({id(init): init for init in found}.values())  # a stage set up already points at its ALQInit
     if len(found) != 1:
         raise ValueError(
             f"{type(owner).__name__} needs exactly one ALQInit (or ALQCallback) in Trainer(callbacks=...), "

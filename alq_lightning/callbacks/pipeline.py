@@ -164,9 +164,9 @@ class ALQCallback(Callback):
             trainer.should_stop = True
 
     def _check_target(self) -> None:
-        """Never report completion above ``target_bits`` (a target above the initial average keeps it)."""
+        """Never report completion above ``target_bits``."""
         reached = self.network.avg_bits
-        if reached > max(self.target_bits, self.network.initial_bits) + 1e-9:
+        if reached > self.target_bits + 1e-9:
             raise RuntimeError(
                 f"the ALQ schedule ended at {reached:.4f} average bits, above target_bits={self.target_bits:g}; "
                 f"layers that never received a gradient: {self.network.without_stats() or 'none'}"

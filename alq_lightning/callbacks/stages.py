@@ -3,8 +3,9 @@
 A stage consumes the quantized weights' gradients in ``on_before_optimizer_step`` (after accumulation,
 all-reduce and AMP unscaling), updates the multi-bit state through :class:`~alq_lightning.network.MultiBitNetwork`
 and writes ŵ back into the weights; the module's own optimizer never sees those gradients. Lightning clips
-gradients only after that hook, so a stage applies the Trainer's ``gradient_clip_val`` itself first, over
-the same parameters. Layers without a gradient in a step are left as they are; a step in which some quantized
+gradients only after that hook, so a stage calls the module's ``configure_gradient_clipping`` (with the
+Trainer's ``gradient_clip_val``/``gradient_clip_algorithm``) itself first, over the same parameters; Lightning
+calls it again afterwards on the gradients left. Layers without a gradient in a step are left as they are; a step in which some quantized
 weight's gradient is not finite is skipped (decided on the device, so a step never waits for it) and each stage
 reports its skipped steps at the end of the epoch. Every decision is a function of the epoch and the optimizer
 step, so a resumed run repeats an uninterrupted one.
@@ -71,7 +72,7 @@ class ALQStage(Callback, ABC):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         if not self.active(trainer):
             return
-        if pl_module.automatic_optimization and trainer.gradient_clip_val:
+        if pl_module.automatic_optimization:
             pl_module.configure_gradient_clipping(optimizer, gradient_clip_val=trainer.gradient_clip_val,
                                                   gradient_clip_algorithm=trainer.gradient_clip_algorithm)
         self.apply(trainer, self.network.take_grads())
