@@ -1,50 +1,67 @@
 """All quantized layers of one model, driven together: the object the callbacks act through.
 
-It holds no Lightning state: step counters are plain integers, tensors live in the modules' buffers.
+It holds no Lightning state: tensors live in the modules' buffers (views of the buckets' tensors), step counters
+per group on the device.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from .buckets import BoundBucket, bind
 from .core import (
     LayerBits,
     QuadraticConfig,
     average_bits,
-    basis_step,
-    coordinate_step,
     group_importance,
-    project_grad,
     quadratic_model,
     select_groups,
     select_slots,
     slot_bits,
     slot_importance,
-    ste_step,
-    update_stats,
 )
+from .core.bucket import coordinate_step, observe, weight_domain_step
 from .quantizer import QuantizedLayer
+
+STEPS: dict[str, Callable] = {
+    "basis": lambda bucket, grad, update, lr, config, block, out: weight_domain_step(
+        bucket, grad, update, lr, config, ste=False, block=block, out=out),
+    "ste": lambda bucket, grad, update, lr, config, block, out: weight_domain_step(
+        bucket, grad, update, lr, config, ste=True, block=block, out=out),
+    "coordinate": lambda bucket, grad, update, lr, config, block, out: coordinate_step(
+        bucket, grad, update, lr, config, block=block, out=out),
+    "observe": lambda bucket, grad, update, lr, config, block, out: observe(bucket, grad, update, config, block=block),
+}
+"""The bucket steps by kind, with one signature ``(bucket, grad, update, lr, config, block, out)``: ``out`` takes
+the new ŵ (``observe`` leaves ŵ as it is)."""
 
 
 class MultiBitNetwork:
-    """The quantized layers of a model and the step counters of their AMSGrad statistics.
+    """The quantized layers of a model, bound to flat buckets, and the step counters of their statistics.
 
     A step updates the layers that received a gradient and leaves the others as they are, so each layer
     counts its own updates: ``weight_steps[name]`` counts weight-domain updates (basis and STE steps),
     ``coord_steps[name]`` coordinate-domain ones; a basis step re-derives the coordinate statistics, so it
-    sets the layer's coordinate count to its weight count.
+    sets the layer's coordinate count to its weight count. A step whose gradients are not all finite is
+    skipped as a whole, decided on the device (:attr:`skipped` counts them): a step never waits for the
+    device. Layers sharing ``max_bits`` share a bucket (:mod:`alq_lightning.buckets`), so a step launches
+    the same kernels whatever the number of layers. With ``compile`` each bucket's step runs through
+    ``torch.compile`` (on CUDA replayed as a CUDA graph); it equals the eager step up to float rounding.
     """
 
     def __init__(self, layers: Mapping[str, QuantizedLayer], float_layers: Mapping[str, str],
-                 config: QuadraticConfig | None = None) -> None:
+                 config: QuadraticConfig | None = None, compile: bool = False) -> None:
         self.layers = dict(layers)
         self.float_layers = dict(float_layers)
         self.config = config or QuadraticConfig()
-        self.weight_steps = dict.fromkeys(self.layers, 0)
-        self.coord_steps = dict.fromkeys(self.layers, 0)
+        self.compile = compile
+        self._compiled_steps: dict[tuple[str, bool], Callable] = {}
         self.initial_bits = 0.0
+        self.buckets: list[BoundBucket] = []
+        self._steps = dict.fromkeys(self.layers, (0, 0))
+        self._skipped: torch.Tensor | None = None
 
     def belongs_to(self, model: nn.Module) -> bool:
         """Whether every quantized layer is a module of ``model``."""
@@ -66,28 +83,63 @@ class MultiBitNetwork:
     def binary_bits(self) -> int:
         return sum(bits.binary_bits for bits in self.layer_bits().values())
 
+    def bound(self) -> list[BoundBucket]:
+        """The buckets, bound afresh (from the current buffers and counters) when a layer's views broke."""
+        if not self.buckets or not all(bucket.is_bound() for bucket in self.buckets):
+            self._steps = self.steps()
+            grads = {name: grad for bucket in self.buckets for name, grad in bucket.grad_groups().items()}
+            self.buckets = bind(self.layers.values(), self._steps)
+            for bucket in self.buckets:
+                bucket.load(grads)
+        return self.buckets
+
+    def steps(self) -> dict[str, tuple[int, int]]:
+        """Per layer ``(weight steps, coordinate steps)``; reads the device."""
+        steps = dict(self._steps)
+        for bucket in self.buckets:
+            steps.update(bucket.steps())
+        return steps
+
+    @property
+    def weight_steps(self) -> dict[str, int]:
+        return {name: pair[0] for name, pair in self.steps().items()}
+
+    @property
+    def coord_steps(self) -> dict[str, int]:
+        return {name: pair[1] for name, pair in self.steps().items()}
+
+    def set_steps(self, steps: Mapping[str, tuple[int, int]]) -> None:
+        self._steps.update(steps)
+        for bucket in self.buckets:
+            bucket.set_steps(steps)
+
+    @property
+    def skipped(self) -> int:
+        """Steps skipped for non-finite gradients since the last :meth:`reset_skipped`; reads the device."""
+        return 0 if self._skipped is None else int(self._skipped)
+
+    def reset_skipped(self) -> None:
+        self._skipped = None
+
     def initialize(self) -> None:
         """Structured sketching of every layer from its current float weight."""
         for layer in self.layers.values():
             layer.initialize()
-        self.weight_steps = dict.fromkeys(self.layers, 0)
-        self.coord_steps = dict.fromkeys(self.layers, 0)
+        self.set_steps(dict.fromkeys(self.layers, (0, 0)))
         self.initial_bits = self.avg_bits
 
-    def take_grads(self) -> dict[str, torch.Tensor]:
-        """Gradients w.r.t. ŵ in group layout of the layers that have one (maybe none), cleared from the
-        weights so that no other optimizer uses them."""
-        grads = {name: grad for name, layer in self.layers.items() if (grad := layer.grad_groups()) is not None}
-        self.drop_grads()
-        return grads
+    def take_grads(self) -> frozenset[str]:
+        """Gather the gradients w.r.t. ŵ into the buckets and clear them from the weights (so that no other
+        optimizer uses them); returns the layers that had one (maybe none)."""
+        return frozenset().union(*(bucket.gather() for bucket in self.bound()))
+
+    def load_grads(self, grads: Mapping[str, torch.Tensor]) -> frozenset[str]:
+        """Put ``{layer: [G, n] gradient}`` into the buckets as :meth:`take_grads` would; returns the layers."""
+        return frozenset().union(*(bucket.load(grads) for bucket in self.bound()))
 
     def drop_grads(self) -> None:
         for layer in self.layers.values():
             layer.param.grad = None
-
-    @staticmethod
-    def all_finite(grads: Mapping[str, torch.Tensor]) -> bool:
-        return not grads or bool(torch.stack([grad.isfinite().all() for grad in grads.values()]).all())
 
     def without_stats(self) -> list[str]:
         """Layers that never received a gradient since initialisation (no statistics to rank them by)."""
@@ -97,21 +149,53 @@ class MultiBitNetwork:
         for name in self.layers if names is None else names:
             self.layers[name].write_weight()
 
-    def basis_step(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
-        for name, grad in grads.items():
-            layer = self.layers[name]
-            self.weight_steps[name] += 1
-            basis_step(layer.state, layer.weight_stats, layer.coord_stats, grad, self.weight_steps[name], lr,
-                       self.config)
-            self.coord_steps[name] = self.weight_steps[name]
-        self.write_weights(grads)
+    def _updates(self, names: frozenset[str]) -> list[torch.Tensor]:
+        """Per bucket ``[G]`` bool: the groups of ``names``, none if any gathered gradient is not finite."""
+        buckets = self.bound()
+        finite = [torch.linalg.vector_norm(bucket.grad, torch.inf) < torch.inf for bucket in buckets]  # nan too
+        finite = finite[0] if len(finite) == 1 else torch.stack(finite).all()
+        skipped = (~finite).long()
+        self._skipped = skipped if self._skipped is None else self._skipped.add_(skipped)
+        return [bucket.update_mask(names) & finite for bucket in buckets]
 
-    def coordinate_step(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
-        for name, grad in grads.items():
-            layer = self.layers[name]
-            self.coord_steps[name] += 1
-            coordinate_step(layer.state, layer.coord_stats, grad, self.coord_steps[name], lr, self.config)
-        self.write_weights(grads)
+    def _step(self, kind: str, names: frozenset[str], lr: float = 0.0) -> None:
+        """Run step ``kind`` of :data:`STEPS` on every bucket; write ŵ unless it only observes."""
+        for bucket, update in zip(self.bound(), self._updates(names)):
+            out = None if kind == "observe" else bucket.weight
+            if self.compile:
+                self._compiled(kind, bucket)(bucket.bucket, bucket.grad, update, bucket.lr.fill_(lr), self.config,
+                                             None, out)
+            else:
+                STEPS[kind](bucket.bucket, bucket.grad, update, lr, self.config, bucket.block, out)
+            if out is not None:
+                bucket.write_weights()
+
+    def _compiled(self, kind: str, bucket: BoundBucket):
+        """``torch.compile`` of step ``kind`` for ``bucket``'s device: one block, the learning rate as a tensor; on
+        CUDA in ``reduce-overhead`` mode (a CUDA graph replayed every step, the state at static addresses)."""
+        cuda = bucket.grad.is_cuda
+        if (kind, cuda) not in self._compiled_steps:
+            self._compiled_steps[kind, cuda] = torch.compile(
+                STEPS[kind], fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else None)
+        if cuda:
+            bucket.mark_static()
+        return self._compiled_steps[kind, cuda]
+
+    def basis_step(self, names: frozenset[str], lr: float) -> None:
+        """Basis step of the layers ``names`` with the gradients in the buckets (:meth:`take_grads`)."""
+        self._step("basis", names, lr)
+
+    def ste_step(self, names: frozenset[str], lr: float) -> None:
+        """Straight-through step (latent weights, see :meth:`start_ste`) of the layers ``names``."""
+        self._step("ste", names, lr)
+
+    def coordinate_step(self, names: frozenset[str], lr: float) -> None:
+        """Coordinate step of the layers ``names``."""
+        self._step("coordinate", names, lr)
+
+    def observe(self, names: frozenset[str]) -> None:
+        """Fold the coordinate gradients of the layers ``names`` into their statistics without stepping."""
+        self._step("observe", names)
 
     def start_ste(self) -> None:
         """Latent float weights start at ŵ."""
@@ -123,26 +207,11 @@ class MultiBitNetwork:
         for layer in self.layers.values():
             layer.hold_latent(None)
 
-    def ste_step(self, grads: Mapping[str, torch.Tensor], lr: float) -> None:
-        for name, grad in grads.items():
-            layer = self.layers[name]
-            self.weight_steps[name] += 1
-            ste_step(layer.state, layer.buffer("latent"), layer.weight_stats, layer.coord_stats, grad,
-                     self.weight_steps[name], lr, self.config)
-            self.coord_steps[name] = self.weight_steps[name]
-        self.write_weights(grads)
-
-    def observe(self, grads: Mapping[str, torch.Tensor]) -> None:
-        """Fold the coordinate gradients into the coordinate statistics without stepping."""
-        for name, grad in grads.items():
-            layer = self.layers[name]
-            self.coord_steps[name] += 1
-            update_stats(layer.coord_stats, project_grad(layer.state, grad), self.config)
-
     def _models(self, lr: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Quadratic models of the layers that have statistics."""
-        return {name: quadratic_model(layer.coord_stats, self.coord_steps[name], lr, self.config)
-                for name, layer in self.layers.items() if self.coord_steps[name] > 0}
+        steps = self.coord_steps
+        return {name: quadratic_model(layer.coord_stats, steps[name], lr, self.config)
+                for name, layer in self.layers.items() if steps[name] > 0}
 
     def prune_slots(self, bits_to_remove: float, lr: float, per_bit: bool = False) -> int:
         """Clear the least important live slots worth at least ``bits_to_remove`` bits; returns bits removed.
@@ -177,8 +246,9 @@ class MultiBitNetwork:
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
         """``{layer: {buffer: tensor, "steps": [weight steps, coordinate steps]}}`` on CPU, for a checkpoint."""
+        steps = self.steps()
         return {name: {**{key: t.detach().cpu().clone() for key, t in layer.multibit_tensors().items()},
-                       "steps": torch.tensor([self.weight_steps[name], self.coord_steps[name]])}
+                       "steps": torch.tensor(steps[name])}
                 for name, layer in self.layers.items()}
 
     def load_state_tensors(self, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
@@ -205,8 +275,8 @@ class MultiBitNetwork:
                     target.copy_(tensors[name][key])
             latent = tensors[name]["latent"]
             layer.hold_latent(latent if latent.numel() else None)
-            if "steps" in tensors[name]:
-                self.weight_steps[name], self.coord_steps[name] = map(int, tensors[name]["steps"].tolist())
+        self.set_steps({name: tuple(map(int, tensors[name]["steps"].tolist()))
+                        for name in self.layers if "steps" in tensors[name]})
         self.write_weights()
 
     def scalars(self) -> dict[str, float]:
@@ -217,5 +287,4 @@ class MultiBitNetwork:
         every layer."""
         self.initial_bits = float(scalars["initial_bits"])
         if "weight_step" in scalars:
-            self.weight_steps = dict.fromkeys(self.layers, int(scalars["weight_step"]))
-            self.coord_steps = dict.fromkeys(self.layers, int(scalars["coord_step"]))
+            self.set_steps(dict.fromkeys(self.layers, (int(scalars["weight_step"]), int(scalars["coord_step"]))))

@@ -124,14 +124,17 @@ def bench_model(name: str, args, device: torch.device) -> dict:
 
     model.zero_grad()
     nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
-    grads = {key: grad.clone() for key, grad in network.take_grads().items()}
+    grads = {key: layer.grad_groups().clone() for key, layer in layers.items()}
     model.zero_grad()
 
-    seconds = {"basis": time_runs(lambda: network.basis_step(grads, LR), device, args.repeats)}
-    memory_mb = extra_memory_mb(lambda: network.basis_step(grads, LR), device)  # after a warm-up
-    seconds["coordinate"] = time_runs(lambda: network.coordinate_step(grads, LR), device, args.repeats)
+    def step(kind: str):
+        return lambda: getattr(network, f"{kind}_step")(network.load_grads(grads), LR)
+
+    seconds = {"basis": time_runs(step("basis"), device, args.repeats)}
+    memory_mb = extra_memory_mb(step("basis"), device)  # after a warm-up
+    seconds["coordinate"] = time_runs(step("coordinate"), device, args.repeats)
     network.start_ste()
-    seconds["ste"] = time_runs(lambda: network.ste_step(grads, LR), device, args.repeats)
+    seconds["ste"] = time_runs(step("ste"), device, args.repeats)
     saved, scalars = network.state_tensors(), network.scalars()
     prune_bits = PRUNE_FRACTION * network.binary_bits
 
@@ -140,7 +143,7 @@ def bench_model(name: str, args, device: torch.device) -> dict:
         network.load_scalars(scalars)
 
     def prune() -> None:
-        network.observe(grads)
+        network.observe(network.load_grads(grads))
         network.prune_slots(prune_bits, LR)
 
     seconds["prune"] = time_runs(prune, device, args.repeats, before=restore_state)

@@ -3,9 +3,12 @@
 A stage consumes the quantized weights' gradients in ``on_before_optimizer_step`` (after accumulation,
 all-reduce and AMP unscaling), updates the multi-bit state through :class:`~alq_lightning.network.MultiBitNetwork`
 and writes ŵ back into the weights; the module's own optimizer never sees those gradients. Lightning clips
-gradients only after that hook, so a stage applies the Trainer's ``gradient_clip_val`` itself first, over
-the same parameters. Layers without a gradient in a step are left as they are. Every decision is a function
-of the epoch and the optimizer step, so a resumed run repeats an uninterrupted one.
+gradients only after that hook, so a stage calls the module's ``configure_gradient_clipping`` (with the
+Trainer's ``gradient_clip_val``/``gradient_clip_algorithm``) itself first, over the same parameters; Lightning
+calls it again afterwards on the gradients left. Layers without a gradient in a step are left as they are; a step in which some quantized
+weight's gradient is not finite is skipped (decided on the device, so a step never waits for it) and each stage
+reports its skipped steps at the end of the epoch. Every decision is a function of the epoch and the optimizer
+step, so a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -13,7 +16,6 @@ import math
 from abc import ABC, abstractmethod
 from typing import Any
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -70,33 +72,37 @@ class ALQStage(Callback, ABC):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         if not self.active(trainer):
             return
-        if pl_module.automatic_optimization and trainer.gradient_clip_val:
+        if pl_module.automatic_optimization:
             pl_module.configure_gradient_clipping(optimizer, gradient_clip_val=trainer.gradient_clip_val,
                                                   gradient_clip_algorithm=trainer.gradient_clip_algorithm)
-        grads = self.network.take_grads()
-        if not self.network.all_finite(grads):
-            rank_zero_warn(f"{type(self).__name__}: skipped the ALQ update of step {trainer.global_step}: "
-                           f"a quantized weight's gradient is not finite")
-            grads = {}
-        self.apply(trainer, grads)
+        self.apply(trainer, self.network.take_grads())
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.active(trainer):
+            return
+        skipped = self.network.skipped
+        self.network.reset_skipped()
+        if skipped:
+            rank_zero_warn(f"{type(self).__name__}: skipped {skipped} ALQ update(s) in epoch {trainer.current_epoch}: "
+                           f"a quantized weight's gradient was not finite")
 
     @abstractmethod
-    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
-        """Update the multi-bit state from ``{layer: [G, n] gradient}`` of the layers that have one."""
+    def apply(self, trainer: Trainer, names: frozenset[str]) -> None:
+        """Update the multi-bit state of the layers ``names`` from the gradients gathered into the network."""
 
 
 class BasisRefit(ALQStage):
     """Basis step every training step: nearest bases to the AMSGrad target, then a weighted coordinate refit."""
 
-    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
-        self.network.basis_step(grads, self.current_lr(trainer))
+    def apply(self, trainer: Trainer, names: frozenset[str]) -> None:
+        self.network.basis_step(names, self.current_lr(trainer))
 
 
 class CoordinateRefit(ALQStage):
     """Coordinate step every training step: AMSGrad on the live coordinates with the bases fixed."""
 
-    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
-        self.network.coordinate_step(grads, self.current_lr(trainer))
+    def apply(self, trainer: Trainer, names: frozenset[str]) -> None:
+        self.network.coordinate_step(names, self.current_lr(trainer))
 
 
 class STEFineTune(ALQStage):
@@ -109,13 +115,14 @@ class STEFineTune(ALQStage):
     def reset(self) -> None:
         self.started = False
 
-    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
+    def apply(self, trainer: Trainer, names: frozenset[str]) -> None:
         if not self.started:
             self.network.start_ste()
             self.started = True
-        self.network.ste_step(grads, self.current_lr(trainer))
+        self.network.ste_step(names, self.current_lr(trainer))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
         if self.started and trainer.current_epoch == self.end_epoch - 1:
             self.network.end_ste()
 
@@ -185,10 +192,10 @@ class BitwidthReduction(ALQStage):
             module.train()
         self._frozen_norms = []
 
-    def apply(self, trainer: Trainer, grads: dict[str, torch.Tensor]) -> None:
+    def apply(self, trainer: Trainer, names: frozenset[str]) -> None:
         if self.window_start_step is None:
             self.window_start_step = trainer.global_step
-        self.network.observe(grads)
+        self.network.observe(names)
         total = self.epochs * self.steps_per_epoch(trainer)
         step = min(trainer.global_step - self.window_start_step, total - 1)
         budget = self.budget(trainer, step)

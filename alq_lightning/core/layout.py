@@ -114,6 +114,16 @@ class GroupLayout:
             return groups.reshape(self.shape[1], self.shape[0]).t().contiguous()
         return groups.reshape(self.shape)
 
+    def weight_view(self, flat: torch.Tensor) -> torch.Tensor:
+        """A view of :attr:`shape` over ``flat [num_groups · group_size]`` (contiguous, in group order): writing
+        a weight into it writes its groups, row-major (:meth:`to_groups` without a copy)."""
+        if self.structure == "pixelwise":
+            co, ci, *kernel = self.shape
+            return flat.view(co, *kernel, ci).movedim(-1, 1)
+        if self.structure == "columnwise":
+            return flat.view(self.shape[1], self.shape[0]).t()
+        return flat.view(self.shape)
+
     def describe(self) -> str:
         return f"{self.structure}({self.subchannels})" if self.structure in LINEAR_STRUCTURES else self.structure
 

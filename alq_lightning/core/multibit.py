@@ -53,6 +53,19 @@ def pattern_sums(codes: torch.Tensor, values: torch.Tensor, max_bits: int) -> to
     return sums.scatter_add_(1, codes.long(), values)
 
 
+def codebook(live_coords: torch.Tensor, patterns_t: torch.Tensor | None = None) -> torch.Tensor:
+    """``[G, 2^K]``: per group the value ``Σ_k α_k b_k`` of every pattern ``b`` for ``live_coords [G, K]`` (dead
+    slots 0), in their dtype.
+
+    The at most 8 signed terms are summed in float64, where float32 sums are exact, so a value does not depend
+    on how many groups are computed at once (every reconstruction of ŵ agrees bit for bit). ``patterns_t`` is
+    ``all_patterns(K, float64).T`` when the caller has it.
+    """
+    if patterns_t is None:
+        patterns_t = all_patterns(live_coords.shape[1], torch.float64, live_coords.device).T
+    return torch.mm(live_coords.double(), patterns_t).to(live_coords.dtype)
+
+
 BLOCK = 1 << 20
 
 
@@ -107,9 +120,8 @@ class MultiBitState:
         return self.coords * self.mask
 
     def codebook(self) -> torch.Tensor:
-        """``[G, 2^K]``: the value ``Σ_k mask α_k b_k`` of every pattern ``b``."""
-        live = self.live_coords()
-        return live @ all_patterns(self.max_bits, live.dtype, live.device).T
+        """``[G, 2^K]``: the value ``Σ_k mask α_k b_k`` of every pattern ``b`` (:func:`codebook`)."""
+        return codebook(self.live_coords())
 
     def reconstruct(self, block: int = BLOCK) -> torch.Tensor:
         """``[G, n]``: ``Σ_k mask α β`` in the coordinates' dtype, looked up in blocks of about ``block`` weights."""
@@ -139,15 +151,15 @@ def flip_negative(state: MultiBitState, first_moment: torch.Tensor | None = None
 def solve_normal_equations(gram: torch.Tensor, rhs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Solve ``gram [G, K, K] α = rhs [G, K]`` on the live slots of ``mask [G, K]``; dead slots get 0.
 
-    A ridge of ``16·eps`` times the mean live diagonal keeps collinear bases (tiny groups) solvable;
-    no explicit inverse is formed.
+    A ridge of ``16·eps`` times the mean live diagonal keeps collinear bases (tiny groups) solvable, so the
+    solve never fails and its status is not read back (no host synchronisation); no explicit inverse is formed.
     """
     live = mask.to(gram.dtype)
     gram = gram * (live[:, :, None] * live[:, None, :])
     diagonal = gram.diagonal(dim1=1, dim2=2)
     scale = diagonal.sum(dim=1, keepdim=True) / live.sum(dim=1, keepdim=True).clamp(min=1)
     diagonal.add_(torch.where(mask, 16 * torch.finfo(gram.dtype).eps * scale, 1.0))
-    return torch.linalg.solve(gram, rhs * live) * live
+    return torch.linalg.solve_ex(gram, rhs * live).result * live
 
 
 def refit_coords(codes: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from .multibit import (
     BLOCK,
     MultiBitState,
     all_patterns,
+    codebook,
     flip_negative,
     pattern_sums,
     refit_coords,
@@ -71,8 +72,7 @@ def nearest_patterns(live_coords: torch.Tensor, target: torch.Tensor) -> torch.T
     among the midpoints of consecutive values (:func:`count_below`), so memory is ``O(G·2^K + G·n)``.
     On a tie the smaller value wins.
     """
-    patterns = all_patterns(live_coords.shape[1], live_coords.dtype, live_coords.device)
-    values, order = (live_coords @ patterns.T).sort(dim=1)
+    values, order = codebook(live_coords).sort(dim=1)
     midpoints = (values[:, 1:] + values[:, :-1]) / 2
     return order.gather(1, count_below(midpoints, target.to(values.dtype)))
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from alq_lightning import ALQCallback, bit_summary
+from alq_lightning import ALQCallback, ALQInit, BasisRefit, CoordinateRefit, bit_summary
 from alq_lightning.network import MultiBitNetwork
 
 from tiny import TinyModule, build, loader, trainer
@@ -236,20 +236,34 @@ def test_every_precision_keeps_float_state_and_writes_the_reconstruction_in_the_
 
 # 4. Gradient clipping -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("algorithm", ["norm", "value"])
+class OwnClipping(TinyModule):
+    """Clips by value in its own ``configure_gradient_clipping``, with no clip value on the Trainer."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val=1e-6, gradient_clip_algorithm="value")
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value", "module hook"])
 def test_the_trainers_gradient_clipping_bounds_what_alq_consumes(monkeypatch, algorithm):
+    """The Trainer's clipping, or the module's own ``configure_gradient_clipping``, bounds every gradient ALQ
+    consumes."""
     clip = 1e-6
     consumed = []
     take = MultiBitNetwork.take_grads
 
     def recording(network):
-        grads = take(network)
-        consumed.append({name: grad.clone() for name, grad in grads.items()})
-        return grads
+        names = take(network)
+        consumed.append({name: grad.clone() for bucket in network.buckets
+                         for name, grad in bucket.grad_groups().items() if name in names})
+        return names
 
     monkeypatch.setattr(MultiBitNetwork, "take_grads", recording)
     alq = short()
-    fit(build("mlp"), alq, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
+    if algorithm == "module hook":
+        algorithm = "value"
+        fit(OwnClipping(build("mlp").net), alq)
+    else:
+        fit(build("mlp"), alq, gradient_clip_val=clip, gradient_clip_algorithm=algorithm)
     assert len(consumed) == 40 and all(consumed)
     for grads in consumed:
         flat = torch.cat([grad.reshape(-1) for grad in grads.values()])
@@ -318,3 +332,31 @@ def test_setups_that_work_reach_the_target(case):
     else:
         fit(module, alq, **kwargs)
     assert_quantized(alq)
+
+
+# 6. The target is a contract; stages used alone -----------------------------------------------------------
+
+class NoStepWhilePruning(ManualOptimization):
+    """Manual optimization that never calls ``optimizer.step()`` in epoch 2 (the pruning window of ``short()``),
+    so ALQ's pruning never runs."""
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch != 2:
+            return super().training_step(batch, batch_idx)
+        self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+
+def test_a_schedule_that_ends_above_the_target_raises_instead_of_reporting_completion():
+    torch.manual_seed(0)
+    alq = short(rounds=1, pruning_epochs=1)
+    with pytest.raises(RuntimeError, match=r"ended at 3\.0000 average bits, above target_bits=0\.8"):
+        fit(NoStepWhilePruning(), alq)
+
+
+def test_stages_used_alone_share_one_alq_init():
+    """``ALQInit`` with two standalone stages: each stage finds the one ``ALQInit``, and both act in their
+    windows."""
+    init, basis, coordinate = ALQInit(max_bits=2), BasisRefit(0, 1), CoordinateRefit(1, 1)
+    trainer([init, basis, coordinate], 2).fit(build("mlp"), loader())
+    assert basis.init is coordinate.init is init
+    assert set(init.network.weight_steps.values()) == {8} and set(init.network.coord_steps.values()) == {16}

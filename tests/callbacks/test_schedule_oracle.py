@@ -67,7 +67,7 @@ def documented_budget(b0: float, target: float, r: int, rounds: int, s: int, ste
 def observed_row(step) -> tuple[tuple, float]:
     """((epoch, core functions called, step argument, number of calls), lr argument) of one optimizer step."""
     keyed = [call for call in step.calls if call.step is not None]
-    steps, lrs = sorted({c.step for c in keyed}), sorted({c.lr for c in keyed})
+    steps, lrs = sorted({c.step for c in keyed}), sorted({c.lr for c in keyed if c.lr is not None})
     names = "+".join(sorted({call.name for call in step.calls})) or "idle"
     counter = steps[0] if len(steps) == 1 else tuple(steps) or None
     lr = lrs[0] if len(lrs) == 1 else (math.nan if lrs else 0.0)
@@ -76,7 +76,8 @@ def observed_row(step) -> tuple[tuple, float]:
 
 @pytest.mark.parametrize("case", CASES)
 def test_trace_follows_the_documented_schedule(monkeypatch, case):
-    """Every optimizer step's stage, lr and step counter equal the table; every quantized layer is stepped once;
+    """Every optimizer step's stage, lr and step counter equal the table; every bucket is stepped once and leaves
+    that counter on all its groups (so every quantized layer stepped);
     pruning steps prune exactly when the bits exceed the documented budget and land on it within one slot;
     epochs before ``start_epoch`` make no core call and leave the quantized weights alone (floats still train);
     the run ends at or below ``target_bits`` by less than one slot."""
@@ -92,7 +93,7 @@ def test_trace_follows_the_documented_schedule(monkeypatch, case):
     assert alq.total_epochs == len(epochs)
     assert recorder.stray == [], "core calls between optimizer steps"
     network = alq.network
-    layers = len(network.layers)
+    layers, buckets = len(network.layers), len(network.buckets)
     numel = sum(layer.param.numel() for layer in network.layers.values())
     sizes = [layer.layout.group_size * (layer.state.max_bits if c["pruning"] == "groups" else 1)
              for layer in network.layers.values()]
@@ -111,10 +112,10 @@ def test_trace_follows_the_documented_schedule(monkeypatch, case):
         elif stage in ("basis", "ste"):
             weight_step += 1
             coord_step = weight_step
-            expected.append(((epoch, f"{stage}_step", weight_step, layers), lr))
+            expected.append(((epoch, f"{stage}_step", weight_step, buckets), lr))
         elif stage == "coordinate":
             coord_step += 1
-            expected.append(((epoch, "coordinate_step", coord_step, layers), lr))
+            expected.append(((epoch, "coordinate_step", coord_step, buckets), lr))
         else:
             coord_step += 1
             s = index - next(i for i, e in enumerate(epochs) if e[0] == "pruning" and e[2] == round_index) * per_epoch
@@ -125,11 +126,11 @@ def test_trace_follows_the_documented_schedule(monkeypatch, case):
             if abs(before - budget * numel) < 1e-9 * numel and index < len(steps):  # a tie up to rounding
                 prune = any(call.name == "quadratic_model" for call in steps[index].calls)
             if prune:
-                expected.append(((epoch, "quadratic_model+update_stats", coord_step, 2 * layers), lr))
+                expected.append(((epoch, "observe+quadratic_model", coord_step, buckets + layers), lr))
                 if not budget * numel - slot < after <= budget * numel:
                     budget_errors.append((index, before, after, budget * numel))
             else:
-                expected.append(((epoch, "update_stats", None, layers), 0.0))
+                expected.append(((epoch, "observe", coord_step, buckets), 0.0))
                 if after != before:
                     budget_errors.append((index, before, after, budget * numel))
     observed = [observed_row(step) for step in steps]

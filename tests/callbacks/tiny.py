@@ -118,7 +118,7 @@ def build(kind: str, seed: int = 0) -> TinyModule:
                        "transformer": TinyTransformer}[kind]())
 
 
-CORE = ("basis_step", "coordinate_step", "ste_step", "update_stats", "quadratic_model")
+CORE = ("weight_domain_step", "coordinate_step", "observe", "quadratic_model")
 
 
 @dataclass
@@ -185,7 +185,12 @@ class Recorder(Callback):
 
 
 def record_core_calls(monkeypatch, recorder: Recorder) -> None:
-    """Wrap the core functions as ``alq_lightning.network`` imported them: record, then call the original."""
+    """Wrap the core functions as ``alq_lightning.network`` imported them: call the original, then record.
+
+    A bucket step is recorded as ``basis_step`` / ``ste_step`` / ``coordinate_step`` / ``observe`` with its ``lr``
+    (None for ``observe``) and the step counter it left on every group of the bucket (the sorted values when
+    groups differ, so a layer left out shows); pruning's ``quadratic_model`` with its ``step`` and ``lr`` arguments.
+    """
     for name in CORE:
         original = getattr(network_module, name)
         signature = inspect.signature(original)
@@ -193,7 +198,16 @@ def record_core_calls(monkeypatch, recorder: Recorder) -> None:
         @functools.wraps(original)
         def wrapper(*args, _name=name, _original=original, _signature=signature, **kwargs):
             bound = _signature.bind(*args, **kwargs).arguments
-            recorder.pending.append(Call(_name, bound.get("step"), bound.get("lr")))
-            return _original(*args, **kwargs)
+            result = _original(*args, **kwargs)
+            if _name == "quadratic_model":
+                recorder.pending.append(Call(_name, bound["step"], bound["lr"]))
+                return result
+            bucket = bound["bucket"]
+            counters = bucket.weight_steps if _name == "weight_domain_step" else bucket.coord_steps
+            steps = sorted(set(counters.tolist()))
+            label = ("ste_step" if bound.get("ste") else "basis_step") if _name == "weight_domain_step" else _name
+            step = steps[0] if len(steps) == 1 else tuple(steps)
+            recorder.pending.append(Call(label, step, bound.get("lr")))
+            return result
 
         monkeypatch.setattr(network_module, name, wrapper)

@@ -110,3 +110,29 @@ def test_helpers_stay_on_a_data_free_device():
     for name, (tensor, dtype) in results.items():
         assert (tensor.device, tensor.dtype) == (META, dtype), name
     assert state.codes.device == META and state.codes.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("block", [None, 3 * N])
+def test_bucket_steps_stay_on_a_data_free_device(block):
+    """The flat bucket steps (``core/bucket.py``) and their reconstruction run on ``meta``: they never read data
+    back, never mix devices, and keep the state's dtypes."""
+    from alq_lightning.core.bucket import Bucket, coordinate_step, observe, weight_domain_step
+
+    config, sizes = QuadraticConfig(), torch.tensor([N, N, 2, 2, 2, 1], device=META)
+    groups, weights = 6, 2 * N + 7
+    bucket = Bucket(
+        codes=on_meta(weights, dtype=torch.uint8), coords=on_meta(groups, K), mask=on_meta(groups, K, dtype=torch.bool),
+        weight_stats=AmsgradStats(*(on_meta(weights) for _ in range(3))),
+        coord_stats=AmsgradStats(*(on_meta(groups, K) for _ in range(3))),
+        weight_steps=on_meta(groups, dtype=torch.long), coord_steps=on_meta(groups, dtype=torch.long),
+        group_sizes=sizes, layers=((2, N), (3, 2), (1, 1)), latent=on_meta(weights))
+    update = on_meta(groups, dtype=torch.bool)
+    with SameDevice():
+        for ste in (False, True):
+            weight_domain_step(bucket, on_meta(weights), update, 1e-2, config, ste=ste, block=block)
+        coordinate_step(bucket, on_meta(weights), update, 1e-2, config, block=block)
+        observe(bucket, on_meta(weights), update, config, block=block)
+        rebuilt = bucket.reconstruct(block=block)
+    assert rebuilt.device == META and rebuilt.dtype == torch.float32 and rebuilt.shape == (weights,)
+    assert (bucket.codes.dtype, bucket.coords.dtype, bucket.weight_steps.dtype) == (torch.uint8, torch.float32,
+                                                                                    torch.int64)
