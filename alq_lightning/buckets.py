@@ -141,10 +141,13 @@ class BoundBucket:
             self._masks[key] = mask.to(self.grad.device)
         return self._masks[key]
 
-    def write_weights(self) -> None:
-        """Copy ŵ, which a step left in :attr:`weight`, into every layer's weight."""
-        with torch.no_grad():
-            torch._foreach_copy_([layer.param for layer in self.layers], self.weight_views)
+    def write_weights(self, names: frozenset[str]) -> None:
+        """Copy ŵ, which a step left in :attr:`weight`, into the weights of the layers ``names`` (the others
+        keep theirs)."""
+        chosen = [i for i, layer in enumerate(self.layers) if layer.name in names]
+        if chosen:
+            with torch.no_grad():
+                torch._foreach_copy_([self.layers[i].param for i in chosen], [self.weight_views[i] for i in chosen])
 
     def steps(self) -> dict[str, tuple[int, int]]:
         """Per layer ``(weight steps, coordinate steps)`` (reads the device)."""

@@ -168,7 +168,7 @@ class MultiBitNetwork:
             else:
                 STEPS[kind](bucket.bucket, bucket.grad, update, lr, self.config, bucket.block, out)
             if out is not None:
-                bucket.write_weights()
+                bucket.write_weights(names)
 
     def _compiled(self, kind: str, bucket: BoundBucket):
         """``torch.compile`` of step ``kind`` for ``bucket``'s device: one block, the learning rate as a tensor; on

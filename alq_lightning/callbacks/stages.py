@@ -5,10 +5,10 @@ all-reduce and AMP unscaling), updates the multi-bit state through :class:`~alq_
 and writes ŵ back into the weights; the module's own optimizer never sees those gradients. Lightning clips
 gradients only after that hook, so a stage calls the module's ``configure_gradient_clipping`` (with the
 Trainer's ``gradient_clip_val``/``gradient_clip_algorithm``) itself first, over the same parameters; Lightning
-calls it again afterwards on the gradients left. Layers without a gradient in a step are left as they are; a step in which some quantized
-weight's gradient is not finite is skipped (decided on the device, so a step never waits for it) and each stage
-reports its skipped steps at the end of the epoch. Every decision is a function of the epoch and the optimizer
-step, so a resumed run repeats an uninterrupted one.
+calls it again afterwards on the gradients left. Layers without a gradient in a step are left as they are; a
+step in which some quantized weight's gradient is not finite is skipped (decided on the device, so a step never
+waits for it) and each stage reports its skipped steps at the end of the epoch. Every decision is a function of
+the epoch and the optimizer step, so a resumed run repeats an uninterrupted one.
 """
 from __future__ import annotations
 

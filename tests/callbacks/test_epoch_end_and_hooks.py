@@ -185,16 +185,17 @@ def one_step(step: int = 0) -> SimpleNamespace:
     return SimpleNamespace(global_step=step, num_training_batches=1, accumulate_grad_batches=1, current_epoch=0)
 
 
-def gradients(names=("0", "2")) -> dict[str, torch.Tensor]:
+def gradients(init: ALQInit, names=("0", "2")) -> frozenset[str]:
+    """Random gradients of ``names`` put into the network's buckets; the layers that have one."""
     g = torch.Generator().manual_seed(1)
-    return {name: torch.randn(32, 32, generator=g) for name in names}
+    return init.network.load_grads({name: torch.randn(32, 32, generator=g) for name in names})
 
 
 def test_half_a_bit_over_the_budget_is_pruned():
     init = two_layers()
     stage = BitwidthReduction(0, (6144 - 0.5) / 2048)
     stage.bind(init)
-    stage.apply(one_step(), gradients())
+    stage.apply(one_step(), gradients(init))
     assert init.network.binary_bits == 6144 - 32
 
 
@@ -205,7 +206,7 @@ def test_a_step_within_its_budget_prunes_nothing_and_warns_about_nothing(recwarn
     init.network.clear_slots({"0": slots})
     stage = BitwidthReduction(0, 6112 / 2048)
     stage.bind(init)
-    stage.apply(one_step(), gradients(("0",)))
+    stage.apply(one_step(), gradients(init, ("0",)))
     assert init.network.binary_bits == 6112
     assert not recwarn.list
 
@@ -217,7 +218,7 @@ def test_layers_without_a_gradient_are_named_once_while_the_others_are_pruned(re
     trainer = SimpleNamespace(num_training_batches=1, accumulate_grad_batches=1, current_epoch=0)
     for step in (0, 1):
         trainer.global_step = step
-        stage.apply(trainer, gradients(("0",)))
+        stage.apply(trainer, gradients(init, ("0",)))
     messages = [str(w.message) for w in recwarn.list]
     assert messages == ["BitwidthReduction: layers ['2'] have not received a gradient yet; they keep their bits "
                         "while the other layers are pruned"]
@@ -232,7 +233,7 @@ def test_an_unreachable_budget_names_the_layers_that_hold_the_bits(kind):
     stage.bind(init)
     with pytest.warns(UserWarning, match=rf"^{kind.__name__}: layers \['2'\] have not received"):
         with pytest.raises(RuntimeError) as error:
-            stage.apply(one_step(3), gradients(("0",)))
+            stage.apply(one_step(3), gradients(init, ("0",)))
     assert str(error.value) == (
         f"{kind.__name__} cannot reach 0.2500 average bits at step 3: every prunable slot is gone and the layers "
         f"that never received a gradient, ['2'], hold 3072 of the 3072 bits left; make them take part in the loss "
@@ -249,10 +250,12 @@ def test_a_non_finite_gradient_is_skipped_with_a_warning_naming_the_stage():
     stage.bind(init)
     trainer = SimpleNamespace(current_epoch=0, global_step=4, gradient_clip_val=None, gradient_clip_algorithm=None)
     module = SimpleNamespace(automatic_optimization=True, configure_gradient_clipping=lambda *args, **kwargs: None)
+    stage.on_before_optimizer_step(trainer, module, None)
     with pytest.warns(UserWarning) as warned:
-        stage.on_before_optimizer_step(trainer, module, None)
+        stage.on_train_epoch_end(trainer, module)
     assert [str(w.message) for w in warned] == [
-        "CoordinateRefit: skipped the ALQ update of step 4: a quantized weight's gradient is not finite"]
+        "CoordinateRefit: skipped 1 ALQ update(s) in epoch 0: a quantized weight's gradient was not finite"]
+    assert network.skipped == 0, "the count starts afresh each epoch"
     assert all(layer.param.grad is None for layer in network.layers.values())
     for name, tensors in network.state_tensors().items():
         assert all(torch.equal(t, before[name][key]) for key, t in tensors.items()), name

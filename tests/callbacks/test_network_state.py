@@ -29,10 +29,11 @@ def network(seed: int = 0, max_bits: int = 3, initialize: bool = True, **kwargs)
     return built
 
 
-def gradients(net: MultiBitNetwork, seed: int = 1, names=LAYERS) -> dict[str, torch.Tensor]:
+def gradients(net: MultiBitNetwork, seed: int = 1, names=LAYERS) -> frozenset[str]:
+    """Random ``[G, n]`` gradients of ``names`` put into the network's buckets; the layers that have one."""
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(net.layers[name].layout.num_groups, net.layers[name].layout.group_size, generator=g)
-            for name in names}
+    return net.load_grads({name: torch.randn(net.layers[name].layout.num_groups, net.layers[name].layout.group_size,
+                                             generator=g) for name in names})
 
 
 def snapshot(net: MultiBitNetwork) -> dict:
@@ -71,7 +72,7 @@ def test_the_quadratic_model_uses_the_given_constants_or_the_defaults():
 
 def test_scalars_of_a_current_checkpoint_leave_the_per_layer_counters_alone():
     net = network()
-    net.weight_steps, net.coord_steps = {"0": 4, "2": 1}, {"0": 6, "2": 2}
+    net.set_steps({"0": (4, 6), "2": (1, 2)})
     net.load_scalars({"initial_bits": 2.5})
     assert net.initial_bits == 2.5
     assert (net.weight_steps, net.coord_steps) == ({"0": 4, "2": 1}, {"0": 6, "2": 2})
@@ -79,7 +80,7 @@ def test_scalars_of_a_current_checkpoint_leave_the_per_layer_counters_alone():
 
 def test_the_single_step_counters_of_an_older_checkpoint_apply_to_every_layer():
     net = network()
-    net.weight_steps, net.coord_steps = {"0": 4, "2": 1}, {"0": 6, "2": 2}
+    net.set_steps({"0": (4, 6), "2": (1, 2)})
     net.load_scalars({"initial_bits": 2.5, "weight_step": 7, "coord_step": 3})
     assert net.initial_bits == 2.5
     assert net.weight_steps == {"0": 7, "2": 7}
@@ -115,7 +116,7 @@ def test_an_older_checkpoint_without_step_counters_keeps_the_counters():
     for entry in tensors.values():
         del entry["steps"]
     target = network(seed=5)
-    target.weight_steps, target.coord_steps = {"0": 9, "2": 8}, {"0": 7, "2": 6}
+    target.set_steps({"0": (9, 7), "2": (8, 6)})
     target.load_state_tensors(tensors)
     assert (target.weight_steps, target.coord_steps) == ({"0": 9, "2": 8}, {"0": 7, "2": 6})
     assert torch.equal(target.layers["0"].buffer("coords"), tensors["0"]["coords"])
@@ -268,7 +269,7 @@ def test_ending_at_the_target_counts_as_reached(target_bits):
 def test_ending_above_the_target_is_an_error_naming_the_unstepped_layers(target_bits, stepped, message):
     alq = one_bit_callback(target_bits)
     if stepped:
-        alq.network.coord_steps = dict.fromkeys(alq.network.layers, 1)
+        alq.network.set_steps(dict.fromkeys(alq.network.layers, (1, 1)))
     with pytest.raises(RuntimeError) as error:
         alq._check_target()
     assert str(error.value) == message
