@@ -134,6 +134,8 @@ class QuantizedLayer:
         """Hold a copy of ``latent [G, n]`` as the latent weights, or none (``[0, n]``): STE alone needs them,
         so the other stages do without their 4 bytes per weight."""
         coords = self.buffer("coords")
+        if latent is None and self.buffer("latent").numel() == 0:
+            return  # none held already: the buffer (maybe a view bound elsewhere) stays
         rows = 0 if latent is None else self.layout.num_groups
         stored = torch.zeros(rows, self.layout.group_size, dtype=coords.dtype, device=coords.device)
         if latent is not None:

@@ -6,7 +6,9 @@ small GPT-style language model.
 The state of a layer of ``G`` groups of ``n`` weights with ``K`` slots is ``codes`` (1 B per weight),
 ``weight_m/v/vmax`` (12 B per weight), ``coords``, ``mask`` and ``coord_m/v/vmax`` (17·K B per group) and,
 during STE only, ``latent`` (4 B per weight). The figures are read off the buffers a real ``attach`` registers
-(nothing is trained), for the structures and ``max_bits`` each model is quantized with.
+(nothing is trained), for the structures and ``max_bits`` each model is quantized with. Training adds the
+buckets' step buffers (the gathered gradient and ŵ, 4 B each per weight, and the per-group step counters),
+read off the bound buckets.
 """
 from __future__ import annotations
 
@@ -46,14 +48,22 @@ def state_bytes(network: MultiBitNetwork) -> int:
                for layer in network.layers.values() for tensor in layer.multibit_tensors().values())
 
 
+def step_bytes(network: MultiBitNetwork) -> int:
+    """Bytes of the buckets' own buffers (gradient, ŵ, step counters, group sizes, learning rate)."""
+    return sum(tensor.numel() * tensor.element_size() for bucket in network.bound()
+               for tensor in (bucket.grad, bucket.weight, bucket.lr, bucket.bucket.weight_steps,
+                              bucket.bucket.coord_steps, bucket.bucket.group_sizes))
+
+
 def measure(model: nn.Module, selection: LayerSelection) -> dict:
-    """State bytes per quantized weight of ``model`` outside STE and during STE."""
+    """State bytes per quantized weight of ``model`` outside STE and during STE, and the step buffers."""
     network = MultiBitNetwork(*attach(model, selection))
     outside = state_bytes(network)
     network.start_ste()
     during = state_bytes(network)
     return {"weights": network.numel, "layers": len(network.layers), "float_candidates": len(network.float_layers),
-            "bytes_per_weight": outside / network.numel, "bytes_per_weight_ste": during / network.numel}
+            "bytes_per_weight": outside / network.numel, "bytes_per_weight_ste": during / network.numel,
+            "step_buffer_bytes_per_weight": step_bytes(network) / network.numel}
 
 
 def models() -> dict[str, tuple[nn.Module, LayerSelection]]:
@@ -74,14 +84,15 @@ def markdown(results: dict) -> str:
         f"`python bench/bench_memory.py` on {results['date']} at {results['git_commit']}: bytes of multi-bit state",
         "(codes, coordinates, masks, AMSGrad statistics; latent weights during STE only) per quantized weight,",
         "for each model's paper structures and `max_bits` (`tiny_gpt`: automatic structures, `max_bits=6`).",
-        "A float32 weight itself is 4 B; Adam keeps 8 B more per parameter.",
+        "Training adds the step buffers of the buckets (gathered gradient, ŵ, per-group counters). A float32 weight",
+        "itself is 4 B; Adam keeps 8 B more per parameter.",
         "",
-        "| model | quantized weights | layers | B/weight | B/weight during STE |",
-        "|---|---|---|---|---|",
+        "| model | quantized weights | layers | B/weight | B/weight during STE | + step buffers (B/weight) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, row in results["models"].items():
         lines.append(f"| {name} | {row['weights']:,} | {row['layers']} | {row['bytes_per_weight']:.2f} | "
-                     f"{row['bytes_per_weight_ste']:.2f} |")
+                     f"{row['bytes_per_weight_ste']:.2f} | {row['step_buffer_bytes_per_weight']:.2f} |")
     return "\n".join(lines)
 
 
