@@ -84,11 +84,15 @@ class BoundBucket:
         self.weight_views = [layer.layout.weight_view(self.weight[f]) for layer, f in zip(self.layers, flats)]
         self.block = BLOCK.get(device.type)
         self.lr = torch.zeros((), dtype=torch.float64, device=device)
+        self.static = False
         self._masks: dict[frozenset[str], torch.Tensor] = {}
 
     def mark_static(self) -> None:
         """Tell ``torch.compile`` that the state, gradient and learning-rate tensors keep their addresses (a CUDA
-        graph then updates them in place instead of copying them)."""
+        graph then updates them in place instead of copying them); once per binding."""
+        if self.static:
+            return
+        self.static = True
         bucket = self.bucket
         tensors = [bucket.codes, bucket.coords, bucket.mask, bucket.weight_steps, bucket.coord_steps,
                    bucket.group_sizes, self.grad, self.lr, *vars(bucket.weight_stats).values(),

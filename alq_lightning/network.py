@@ -170,7 +170,7 @@ class MultiBitNetwork:
             if out is not None:
                 bucket.write_weights(names)
 
-    def _compiled(self, kind: str, bucket: BoundBucket):
+    def _compiled(self, kind: str, bucket: BoundBucket) -> Callable:
         """``torch.compile`` of step ``kind`` for ``bucket``'s device: one block, the learning rate as a tensor; on
         CUDA in ``reduce-overhead`` mode (a CUDA graph replayed every step, the state at static addresses)."""
         cuda = bucket.grad.is_cuda
