@@ -38,9 +38,8 @@ from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from mutation_report import equivalents, score, statuses, table
-
 from common import git_state, hardware, write_section
+from mutation_report import equivalents, score, statuses, table
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
