@@ -139,9 +139,10 @@ def attach_tensors(model: nn.Module, tensors: Mapping[str, Mapping[str, torch.Te
         layer.write_weight()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Export a checkpoint; print the bit summary and the file's size. Returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m alq_lightning.export",
+def main(argv: Sequence[str] | None = None, prog: str = "python -m alq_lightning.export") -> int:
+    """Export a checkpoint; print the bit summary and the file's size. Returns the exit status. ``prog`` names
+    the command in the usage text (``alq-export``, ``python -m alq_lightning export``)."""
+    parser = argparse.ArgumentParser(prog=prog,
                                      description="Write a Lightning checkpoint's ALQ model as a bit-packed file.")
     parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) written with ALQ attached")
     parser.add_argument("output", help="packed file to write (.alq)")

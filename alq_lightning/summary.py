@@ -151,7 +151,7 @@ def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
     return BitSummary(rows, coord_bits, floats)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m alq_lightning.summary") -> int:
     """``python -m alq_lightning.summary FILE.alq``: per-layer table and totals of a packed file, from its header
     once the file is verified (checksum, header against payload)."""
     import argparse
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from alq_lightning.export import packed_summary, read_packed
 
-    parser = argparse.ArgumentParser(prog="python -m alq_lightning.summary", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     parser.add_argument("path", help="packed file written by alq_lightning.export_packed")
     args = parser.parse_args(argv)
     try:

@@ -1,5 +1,6 @@
-"""Helpers of the Hydra app (``train.py``): building objects from the config, float pretraining and its
-cache, loggers (W&B with offline and CSV fallbacks), recorders, results.json, plots."""
+"""Helpers of the Hydra app (:mod:`alq_lightning.app.train`, run by ``train.py`` and ``alq-train``): building
+objects from the config, float pretraining and its cache, loggers (W&B with offline and CSV fallbacks), recorders,
+results.json, plots."""
 from alq_lightning.app.builders import (
     alq_arguments,
     build_alq_callback,

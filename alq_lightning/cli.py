@@ -1,0 +1,55 @@
+"""Command-line entry points: the console scripts ``alq-export`` / ``alq-summary`` and ``python -m alq_lightning
+COMMAND ...`` (``alq-train`` is :func:`alq_lightning.app.train.main`). Each command's module loads when it runs."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+COMMANDS = {
+    "export": "write a Lightning checkpoint's ALQ model as a bit-packed file (alq-export)",
+    "summary": "verify a packed file and print its per-layer table (alq-summary)",
+}
+
+
+def run(command: str, argv: Sequence[str] | None, prog: str) -> int:
+    """Run ``command`` (a key of :data:`COMMANDS`) on ``argv``; its usage text names ``prog``."""
+    main: Callable[..., int]
+    if command == "export":
+        from alq_lightning.export_cli import main
+    elif command == "summary":
+        from alq_lightning.summary import main
+    else:
+        raise ValueError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
+    return main(None if argv is None else list(argv), prog=prog)
+
+
+def export(argv: Sequence[str] | None = None) -> int:
+    """``alq-export CHECKPOINT.ckpt OUT.alq ...``, the same as ``python -m alq_lightning.export``."""
+    return run("export", argv, "alq-export")
+
+
+def summary(argv: Sequence[str] | None = None) -> int:
+    """``alq-summary FILE.alq``, the same as ``python -m alq_lightning.summary``."""
+    return run("summary", argv, "alq-summary")
+
+
+def usage(prog: str) -> str:
+    lines = [f"usage: {prog} {{{','.join(COMMANDS)}}} ...", "", "commands:"]
+    lines += [f"  {name:<9} {about}" for name, about in COMMANDS.items()]
+    lines += ["", f"Run `{prog} COMMAND --help` for a command's arguments."]
+    return "\n".join(lines)
+
+
+def dispatch(argv: Sequence[str] | None = None, prog: str = "python -m alq_lightning") -> int:
+    """``python -m alq_lightning COMMAND ARGS...``: run ``COMMAND`` (``export`` or ``summary``) on ``ARGS``.
+    No command, or an unknown one, prints the usage naming the commands to stderr and returns 2 (argparse's
+    status for bad usage); ``-h`` / ``--help`` prints it to stdout and returns 0."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(usage(prog))
+        return 0
+    if not args or args[0] not in COMMANDS:
+        problem = "a command is required" if not args else f"unknown command {args[0]!r}"
+        print(f"{usage(prog)}\n{prog}: error: {problem} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    return run(args[0], args[1:], f"{prog} {args[0]}")
