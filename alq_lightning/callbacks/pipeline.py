@@ -36,7 +36,8 @@ class ALQCallback(Callback):
     epochs, ``lr=1e-3`` (ResNets 2e-4), ``lr_decay=0.8``.
 
     Args:
-        target_bits: average bits per quantized weight at the end, in ``(0, max_bits)``.
+        target_bits: average bits per quantized weight at the end, in ``(0, max_bits)``; by default 1 (a binary
+            network on average, with bits spent where the loss needs them).
         pruning: ``"coordinates"`` (ALQ's bitwidth reduction, one slot at a time) or ``"groups"``
             (whole groups, ranked by loss increase per bit saved).
         per_bit: rank coordinates by loss increase per bit saved (only with ``pruning="coordinates"``).
@@ -46,7 +47,7 @@ class ALQCallback(Callback):
 
     def __init__(
         self,
-        target_bits: float,
+        target_bits: float = 1.0,
         max_bits: int = 6,
         rounds: int = 5,
         basis_epochs: int = 20,

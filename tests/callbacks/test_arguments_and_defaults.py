@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
+import torch
 
 from alq_lightning import (
     ALQCallback,
@@ -18,7 +20,7 @@ from alq_lightning import (
 )
 from alq_lightning.core import QuadraticConfig
 
-from tiny import build, trainer
+from tiny import build, loader, trainer
 
 KEYS = ("codes", "coords", "mask", "weight_m", "weight_v", "weight_vmax", "coord_m", "coord_v", "coord_vmax",
         "latent")
@@ -299,3 +301,18 @@ def test_alqinit_set_up_for_another_module_starts_afresh(caplog):
     assert init.network.belongs_to(second)
     assert init.state_dict() == {"initialized": False, "initial_bits": 0.0}
     assert init.initialized is False
+
+
+def test_the_callback_works_out_of_the_box():
+    """``Trainer(callbacks=[ALQCallback()])``: one bit per weight on average with the paper's 225-epoch schedule;
+    Lightning's default ``max_epochs`` (1000) leaves room for it and the fit stops when the schedule is done."""
+    torch.manual_seed(0)
+    alq = ALQCallback()
+    assert (alq.target_bits, alq.total_epochs) == (1.0, 225)
+    run = L.Trainer(callbacks=[alq], accelerator="cpu", logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, limit_train_batches=1,
+                    limit_val_batches=0)
+    run.fit(build("mlp"), loader(n=32, batch_size=16))
+    assert run.max_epochs == 1000 and run.current_epoch == 225
+    slot = max(layer.layout.group_size for layer in alq.network.layers.values()) / alq.network.numel
+    assert 1.0 - slot < alq.network.avg_bits <= 1.0
