@@ -7,7 +7,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from ..core import check_target_bits
+from ..core import PAPER_SCHEDULE, check_target_bits, fit_schedule, schedule_epochs
 from ..network import MultiBitNetwork
 from .arguments import check, is_int
 from .init import ALQInit
@@ -31,6 +31,12 @@ class ALQCallback(Callback):
     The bit budget follows a geometric path from the initial average to ``target_bits`` over the rounds
     and ends at or below it by less than one slot's bits.
 
+    When none of ``rounds``, ``basis_epochs``, ``coordinate_epochs``, ``pruning_epochs``, ``ste_epochs`` and
+    ``final_coordinate_epochs`` is given, the schedule fits the Trainer: the paper's 225 epochs (5 × (20 + 10 +
+    1) + 50 + 20) when ``max_epochs`` holds them (Lightning's default 1000 does), else the paper's proportions
+    scaled into ``max_epochs - start_epoch`` (:func:`~alq_lightning.core.fit_schedule`), logged at setup. Given
+    ones are kept as they are, the others take the paper's values, and a Trainer too short for them is refused.
+
     Paper defaults (Qu et al., 2020): ``max_bits=6`` (ResNets 8), ``rounds=5`` (LeNet5 4), basis/coordinate
     epochs 20/10 (ResNets 10/5), one pruning epoch, ``ste_epochs=50`` (ResNets 80), 20 final coordinate
     epochs, ``lr=1e-3`` (ResNets 2e-4), ``lr_decay=0.8``.
@@ -49,12 +55,12 @@ class ALQCallback(Callback):
         self,
         target_bits: float = 1.0,
         max_bits: int = 6,
-        rounds: int = 5,
-        basis_epochs: int = 20,
-        coordinate_epochs: int = 10,
-        pruning_epochs: int = 1,
-        ste_epochs: int = 50,
-        final_coordinate_epochs: int = 20,
+        rounds: int | None = None,
+        basis_epochs: int | None = None,
+        coordinate_epochs: int | None = None,
+        pruning_epochs: int | None = None,
+        ste_epochs: int | None = None,
+        final_coordinate_epochs: int | None = None,
         lr: float = 1e-3,
         lr_decay: float = 0.8,
         ste_lr: float = 1e-3,
@@ -80,38 +86,59 @@ class ALQCallback(Callback):
                             keep_first, keep_last, beta1, beta2, eps, compile)
         widest = max([max_bits, *(max_bits_overrides or {}).values()])
         self.target_bits = check_target_bits(target_bits, widest)
-        for name, value in (("basis_epochs", basis_epochs), ("coordinate_epochs", coordinate_epochs),
-                            ("ste_epochs", ste_epochs), ("final_coordinate_epochs", final_coordinate_epochs),
-                            ("start_epoch", start_epoch)):
-            check(name, value, is_int(value) and value >= 0, "an integer >= 0")
-        check("rounds", rounds, is_int(rounds) and rounds >= 1, "an integer >= 1")
-        check("pruning_epochs", pruning_epochs, is_int(pruning_epochs) and pruning_epochs >= 1,
-               "an integer >= 1")
+        given = {name: value for name, value in (
+            ("rounds", rounds), ("basis_epochs", basis_epochs), ("coordinate_epochs", coordinate_epochs),
+            ("pruning_epochs", pruning_epochs), ("ste_epochs", ste_epochs),
+            ("final_coordinate_epochs", final_coordinate_epochs)) if value is not None}
+        for name, value in (*given.items(), ("start_epoch", start_epoch)):
+            low = 1 if name in ("rounds", "pruning_epochs") else 0
+            check(name, value, is_int(value) and value >= low, f"an integer >= {low}")
         check("pruning", pruning, pruning in PRUNING, f"one of {sorted(PRUNING)}")
         check("per_bit", per_bit, not (per_bit and pruning == "groups"),
                "False with pruning='groups' (groups are always ranked per bit)")
+        self.fits_trainer = not given
+        self.rates = (lr, lr_decay, ste_lr, ste_lr_decay, final_lr, final_lr_decay)
+        self.pruning, self.per_bit, self.start_epoch = pruning, per_bit, start_epoch
+        self._build({**PAPER_SCHEDULE, **given})
+
+    def _build(self, schedule: dict[str, int]) -> None:
+        """The stages of ``schedule`` (the keys of :data:`~alq_lightning.core.PAPER_SCHEDULE`) from ``start_epoch``."""
+        lr, lr_decay, ste_lr, ste_lr_decay, final_lr, final_lr_decay = self.rates
+        basis_epochs, coordinate_epochs = schedule["basis_epochs"], schedule["coordinate_epochs"]
+        rounds, pruning_epochs = schedule["rounds"], schedule["pruning_epochs"]
+        self.schedule = dict(schedule)
         self.stages: list[ALQStage] = []
-        epoch = start_epoch
+        epoch = self.start_epoch
         for round_index in range(1, rounds + 1):
             self._add(BasisRefit, epoch, basis_epochs, lr, lr_decay)
             self._add(CoordinateRefit, epoch + basis_epochs, coordinate_epochs, lr * lr_decay**basis_epochs, lr_decay)
             epoch += basis_epochs + coordinate_epochs
-            self.stages.append(PRUNING[pruning](
+            self.stages.append(PRUNING[self.pruning](
                 epoch, self.target_bits, pruning_epochs, rounds, round_index,
-                lr * lr_decay ** (basis_epochs + coordinate_epochs), lr_decay, per_bit,
+                lr * lr_decay ** (basis_epochs + coordinate_epochs), lr_decay, self.per_bit,
             ))
             epoch += pruning_epochs
+        ste_epochs = schedule["ste_epochs"]
         self._add(STEFineTune, epoch, ste_epochs, ste_lr, ste_lr_decay)
         epoch += ste_epochs
         final_lr = ste_lr * ste_lr_decay**ste_epochs if final_lr is None else final_lr
-        self._add(CoordinateRefit, epoch, final_coordinate_epochs, final_lr, final_lr_decay)
-        self.total_epochs = epoch + final_coordinate_epochs
+        self._add(CoordinateRefit, epoch, schedule["final_coordinate_epochs"], final_lr, final_lr_decay)
+        self.total_epochs = epoch + schedule["final_coordinate_epochs"]
+        self.init.stages = []
         for stage in self.stages:
             stage.bind(self.init)
 
     def _add(self, kind: type[ALQStage], start: int, epochs: int, lr: float, lr_decay: float) -> None:
         if epochs:
             self.stages.append(kind(start, epochs, lr, lr_decay))
+
+    def describe(self) -> str:
+        """The schedule in words, e.g. ``"2 rounds × (2 basis + 1 coordinate + 1 pruning), 2 STE, 0 final
+        coordinate epochs (10 in all)"``."""
+        s = self.schedule
+        return (f"{s['rounds']} round{'s' * (s['rounds'] != 1)} × ({s['basis_epochs']} basis + "
+                f"{s['coordinate_epochs']} coordinate + {s['pruning_epochs']} pruning), {s['ste_epochs']} STE, "
+                f"{s['final_coordinate_epochs']} final coordinate epochs ({schedule_epochs(s)} in all)")
 
     @property
     def state_key(self) -> str:
@@ -130,6 +157,15 @@ class ALQCallback(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         max_epochs = trainer.max_epochs
+        if stage == "fit" and self.fits_trainer and max_epochs is not None and max_epochs >= 0:
+            available = max_epochs - self.start_epoch
+            if available < 2:
+                raise ValueError(f"Trainer(max_epochs={max_epochs}) leaves {available} epochs after start_epoch="
+                                 f"{self.start_epoch}; an ALQ schedule needs at least 2 (one basis, one pruning epoch)")
+            schedule = fit_schedule(available)
+            if schedule != self.schedule:
+                self._build(schedule)
+                rank_zero_info(f"ALQ schedule fitted into Trainer(max_epochs={max_epochs}): {self.describe()}")
         if stage == "fit" and max_epochs is not None and 0 <= max_epochs < self.total_epochs:
             raise ValueError(
                 f"Trainer(max_epochs={max_epochs}) cannot hold the ALQ schedule of {self.total_epochs} epochs; "

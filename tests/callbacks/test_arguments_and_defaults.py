@@ -316,3 +316,46 @@ def test_the_callback_works_out_of_the_box():
     assert run.max_epochs == 1000 and run.current_epoch == 225
     slot = max(layer.layout.group_size for layer in alq.network.layers.values()) / alq.network.numel
     assert 1.0 - slot < alq.network.avg_bits <= 1.0
+
+
+def quick_trainer(alq: ALQCallback, max_epochs: int) -> L.Trainer:
+    return L.Trainer(callbacks=[alq], max_epochs=max_epochs, accelerator="cpu", logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     limit_train_batches=2, limit_val_batches=0)
+
+
+def test_without_a_schedule_the_callback_fits_the_trainers_epochs(caplog):
+    """``ALQCallback()`` in ``Trainer(max_epochs=10)``: the paper's proportions scaled into 10 epochs (2 rounds of
+    2 basis + 1 coordinate + 1 pruning, 2 STE), stated in the log; the fit reaches the target in those epochs."""
+    torch.manual_seed(0)
+    alq = ALQCallback()
+    run = quick_trainer(alq, 10)
+    with caplog.at_level(logging.INFO):
+        run.fit(build("mlp"), loader(n=32, batch_size=16))
+    assert ("ALQ schedule fitted into Trainer(max_epochs=10): 2 rounds × (2 basis + 1 coordinate + 1 pruning), "
+            "2 STE, 0 final coordinate epochs (10 in all)") in caplog.text
+    assert alq.total_epochs == 10 and run.current_epoch == 10
+    kinds = [(type(stage).__name__, stage.start_epoch, stage.epochs) for stage in alq.stages]
+    assert kinds == [("BasisRefit", 0, 2), ("CoordinateRefit", 2, 1), ("BitwidthReduction", 3, 1),
+                     ("BasisRefit", 4, 2), ("CoordinateRefit", 6, 1), ("BitwidthReduction", 7, 1),
+                     ("STEFineTune", 8, 2)]
+    assert alq.network.avg_bits <= 1.0
+
+
+def test_a_fitted_schedule_starts_at_start_epoch_and_needs_two_epochs():
+    alq = ALQCallback(start_epoch=2)
+    quick_trainer(alq, 5).fit(build("mlp"), loader(n=32, batch_size=16))
+    assert alq.schedule == {"rounds": 1, "basis_epochs": 1, "coordinate_epochs": 1, "pruning_epochs": 1,
+                            "ste_epochs": 0, "final_coordinate_epochs": 0}
+    assert alq.total_epochs == 5 and alq.stages[0].start_epoch == 2
+    with pytest.raises(ValueError, match=r"Trainer\(max_epochs=3\) leaves 1 epochs after start_epoch=2; an ALQ "
+                                         r"schedule needs at least 2 \(one basis, one pruning epoch\)"):
+        quick_trainer(ALQCallback(start_epoch=2), 3).fit(build("mlp"), loader(n=32, batch_size=16))
+
+
+def test_a_schedule_given_in_part_takes_the_papers_other_values_and_is_not_fitted():
+    alq = ALQCallback(rounds=2)
+    assert alq.schedule == {"rounds": 2, "basis_epochs": 20, "coordinate_epochs": 10, "pruning_epochs": 1,
+                            "ste_epochs": 50, "final_coordinate_epochs": 20}
+    with pytest.raises(ValueError, match=r"Trainer\(max_epochs=10\) cannot hold the ALQ schedule of 132 epochs"):
+        quick_trainer(alq, 10).fit(build("mlp"), loader(n=32, batch_size=16))

@@ -1,4 +1,5 @@
-"""The bit budget schedule (§4): geometric over rounds, linear within a round, ending exactly at the target."""
+"""The schedule (§4): the bit budget, geometric over rounds, linear within a round, ending exactly at the target;
+the paper's epochs and their fitting into fewer."""
 import random
 import zlib
 
@@ -7,7 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from alq_lightning.core import check_target_bits, round_budget, select_slots, step_budget
+from alq_lightning.core import (
+    PAPER_SCHEDULE,
+    check_target_bits,
+    fit_schedule,
+    round_budget,
+    schedule_epochs,
+    select_slots,
+    step_budget,
+)
 
 budgets = st.tuples(st.floats(0.5, 8.0), st.floats(0.05, 1.0)).map(lambda t: (t[0], t[0] * t[1]))
 
@@ -127,3 +136,38 @@ def test_schedule_with_selection_hits_target_within_one_slot(seed, target, round
     assert target - slot < path[-1] <= target
     run_reduction(shuffled, group_sizes, initial, target, rounds, steps, seed)
     assert all(torch.equal(shuffled[n], layers[n]) for n in names)
+
+
+def test_fit_schedule_keeps_the_paper_schedule_when_it_fits_and_scales_it_below():
+    paper = {"rounds": 5, "basis_epochs": 20, "coordinate_epochs": 10, "pruning_epochs": 1, "ste_epochs": 50,
+             "final_coordinate_epochs": 20}
+    assert PAPER_SCHEDULE == paper and schedule_epochs(paper) == 225
+    for epochs in (225, 226, 1000):
+        assert fit_schedule(epochs) == paper
+    # worked by hand from the documented rules: STE 50/225 and final 20/225 of the epochs (rounded down), up to
+    # 5 rounds of at least 3 epochs, one pruning epoch each, the rest 2 : 1 basis : coordinate, leftovers final
+    expected = {2: (1, 1, 0, 0, 0), 3: (1, 1, 1, 0, 0), 10: (2, 2, 1, 2, 0), 20: (5, 1, 1, 4, 1),
+                100: (5, 9, 4, 22, 8), 224: (5, 20, 10, 49, 20)}
+    for epochs, (rounds, basis, coordinate, ste, final) in expected.items():
+        assert fit_schedule(epochs) == {"rounds": rounds, "basis_epochs": basis, "coordinate_epochs": coordinate,
+                                        "pruning_epochs": 1, "ste_epochs": ste,
+                                        "final_coordinate_epochs": final}, epochs
+
+
+def test_a_fitted_schedule_fills_the_epochs_exactly_in_the_papers_proportions():
+    previous = fit_schedule(2)
+    for epochs in range(2, 226):
+        schedule = fit_schedule(epochs)
+        assert schedule_epochs(schedule) == epochs
+        assert schedule["pruning_epochs"] == 1 and schedule["basis_epochs"] >= 1
+        assert schedule["coordinate_epochs"] >= 0 and 1 <= schedule["rounds"] <= 5
+        assert schedule["rounds"] == 5 or epochs < 24
+        for key in ("ste_epochs", "rounds"):
+            assert schedule[key] >= previous[key], (epochs, key)
+        previous = schedule
+
+
+@pytest.mark.parametrize("epochs", [1, 0, -3, 2.0, True])
+def test_fit_schedule_refuses_fewer_than_two_epochs(epochs):
+    with pytest.raises(ValueError, match=rf"epochs={epochs!r} cannot hold an ALQ schedule: it needs at least 2"):
+        fit_schedule(epochs)
