@@ -1,4 +1,5 @@
-"""The ALQ app: float pretraining (cached) or a given checkpoint, then ALQ, then test; writes results.json.
+"""The ALQ app: float pretraining (cached) or a given checkpoint, then ALQ, then test; writes results.json and the
+packed model (model.alq) into the run folder.
 
     python train.py                                          # experiment fmnist_lenet5 (a few CPU minutes)
     python train.py model=resnet18 alq.target_bits=0.7 experiment=smoke
@@ -19,7 +20,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from alq_lightning import bit_summary
+from alq_lightning import bit_summary, export_packed
 from alq_lightning.app import (
     ALQRecorder,
     ConfigError,
@@ -124,6 +125,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         }
         if trainer.is_global_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
+            packed = export_packed(network, run_dir / cfg.paths.packed_file)
+            results["packed_file"] = {"name": Path(packed.path).name, "bytes": packed.file_bytes,
+                                      "avg_bits": packed.avg_bits}
             say(summary)
             publish(logger, summary, results, save_plots(results, run_dir))
             path = write_results(results, results_path)

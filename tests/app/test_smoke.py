@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from alq_lightning import bit_summary
 from alq_lightning.app import REQUIRED_KEYS, ConfigError
 from alq_lightning.data.idx import IDX_FILES
-from alq_lightning.export import load_packed
+from alq_lightning.export import load_packed, read_packed
 from alq_lightning.export_cli import main as export_main
 from alq_lightning.models import build_model
 
@@ -63,6 +63,11 @@ def check_results(results: dict, out: Path, rounds: int) -> None:
     assert on_disk["hardware"]["torch"] == torch.__version__
     assert (out / "layer_bits.png").is_file() and (out / "accuracy_vs_bits.png").is_file()
     assert not list(out.glob(".results.json*")), "temporary file left behind"
+    packed = out / "model.alq"
+    assert on_disk["packed_file"] == {"name": "model.alq", "bytes": packed.stat().st_size,
+                                      "avg_bits": pytest.approx(on_disk["avg_bits"])}
+    layers = {f"model.{entry['name']}" for entry in read_packed(packed).header["layers"]}  # the network, unwrapped
+    assert layers == set(on_disk["layer_bits"])
 
 
 def test_lenet5_on_fashion_mnist_slices_then_cache_reuse(tmp_path):
