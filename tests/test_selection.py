@@ -10,18 +10,7 @@ from alq_lightning.network import MultiBitNetwork
 from alq_lightning.packed import dense_weight
 from alq_lightning.quantizer import LayerSelection, attach, find_layers
 
-
-class Conv1D(nn.Module):
-    """Hugging Face's GPT-2 ``Conv1D``: a Linear whose weight is stored ``(in, out)`` and used as ``x @ W``."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight + self.bias
+from quantized_models import Conv1D
 
 
 class Scaled(nn.Module):

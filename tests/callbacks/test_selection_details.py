@@ -12,24 +12,12 @@ from torch import nn
 from alq_lightning.network import MultiBitNetwork
 from alq_lightning.quantizer import LayerSelection, attach, default_kind, find_layers, float_remainder, resolve
 
+from quantized_models import Conv1D
 from tiny import build
 
 KEYS = ("codes", "coords", "mask", "weight_m", "weight_v", "weight_vmax", "coord_m", "coord_v", "coord_vmax",
         "latent")
 FLOAT_KEYS = ("coords", "weight_m", "weight_v", "weight_vmax", "coord_m", "coord_v", "coord_vmax", "latent")
-
-
-class Conv1D(nn.Module):
-    """Hugging Face's GPT-2 style linear layer: ``nf`` outputs, weight stored ``(in, out)``, used as ``x @ W``."""
-
-    def __init__(self, nf: int, nx: int) -> None:
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
-        self.bias = nn.Parameter(torch.zeros(nf))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.weight + self.bias
 
 
 class OutInConv1D(nn.Module):
