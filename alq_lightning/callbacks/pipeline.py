@@ -5,15 +5,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core import PAPER_SCHEDULE, check_target_bits, fit_schedule, schedule_epochs
 from ..network import MultiBitNetwork
 from .arguments import check, is_int
-from .init import ALQInit
+from .init import CHECKPOINT_KEY, ALQInit
 from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
 
 PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}
+DEV_SCHEDULE = {"rounds": 1, "basis_epochs": 1, "coordinate_epochs": 1, "pruning_epochs": 1, "ste_epochs": 1,
+                "final_coordinate_epochs": 1}
 
 
 class ALQCallback(Callback):
@@ -36,6 +38,10 @@ class ALQCallback(Callback):
     1) + 50 + 20) when ``max_epochs`` holds them (Lightning's default 1000 does), else the paper's proportions
     scaled into ``max_epochs - start_epoch`` (:func:`~alq_lightning.core.fit_schedule`), logged at setup. Given
     ones are kept as they are, the others take the paper's values, and a Trainer too short for them is refused.
+    A fitted schedule that finds fewer than 2 epochs (``max_epochs=1``, or only ``max_steps``) is laid over the
+    fit's optimizer steps instead (:attr:`unit` ``"step"``). Under ``fast_dev_run=n`` every stage runs for one
+    step whatever the schedule (stages share a step when ``n < 5``), ending at ``target_bits``. A fit that ends
+    before the schedule does (``max_steps``, early stopping) says so at its end.
 
     Paper defaults (Qu et al., 2020): ``max_bits=6`` (ResNets 8), ``rounds=5`` (LeNet5 4), basis/coordinate
     epochs 20/10 (ResNets 10/5), one pruning epoch, ``ste_epochs=50`` (ResNets 80), 20 final coordinate
@@ -99,50 +105,59 @@ class ALQCallback(Callback):
         self.fits_trainer = not given
         self.rates = (lr, lr_decay, ste_lr, ste_lr_decay, final_lr, final_lr_decay)
         self.pruning, self.per_bit, self.start_epoch = pruning, per_bit, start_epoch
-        self._build({**PAPER_SCHEDULE, **given})
+        self.over_steps, self.restored = False, None
+        self.given = {**PAPER_SCHEDULE, **given}
+        self._build(self.given)
 
-    def _build(self, schedule: dict[str, int]) -> None:
-        """The stages of ``schedule`` (the keys of :data:`~alq_lightning.core.PAPER_SCHEDULE`) from ``start_epoch``."""
+    def _build(self, schedule: dict[str, int], unit: str = "epoch", steps: int | None = None) -> None:
+        """The stages of ``schedule`` (the keys of :data:`~alq_lightning.core.PAPER_SCHEDULE`) from ``start_epoch``,
+        in ``unit``s; with ``steps``, windows beyond the fit's last step move onto it (so they share it)."""
         lr, lr_decay, ste_lr, ste_lr_decay, final_lr, final_lr_decay = self.rates
         basis_epochs, coordinate_epochs = schedule["basis_epochs"], schedule["coordinate_epochs"]
         rounds, pruning_epochs = schedule["rounds"], schedule["pruning_epochs"]
-        self.schedule = dict(schedule)
+        self.schedule, self.unit = dict(schedule), unit
+        last = self.start_epoch + schedule_epochs(schedule) if steps is None else steps - 1
         self.stages: list[ALQStage] = []
         epoch = self.start_epoch
         for round_index in range(1, rounds + 1):
-            self._add(BasisRefit, epoch, basis_epochs, lr, lr_decay)
-            self._add(CoordinateRefit, epoch + basis_epochs, coordinate_epochs, lr * lr_decay**basis_epochs, lr_decay)
+            self._add(BasisRefit, min(epoch, last), basis_epochs, lr, lr_decay)
+            self._add(CoordinateRefit, min(epoch + basis_epochs, last), coordinate_epochs,
+                      lr * lr_decay**basis_epochs, lr_decay)
             epoch += basis_epochs + coordinate_epochs
             self.stages.append(PRUNING[self.pruning](
-                epoch, self.target_bits, pruning_epochs, rounds, round_index,
-                lr * lr_decay ** (basis_epochs + coordinate_epochs), lr_decay, self.per_bit,
+                min(epoch, last), self.target_bits, pruning_epochs, rounds, round_index,
+                lr * lr_decay ** (basis_epochs + coordinate_epochs), lr_decay, self.per_bit, unit,
             ))
             epoch += pruning_epochs
         ste_epochs = schedule["ste_epochs"]
-        self._add(STEFineTune, epoch, ste_epochs, ste_lr, ste_lr_decay)
+        self._add(STEFineTune, min(epoch, last), ste_epochs, ste_lr, ste_lr_decay)
         epoch += ste_epochs
         final_lr = ste_lr * ste_lr_decay**ste_epochs if final_lr is None else final_lr
-        self._add(CoordinateRefit, epoch, schedule["final_coordinate_epochs"], final_lr, final_lr_decay)
-        self.total_epochs = epoch + schedule["final_coordinate_epochs"]
+        self._add(CoordinateRefit, min(epoch, last), schedule["final_coordinate_epochs"], final_lr, final_lr_decay)
+        self.total_epochs = min(epoch + schedule["final_coordinate_epochs"], last + 1)
         self.init.stages = []
         for stage in self.stages:
             stage.bind(self.init)
 
     def _add(self, kind: type[ALQStage], start: int, epochs: int, lr: float, lr_decay: float) -> None:
         if epochs:
-            self.stages.append(kind(start, epochs, lr, lr_decay))
+            self.stages.append(kind(start, epochs, lr, lr_decay, unit=self.unit))
 
     def describe(self) -> str:
         """The schedule in words, e.g. ``"2 rounds × (2 basis + 1 coordinate + 1 pruning), 2 STE, 0 final
-        coordinate epochs (10 in all)"``."""
+        coordinate epochs (10 in all)"`` (``steps`` when laid over optimizer steps)."""
         s = self.schedule
         return (f"{s['rounds']} round{'s' * (s['rounds'] != 1)} × ({s['basis_epochs']} basis + "
                 f"{s['coordinate_epochs']} coordinate + {s['pruning_epochs']} pruning), {s['ste_epochs']} STE, "
-                f"{s['final_coordinate_epochs']} final coordinate epochs ({schedule_epochs(s)} in all)")
+                f"{s['final_coordinate_epochs']} final coordinate {self.unit}s ({self.total_epochs - self.start_epoch}"
+                f" in all)")
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(target_bits=self.target_bits, total_epochs=self.total_epochs)
+        """Keyed by target and schedule length (by ``unit="step"`` for a schedule laid over the fit's steps, whose
+        length is known only once training starts, after a checkpoint's state is restored)."""
+        length = {"unit": "step"} if self.over_steps else {"total_epochs": self.total_epochs}
+        return self._generate_state_key(target_bits=self.target_bits, **length)
 
     @property
     def network(self) -> MultiBitNetwork | None:
@@ -152,26 +167,64 @@ class ALQCallback(Callback):
         for callback in (self.init, *self.stages):
             getattr(callback, hook)(*args)
 
-    def stage_at(self, epoch: int) -> ALQStage | None:
-        return next((s for s in self.stages if s.start_epoch <= epoch < s.end_epoch), None)
+    def position(self, trainer: Trainer) -> int:
+        """Units of the schedule done: epochs, or optimizer steps when :attr:`unit` is ``"step"``."""
+        return trainer.current_epoch if self.unit == "epoch" else trainer.global_step
+
+    def stage_at(self, position: int) -> ALQStage | None:
+        return next((s for s in self.stages if s.start_epoch <= position < s.end_epoch), None)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._fit(trainer)
+        self._each("setup", trainer, pl_module, stage)
+
+    def _fit(self, trainer: Trainer) -> None:
+        """Fit the schedule to this Trainer (see the class docstring), or refuse one that cannot hold it. A schedule
+        over optimizer steps is laid at ``on_train_start``: counting the steps loads the training data, which
+        before then would lose a resumed loader's position."""
         max_epochs = trainer.max_epochs
-        if stage == "fit" and self.fits_trainer and max_epochs is not None and max_epochs >= 0:
-            available = max_epochs - self.start_epoch
-            if available < 2:
-                raise ValueError(f"Trainer(max_epochs={max_epochs}) leaves {available} epochs after start_epoch="
-                                 f"{self.start_epoch}; an ALQ schedule needs at least 2 (one basis, one pruning epoch)")
-            schedule = fit_schedule(available)
-            if schedule != self.schedule:
-                self._build(schedule)
+        bounded = max_epochs is not None and max_epochs >= 0
+        short = max_epochs - self.start_epoch < 2 if bounded else trainer.max_steps != -1
+        self.over_steps = bool(trainer.fast_dev_run) or (self.fits_trainer and short)
+        if self.over_steps and not trainer.fast_dev_run and self.start_epoch:
+            raise ValueError(f"Trainer(max_epochs={max_epochs}) leaves {max(max_epochs - self.start_epoch, 0)} epochs "
+                             f"after start_epoch={self.start_epoch}; an ALQ schedule needs at least 2 (one basis, one "
+                             f"pruning epoch)")
+        if self.over_steps:
+            return
+        fitted = self.fits_trainer and bounded
+        schedule = fit_schedule(max_epochs - self.start_epoch) if fitted else self.given
+        if (schedule, "epoch") != (self.schedule, self.unit):
+            self._build(schedule)
+            if fitted:
                 rank_zero_info(f"ALQ schedule fitted into Trainer(max_epochs={max_epochs}): {self.describe()}")
-        if stage == "fit" and max_epochs is not None and 0 <= max_epochs < self.total_epochs:
+        if bounded and max_epochs < self.total_epochs:
             raise ValueError(
                 f"Trainer(max_epochs={max_epochs}) cannot hold the ALQ schedule of {self.total_epochs} epochs; "
                 f"set Trainer(max_epochs={self.total_epochs}) (see ALQCallback(...).total_epochs)"
             )
-        self._each("setup", trainer, pl_module, stage)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.over_steps:
+            return
+        steps = trainer.estimated_stepping_batches
+        if trainer.fast_dev_run:
+            self._build(DEV_SCHEDULE, "step", int(steps))
+            rank_zero_info(f"ALQ under fast_dev_run: every stage runs for one step: {self.describe()}")
+        else:
+            if not 2 <= steps < float("inf"):
+                raise ValueError(
+                    f"Trainer(max_epochs={trainer.max_epochs}, max_steps={trainer.max_steps}) gives {steps} optimizer "
+                    f"steps; an ALQ schedule needs at least 2 epochs, or 2 steps within one (one basis, one pruning "
+                    f"step)")
+            self._build(fit_schedule(int(steps)), "step")
+            rank_zero_info(f"ALQ schedule fitted into the {steps} optimizer steps of this fit: {self.describe()}")
+        for stage in self.stages:
+            stage.setup(trainer, pl_module, "fit")
+        if self.restored is not None:
+            self._load_stages(self.restored)
+            self.restored = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._each("on_fit_start", trainer, pl_module)
@@ -182,23 +235,45 @@ class ALQCallback(Callback):
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
+        if self.unit == "step" and trainer.global_step >= self.total_epochs:
+            self._complete(trainer)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
-        self._each("on_before_optimizer_step", trainer, pl_module, optimizer)
+        """Every stage active at this step updates from the one set of gradients, in schedule order."""
+        self.init.on_before_optimizer_step(trainer, pl_module, optimizer)
+        active = [stage for stage in self.stages if stage.active(trainer)]
+        if active:
+            names = active[0].take_grads(trainer, pl_module, optimizer)
+            for stage in active:
+                stage.step(trainer, names)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log bits, round and learning rate; stop fitting once the schedule is complete."""
         self._each("on_train_epoch_end", trainer, pl_module)
-        stage = self.stage_at(trainer.current_epoch)
-        rounds = [s for s in self.stages if isinstance(s, BitwidthReduction)]
-        done = sum(s.end_epoch <= trainer.current_epoch + 1 for s in rounds)
-        pl_module.log_dict({"alq/round": float(done), "alq/lr": stage.current_lr(trainer) if stage else 0.0},
+        done = self.position(trainer) + (self.unit == "epoch")
+        stage = self.stage_at(done - 1)
+        rounds = sum(s.end_epoch <= done for s in self.stages if isinstance(s, BitwidthReduction))
+        pl_module.log_dict({"alq/round": float(rounds), "alq/lr": stage.current_lr(trainer) if stage else 0.0},
                            rank_zero_only=True)
-        if trainer.current_epoch + 1 >= self.total_epochs and not trainer.should_stop:
-            self._check_target()
-            rank_zero_info(f"ALQ schedule complete after {self.total_epochs} epochs at "
-                           f"{self.network.avg_bits:.4f} average bits; stopping the fit")
-            trainer.should_stop = True
+        if self.unit == "epoch" and done >= self.total_epochs:
+            self._complete(trainer)
+
+    def _complete(self, trainer: Trainer) -> None:
+        if trainer.should_stop:
+            return
+        self._check_target()
+        rank_zero_info(f"ALQ schedule complete after {self.total_epochs} {self.unit}s at "
+                       f"{self.network.avg_bits:.4f} average bits; stopping the fit")
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Say so when the fit ended before the schedule did (the model may not be at ``target_bits``)."""
+        if self.position(trainer) < self.total_epochs or self.network.avg_bits > self.target_bits + 1e-9:
+            rank_zero_warn(
+                f"the fit ended at epoch {trainer.current_epoch}, step {trainer.global_step}, before the ALQ schedule "
+                f"of {self.total_epochs} {self.unit}s was complete: the model holds {self.network.avg_bits:.4f} "
+                f"average bits, not target_bits={self.target_bits:g}; let the Trainer run the whole schedule "
+                f"(max_epochs/max_steps, early stopping)")
 
     def _check_target(self) -> None:
         """Never report completion above ``target_bits``."""
@@ -213,6 +288,12 @@ class ALQCallback(Callback):
         self._each("on_save_checkpoint", trainer, pl_module, checkpoint)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose ALQ schedule state was written by another configuration (Lightning would
+        skip it, and the run would start ALQ afresh from weights that are already quantized)."""
+        written = [key for key in checkpoint.get("callbacks", {}) if key.startswith(type(self).__name__)]
+        if CHECKPOINT_KEY in checkpoint and self.state_key not in written:
+            raise ValueError(f"the checkpoint's ALQ state was written by {written or 'no ALQCallback'}, not by this "
+                             f"{self.state_key}: resume with the target_bits and schedule it was written with")
         self._each("on_load_checkpoint", trainer, pl_module, checkpoint)
 
     def state_dict(self) -> dict[str, Any]:
@@ -220,6 +301,12 @@ class ALQCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.init.load_state_dict(state_dict["init"])
-        for stage, state in zip(self.stages, state_dict["stages"], strict=True):
+        if self.over_steps:
+            self.restored = state_dict["stages"]  # for the stages laid at on_train_start
+        else:
+            self._load_stages(state_dict["stages"])
+
+    def _load_stages(self, states: list[dict[str, Any]]) -> None:
+        for stage, state in zip(self.stages, states, strict=True):
             stage.load_state_dict(state)
 

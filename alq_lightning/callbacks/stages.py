@@ -1,4 +1,4 @@
-"""The ALQ stages as Lightning callbacks, each active over a window of epochs.
+"""The ALQ stages as Lightning callbacks, each active over a window of epochs (or of optimizer steps).
 
 A stage consumes the quantized weights' gradients in ``on_before_optimizer_step`` (after accumulation,
 all-reduce and AMP unscaling), updates the multi-bit state through :class:`~alq_lightning.network.MultiBitNetwork`
@@ -25,18 +25,26 @@ from ..network import MultiBitNetwork
 from .arguments import check, is_int, is_number
 from .init import ALQInit, find_init
 
+UNITS = ("epoch", "step")
+
 
 class ALQStage(Callback, ABC):
-    """A stage active for ``epochs`` epochs from ``start_epoch``, with learning rate ``lr · lr_decay^e``
-    in its ``e``-th epoch. Needs an :class:`ALQInit` (or :class:`ALQCallback`) in the same Trainer."""
+    """A stage active for ``epochs`` units from ``start_epoch``, with learning rate ``lr · lr_decay^e`` in its
+    ``e``-th unit. The unit is the epoch (``trainer.current_epoch``), or with ``unit="step"`` the optimizer step
+    (``trainer.global_step``), for fits too short to give each stage an epoch (``fast_dev_run``, one epoch).
+    Needs an :class:`ALQInit` (or :class:`ALQCallback`) in the same Trainer."""
 
-    def __init__(self, start_epoch: int, epochs: int, lr: float = 1e-3, lr_decay: float = 1.0) -> None:
+    def __init__(self, start_epoch: int, epochs: int, lr: float = 1e-3, lr_decay: float = 1.0,
+                 unit: str = "epoch") -> None:
         check("start_epoch", start_epoch, is_int(start_epoch) and start_epoch >= 0, "an integer >= 0")
         check("epochs", epochs, is_int(epochs) and epochs >= 1, "an integer >= 1")
         check("lr", lr, is_number(lr) and lr > 0, "a number > 0")
         check("lr_decay", lr_decay, is_number(lr_decay) and 0 < lr_decay <= 1, "a number in (0, 1]")
+        check("unit", unit, unit in UNITS, f"one of {UNITS}")
         self.start_epoch, self.epochs, self.lr, self.lr_decay = start_epoch, epochs, float(lr), float(lr_decay)
+        self.unit = unit
         self.init: ALQInit | None = None
+        self.stepped = False
         self.reset()
 
     def reset(self) -> None:
@@ -49,7 +57,8 @@ class ALQStage(Callback, ABC):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(start_epoch=self.start_epoch, epochs=self.epochs)
+        unit = {"unit": self.unit} if self.unit != "epoch" else {}
+        return self._generate_state_key(start_epoch=self.start_epoch, epochs=self.epochs, **unit)
 
     @property
     def network(self) -> MultiBitNetwork:
@@ -63,23 +72,37 @@ class ALQStage(Callback, ABC):
             self.init = find_init(trainer, self)
         self.init.register(self)
 
+    def position(self, trainer: Trainer) -> int:
+        """The current epoch, or optimizer step with ``unit="step"``."""
+        return trainer.current_epoch if self.unit == "epoch" else trainer.global_step
+
     def active(self, trainer: Trainer) -> bool:
-        return self.start_epoch <= trainer.current_epoch < self.end_epoch
+        return self.start_epoch <= self.position(trainer) < self.end_epoch
 
     def current_lr(self, trainer: Trainer) -> float:
-        return self.lr * self.lr_decay ** (trainer.current_epoch - self.start_epoch)
+        return self.lr * self.lr_decay ** (self.position(trainer) - self.start_epoch)
 
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        if not self.active(trainer):
-            return
+    def take_grads(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> frozenset[str]:
+        """Clip the gradients as the module would, then move the quantized weights' gradients into the network;
+        returns the layers that had one."""
         if pl_module.automatic_optimization:
             pl_module.configure_gradient_clipping(optimizer, gradient_clip_val=trainer.gradient_clip_val,
                                                   gradient_clip_algorithm=trainer.gradient_clip_algorithm)
-        self.apply(trainer, self.network.take_grads())
+        return self.network.take_grads()
+
+    def step(self, trainer: Trainer, names: frozenset[str]) -> None:
+        """This optimizer step's update of the layers ``names`` (their gradients are in the network)."""
+        self.stepped = True
+        self.apply(trainer, names)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self.active(trainer):
+            self.step(trainer, self.take_grads(trainer, pl_module, optimizer))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.active(trainer):
+        if not self.stepped:
             return
+        self.stepped = False
         skipped = self.network.skipped
         self.network.reset_skipped()
         if skipped:
@@ -109,8 +132,9 @@ class STEFineTune(ALQStage):
     """Straight-through fine-tuning: latent float weights (starting at ŵ) take AMSGrad steps from the
     gradient at ŵ; bases and coordinates are refit to them after every step."""
 
-    def __init__(self, start_epoch: int, epochs: int, lr: float = 1e-3, lr_decay: float = 0.95) -> None:
-        super().__init__(start_epoch, epochs, lr, lr_decay)
+    def __init__(self, start_epoch: int, epochs: int, lr: float = 1e-3, lr_decay: float = 0.95,
+                 unit: str = "epoch") -> None:
+        super().__init__(start_epoch, epochs, lr, lr_decay, unit)
 
     def reset(self) -> None:
         self.started = False
@@ -120,10 +144,12 @@ class STEFineTune(ALQStage):
             self.network.start_ste()
             self.started = True
         self.network.ste_step(names, self.current_lr(trainer))
+        if self.unit == "step" and self.position(trainer) == self.end_epoch - 1:
+            self.network.end_ste()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self.started and trainer.current_epoch == self.end_epoch - 1:
+        if self.started and self.unit == "epoch" and trainer.current_epoch == self.end_epoch - 1:
             self.network.end_ste()
 
     def state_dict(self) -> dict[str, Any]:
@@ -148,8 +174,9 @@ class BitwidthReduction(ALQStage):
     """
 
     def __init__(self, start_epoch: int, target_bits: float, epochs: int = 1, rounds: int = 1,
-                 round_index: int = 1, lr: float = 1e-3, lr_decay: float = 1.0, per_bit: bool = False) -> None:
-        super().__init__(start_epoch, epochs, lr, lr_decay)
+                 round_index: int = 1, lr: float = 1e-3, lr_decay: float = 1.0, per_bit: bool = False,
+                 unit: str = "epoch") -> None:
+        super().__init__(start_epoch, epochs, lr, lr_decay, unit)
         check("target_bits", target_bits, is_number(target_bits) and target_bits > 0, "a number > 0")
         check("rounds", rounds, is_int(rounds) and rounds >= 1, "an integer >= 1")
         check("round_index", round_index, is_int(round_index) and 1 <= round_index <= rounds,
@@ -174,10 +201,14 @@ class BitwidthReduction(ALQStage):
                              f"training dataloader needs a length (num_training_batches={batches})")
         return math.ceil(batches / trainer.accumulate_grad_batches)
 
+    def window_steps(self, trainer: Trainer) -> int:
+        """Optimizer steps in the window."""
+        return self.epochs * self.steps_per_epoch(trainer) if self.unit == "epoch" else self.epochs
+
     def budget(self, trainer: Trainer, step: int) -> float:
         """Average-bits budget after window step ``step``."""
         return step_budget(self.network.initial_bits, self.target_bits, self.round_index, self.rounds,
-                           step, self.epochs * self.steps_per_epoch(trainer))
+                           step, self.window_steps(trainer))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.active(trainer):
@@ -196,8 +227,7 @@ class BitwidthReduction(ALQStage):
         if self.window_start_step is None:
             self.window_start_step = trainer.global_step
         self.network.observe(names)
-        total = self.epochs * self.steps_per_epoch(trainer)
-        step = min(trainer.global_step - self.window_start_step, total - 1)
+        step = min(trainer.global_step - self.window_start_step, self.window_steps(trainer) - 1)
         budget = self.budget(trainer, step)
         excess = self.network.binary_bits - budget * self.network.numel
         if excess <= 0:

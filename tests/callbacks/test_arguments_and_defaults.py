@@ -242,7 +242,8 @@ def test_a_pruning_stage_needs_a_dataloader_with_a_length():
 def test_a_fit_shorter_than_the_schedule_is_refused(max_epochs):
     alq = short()
     assert alq.total_epochs == 3
-    message = error_of(alq.setup, SimpleNamespace(max_epochs=max_epochs), build("mlp"), "fit")
+    fit = SimpleNamespace(max_epochs=max_epochs, max_steps=-1, fast_dev_run=0)
+    message = error_of(alq.setup, fit, build("mlp"), "fit")
     assert message == (f"Trainer(max_epochs={max_epochs}) cannot hold the ALQ schedule of 3 epochs; set "
                        f"Trainer(max_epochs=3) (see ALQCallback(...).total_epochs)")
 
@@ -252,7 +253,7 @@ def test_a_fit_shorter_than_the_schedule_is_refused(max_epochs):
 def test_an_unbounded_fit_or_an_evaluation_is_not_refused(max_epochs, stage):
     alq = short()
     module = build("mlp")
-    alq.setup(SimpleNamespace(max_epochs=max_epochs, strategy=object()), module, stage)
+    alq.setup(SimpleNamespace(max_epochs=max_epochs, max_steps=-1, fast_dev_run=0, strategy=object()), module, stage)
     assert list(alq.network.layers) == ["net.1", "net.3"]
 
 
