@@ -42,9 +42,9 @@ from torch import nn
 
 from .core import LayerBits, MultiBitState, check_coord_bits
 from .files import check_target, write_atomic
+from .layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
 from .packed_header import LAYER_SECTIONS, check_header
 from .packing import COORD_DTYPES, decode_layer, dtype_name, encode_layer, parse_dtype, tensor_bytes
-from .quantizer import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
 from .summary import BitSummary, FloatRow, LayerRow, bit_summary
 
 MAGIC = b"ALQPACK\0"
@@ -256,7 +256,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
 
     The file is verified (:func:`read_packed`), checked against the model and decoded in memory before the
     model is touched: a bad file or a wrong model raises ValueError and leaves ``model`` as it was. Layers
-    without multi-bit buffers get them (:func:`alq_lightning.quantizer.attach` with the file's structures);
+    without multi-bit buffers get them (:func:`alq_lightning.layers.attach` with the file's structures);
     codes, coordinates and masks are written (dead slots canonical: ``α = 0``, ``β = +1``), AMSGrad statistics
     and latent weights are zeroed, the dense weights are set to the reconstruction and the float remainder is
     loaded. Coordinates take the stored values exactly (float16-rounded when exported with ``coord_bits=16``).

@@ -20,8 +20,8 @@ from torch import nn
 
 from .core import GroupLayout, MultiBitState, auto_layout
 from .export import MAGIC, export_packed
+from .layers import LayerSelection, attach, resolve
 from .models import MODEL_NAMES, build_model
-from .quantizer import LayerSelection, attach, resolve
 from .summary import bit_summary
 
 _ARCHITECTURE = ("in_channels", "num_classes", "input_size")

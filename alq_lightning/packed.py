@@ -26,9 +26,9 @@ from torch import nn
 from .core import GroupLayout, auto_layout
 from .core.multibit import compute_dtype
 from .export import PackedFile, check_model, float_tensors_for, read_packed
+from .layers import BUFFER_KEYS, buffer_prefix, float_remainder
 from .packed_header import LAYER_SECTIONS
 from .packing import decode_layer, parse_dtype
-from .quantizer import BUFFER_KEYS, buffer_prefix, float_remainder
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .core import LayerBits, average_bits, check_coord_bits
-from .quantizer import find_layers, float_remainder
+from .layers import find_layers, float_remainder
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ PACKAGES = {
         85.0,
     ),
     "callbacks": Package(
-        ("alq_lightning/callbacks/*.py", "alq_lightning/network.py", "alq_lightning/quantizer.py"),
+        ("alq_lightning/callbacks/*.py", "alq_lightning/network.py", "alq_lightning/layers.py"),
         ("tests/callbacks",),
         80.0,
     ),

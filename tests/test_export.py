@@ -16,10 +16,10 @@ import alq_lightning.files as files_module
 from alq_lightning.core import slot_bits
 from alq_lightning.export import FORMAT_VERSION, export_packed, load_packed, packed_summary, read_header
 from alq_lightning.export_cli import main as export_main
+from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.models import LeNet5, paper_structures
 from alq_lightning.module import ClassifierModule
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
 from alq_lightning.summary import bit_summary
 from alq_lightning.summary import main as summary_main
 

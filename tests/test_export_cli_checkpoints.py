@@ -25,9 +25,9 @@ from alq_lightning.export_cli import (
     read_checkpoint,
 )
 from alq_lightning.export_cli import main as export_main
+from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.models import LeNet5
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
 
 # LeNet5 for 16x16 inputs: fc1 has 50 inputs, so the model is small.
 ARCH = {"name": "lenet5", "in_channels": 1, "num_classes": 10, "input_size": 16}

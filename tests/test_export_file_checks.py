@@ -21,10 +21,10 @@ from alq_lightning.export import (
     read_header,
     read_packed,
 )
+from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.network import MultiBitNetwork
 from alq_lightning.packed import load_packed_for_inference
 from alq_lightning.packing import pack_bits, tensor_from_bytes, unpack_bits
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
 from alq_lightning.summary import bit_summary
 
 

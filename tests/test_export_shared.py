@@ -6,8 +6,8 @@ from torch import nn
 
 from alq_lightning import export_packed, load_packed, load_packed_for_inference
 from alq_lightning.export import read_packed
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach
 
 
 class Tied(nn.Module):

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from alq_lightning.export import export_packed, load_packed
+from alq_lightning.layers import find_layers
 from alq_lightning.models import LeNet5
 from alq_lightning.packed import PackedModel, dense_weight, load_packed_for_inference
-from alq_lightning.quantizer import find_layers
 
 from quantized_models import INPUTS, lenet, quantized, small_cnn
 

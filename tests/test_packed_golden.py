@@ -24,8 +24,8 @@ import torch
 
 from alq_lightning import export
 from alq_lightning.core import MultiBitState
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.packed import dense_weight, load_packed_for_inference
-from alq_lightning.quantizer import LayerSelection, attach
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 _spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")

@@ -8,7 +8,7 @@ from torch import nn
 
 from alq_lightning.core import LayerBits
 from alq_lightning.export import export_packed, packed_summary, read_header
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
+from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.summary import BitSummary, FloatRow, LayerRow, bit_summary
 from alq_lightning.summary import main as summary_main
 

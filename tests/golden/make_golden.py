@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from alq_lightning.export import export_packed, read_header
+from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
