@@ -150,26 +150,3 @@ def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
                    for key, tensor in float_remainder(model, layers).items())
     return BitSummary(rows, coord_bits, floats)
 
-
-def main(argv: list[str] | None = None, prog: str = "python -m alq_lightning.summary") -> int:
-    """``python -m alq_lightning.summary FILE.alq``: per-layer table and totals of a packed file, from its header
-    once the file is verified (checksum, header against payload)."""
-    import argparse
-    import sys
-
-    from alq_lightning.export import packed_summary, read_packed
-
-    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
-    parser.add_argument("path", help="packed file written by alq_lightning.export_packed")
-    args = parser.parse_args(argv)
-    try:
-        header = read_packed(args.path).header
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(packed_summary(header))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -61,8 +61,7 @@ class Package:
 PACKAGES = {
     "core": Package(("alq_lightning/core/*.py",), ("tests/core",), 90.0),
     "packed": Package(
-        tuple(f"alq_lightning/{name}.py"
-              for name in ("export", "packing", "packed", "packed_header", "export_cli", "summary")),
+        ("alq_lightning/packed/*.py", "alq_lightning/summary.py"),
         ("tests/test_export.py", "tests/test_export_*.py", "tests/test_packed.py", "tests/test_packed_*.py"),
         85.0,
     ),

@@ -1,5 +1,5 @@
 """The printed bit summary, word for word: of a model (``bit_summary``), of a packed file (``packed_summary``
-and ``python -m alq_lightning.summary``), with every number worked out by hand below."""
+and ``python -m alq_lightning summary``), with every number worked out by hand below."""
 from __future__ import annotations
 
 import pytest
@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from alq_lightning.core import LayerBits
-from alq_lightning.export import export_packed, packed_summary, read_header
 from alq_lightning.layers import LayerSelection, attach, find_layers
+from alq_lightning.packed.cli import summary_main
+from alq_lightning.packed.io import export_packed, packed_summary, read_header
 from alq_lightning.summary import BitSummary, FloatRow, LayerRow, bit_summary
-from alq_lightning.summary import main as summary_main
 
 
 class Mixed(nn.Module):
@@ -128,6 +128,6 @@ def test_summary_command_line_help(capsys):
         summary_main(["--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert text.startswith("usage: python -m alq_lightning.summary [-h] path ")
+    assert text.startswith("usage: python -m alq_lightning summary [-h] path ")
     assert "per-layer table and totals of a packed file, from its header once the file is verified" in text
     assert "path packed file written by alq_lightning.export_packed" in text

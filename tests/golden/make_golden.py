@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alq_lightning.export import export_packed, read_header
 from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.network import MultiBitNetwork
+from alq_lightning.packed.io import export_packed, read_header
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="overwrite the golden files of this format version")
     args = parser.parse_args(argv)
-    from alq_lightning.export import FORMAT_VERSION
+    from alq_lightning.packed.format import FORMAT_VERSION
 
     packed, weights = golden_paths(FORMAT_VERSION)
     existing = [str(path) for path in (packed, weights) if path.exists()]
