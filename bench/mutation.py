@@ -62,7 +62,7 @@ PACKAGES = {
     "core": Package(("alq_lightning/core/*.py",), ("tests/core",), 90.0),
     "packed": Package(
         ("alq_lightning/packed/*.py", "alq_lightning/summary.py"),
-        ("tests/test_export.py", "tests/test_export_*.py", "tests/test_packed.py", "tests/test_packed_*.py"),
+        ("tests/packed",),
         85.0,
     ),
     "callbacks": Package(

@@ -12,7 +12,7 @@ the order it is summed in: a decoder written elsewhere must then get the same ŵ
 Beside it, ``v{N}_tiny_weights.pt`` (``torch.save`` of a flat dict of tensors, readable with
 ``weights_only=True``) holds what was exported: every ``state_dict`` tensor (dense ŵ and float remainder)
 under its key, and each quantized layer's ``mask`` ``[G, K]``, ``codes`` ``[G, n]`` and ``coords`` ``[G, K]``
-under ``multibit/<layer>/<name>``. ``tests/test_packed_golden.py`` decodes the committed bytes with its own
+under ``multibit/<layer>/<name>``. ``tests/packed/test_golden.py`` decodes the committed bytes with its own
 reader and compares them with this file. Once committed, these files are the format's reference: regenerate
 them only when the format version changes (then a new ``v{N+1}`` pair sits beside the old ones).
 """

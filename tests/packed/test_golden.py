@@ -28,7 +28,7 @@ from alq_lightning.packed.format import FORMAT_VERSION
 from alq_lightning.packed.inference import dense_weight, load_packed_for_inference
 from alq_lightning.packed.io import export_packed, load_packed
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 _spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
 make_golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_golden)
@@ -213,7 +213,7 @@ def test_every_format_version_has_a_golden_file():
         assert packed.exists() and weights.exists(), (
             f"FORMAT_VERSION is {FORMAT_VERSION} but {packed.name} / {weights.name} are missing from "
             f"tests/golden: add them with `python tests/golden/make_golden.py`, commit them, and extend "
-            f"tests/test_packed_golden.py with an independent reader of version {version}")
+            f"tests/packed/test_golden.py with an independent reader of version {version}")
         expected = torch.load(weights, weights_only=True)
         state = load_packed(packed, make_golden.TinyNet().eval()).state_dict()
         assert all(torch.equal(state[key], value) for key, value in expected.items() if key in state), packed.name

@@ -17,7 +17,7 @@ from alq_lightning.packed.io import export_packed, load_packed, read_packed
 
 from quantized_models import lenet, quantized
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "v1_tiny.alq"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "v1_tiny.alq"
 
 
 def rewrite(path: Path, edit_header: Callable[[dict], object] = lambda header: None,
