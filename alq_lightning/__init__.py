@@ -1,6 +1,6 @@
 """alq_lightning: Adaptive Loss-aware Quantization (ALQ) for PyTorch Lightning.
 
-Public names load on first use, so ``python -m alq_lightning.export`` / ``.summary`` run their module once.
+Public names load on first use: ``import alq_lightning`` imports neither torch nor Lightning.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ _EXPORTS = {
     "callbacks": ("ALQCallback", "ALQInit", "ALQStage", "BasisRefit", "BitwidthReduction", "CoordinateRefit",
                   "GroupPruning", "STEFineTune"),
     "summary": ("BitSummary", "bit_summary"),
-    "export": ("ExportReport", "export_packed", "load_packed"),
-    "packed": ("PackedModel", "load_packed_for_inference"),
+    "packed.io": ("ExportReport", "export_packed", "load_packed"),
+    "packed.inference": ("PackedModel", "load_packed_for_inference"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [*_MODULE_OF, "__version__"]

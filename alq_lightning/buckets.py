@@ -17,7 +17,7 @@ import torch
 
 from .core import AmsgradStats
 from .core.bucket import Bucket
-from .quantizer import _FLOATBUFFER_KEYS, BUFFER_KEYS, QuantizedLayer
+from .layers import _FLOATBUFFER_KEYS, BUFFER_KEYS, QuantizedLayer
 
 _WEIGHT_KEYS = ("codes", "weight_m", "weight_v", "weight_vmax", "latent")
 BLOCK = {"cpu": 1 << 18}  # weights per block by device type; absent: one block

@@ -1,5 +1,6 @@
 """Command-line entry points: the console scripts ``alq-export`` / ``alq-summary`` and ``python -m alq_lightning
-COMMAND ...`` (``alq-train`` is :func:`alq_lightning.app.train.main`). Each command's module loads when it runs."""
+COMMAND ...`` (``alq-train`` is :func:`alq_lightning.app.train.main`). The commands live in
+:mod:`alq_lightning.packed.cli`, which loads when one runs."""
 from __future__ import annotations
 
 import sys
@@ -15,21 +16,21 @@ def run(command: str, argv: Sequence[str] | None, prog: str) -> int:
     """Run ``command`` (a key of :data:`COMMANDS`) on ``argv``; its usage text names ``prog``."""
     main: Callable[..., int]
     if command == "export":
-        from alq_lightning.export_cli import main
+        from alq_lightning.packed.cli import export_main as main
     elif command == "summary":
-        from alq_lightning.summary import main
+        from alq_lightning.packed.cli import summary_main as main
     else:
         raise ValueError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
     return main(None if argv is None else list(argv), prog=prog)
 
 
 def export(argv: Sequence[str] | None = None) -> int:
-    """``alq-export CHECKPOINT.ckpt OUT.alq ...``, the same as ``python -m alq_lightning.export``."""
+    """``alq-export CHECKPOINT.ckpt OUT.alq ...``, the same as ``python -m alq_lightning export ...``."""
     return run("export", argv, "alq-export")
 
 
 def summary(argv: Sequence[str] | None = None) -> int:
-    """``alq-summary FILE.alq``, the same as ``python -m alq_lightning.summary``."""
+    """``alq-summary FILE.alq``, the same as ``python -m alq_lightning summary ...``."""
     return run("summary", argv, "alq-summary")
 
 

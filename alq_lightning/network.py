@@ -23,7 +23,7 @@ from .core import (
     slot_importance,
 )
 from .core.bucket import coordinate_step, observe, weight_domain_step
-from .quantizer import QuantizedLayer
+from .layers import QuantizedLayer
 
 STEPS: dict[str, Callable] = {
     "basis": lambda bucket, grad, update, lr, config, block, out: weight_domain_step(

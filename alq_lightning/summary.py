@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .core import LayerBits, average_bits, check_coord_bits
-from .quantizer import find_layers, float_remainder
+from .layers import find_layers, float_remainder
 
 
 @dataclass(frozen=True)
@@ -122,10 +123,13 @@ class BitSummary:
                   f"{self.compression:.1f}x smaller than float32")
         return "\n".join([lines[0], rule, *lines[1:], rule, totals, *self._remainder_lines()])
 
+    def _float_parts(self) -> tuple[list[FloatRow], list[FloatRow]]:
+        """The float remainder as ``(matrices, vectors and scalars)``: matrices are weights left in float."""
+        return [row for row in self.floats if len(row.shape) >= 2], [row for row in self.floats if len(row.shape) < 2]
+
     def _remainder_lines(self) -> list[str]:
         """Float matrices left out, one line each; vectors and scalars in one line; the whole model."""
-        matrices = [row for row in self.floats if len(row.shape) >= 2]
-        rest = [row for row in self.floats if len(row.shape) < 2]
+        matrices, rest = self._float_parts()
         lines = [f"left in float: {row.name} {'x'.join(map(str, row.shape))} {str(row.dtype).removeprefix('torch.')} "
                  f"{row.bytes} B" for row in matrices]
         if rest:
@@ -135,6 +139,33 @@ class BitSummary:
                      f"{self.remainder_bytes} B, {self.model_compression:.1f}x smaller than float32")
         return lines
 
+    def __rich__(self) -> Any:
+        """The table of ``str(summary)`` as a ``rich.table.Table`` (``rich.print(summary)``), the same numbers:
+        one row per layer, the quantized total, the float tensors left out, the whole model; the rest of the
+        totals in its caption."""
+        from rich.table import Table
+
+        table = Table(caption=f"{self.coord_bits}-bit coords; binary {self.binary_bytes} B; "
+                              f"{self.compression:.1f}x (quantized) and {self.model_compression:.1f}x (whole model) "
+                              f"smaller than float32", caption_justify="left")
+        for index, heading in enumerate(self.HEADER):
+            table.add_column(heading.replace("_", " "), justify="left" if index < 3 else "right")
+        for row in self.table():
+            table.add_row(*map(str, row))
+        table.add_section()
+        blank = ("",) * (len(self.HEADER) - 5)  # groups, group size, max bits
+        table.add_row(f"quantized: {self.numel} weights", "", "", *blank, f"{self.avg_bits:.4f}",
+                      str(self.storage_bytes), style="bold")
+        matrices, rest = self._float_parts()
+        for row in matrices:
+            table.add_row(f"left in float: {row.name}", "x".join(map(str, row.shape)),
+                          str(row.dtype).removeprefix("torch."), *blank, "", str(row.bytes))
+        if rest:
+            table.add_row(f"float remainder: {len(rest)} vectors and scalars", "", "", *blank, "",
+                          str(sum(row.bytes for row in rest)))
+        table.add_row(f"whole model: quantized + {self.remainder_bytes} B float", "", "", *blank, "",
+                      str(self.model_bytes), style="bold")
+        return table
 
 def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
     """Summarise every multi-bit layer of ``model`` (coordinates counted at ``coord_bits``: 16 or 32)."""
@@ -151,25 +182,7 @@ def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
     return BitSummary(rows, coord_bits, floats)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m alq_lightning.summary") -> int:
-    """``python -m alq_lightning.summary FILE.alq``: per-layer table and totals of a packed file, from its header
-    once the file is verified (checksum, header against payload)."""
-    import argparse
-    import sys
 
-    from alq_lightning.export import packed_summary, read_packed
-
-    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
-    parser.add_argument("path", help="packed file written by alq_lightning.export_packed")
-    args = parser.parse_args(argv)
-    try:
-        header = read_packed(args.path).header
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(packed_summary(header))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # the module that once held the summary command says where it went
+    raise SystemExit("alq_lightning.summary is not a command: run `alq-summary FILE.alq` or "
+                     "`python -m alq_lightning summary FILE.alq`")

@@ -33,9 +33,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from alq_lightning import buckets
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.models import PAPER_MAX_BITS, build_model, paper_structures
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach
 
 from common import git_state, hardware, write_section
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.models import PAPER_MAX_BITS, build_model, paper_structures
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach
 
 from common import git_state, hardware, write_section
 

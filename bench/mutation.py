@@ -61,13 +61,12 @@ class Package:
 PACKAGES = {
     "core": Package(("alq_lightning/core/*.py",), ("tests/core",), 90.0),
     "packed": Package(
-        tuple(f"alq_lightning/{name}.py"
-              for name in ("export", "packing", "packed", "packed_header", "export_cli", "summary")),
-        ("tests/test_export.py", "tests/test_export_*.py", "tests/test_packed.py", "tests/test_packed_*.py"),
+        ("alq_lightning/packed/*.py", "alq_lightning/summary.py"),
+        ("tests/packed",),
         85.0,
     ),
     "callbacks": Package(
-        ("alq_lightning/callbacks/*.py", "alq_lightning/network.py", "alq_lightning/quantizer.py"),
+        ("alq_lightning/callbacks/*.py", "alq_lightning/network.py", "alq_lightning/layers.py"),
         ("tests/callbacks",),
         80.0,
     ),

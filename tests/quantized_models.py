@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.models import LeNet5
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach
 
 
 class Conv1D(nn.Module):

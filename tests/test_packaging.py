@@ -111,6 +111,18 @@ def test_unknown_or_missing_command_is_a_usage_error_naming_the_commands(args, p
     assert "usage: python -m alq_lightning {export,summary} ..." in done.stderr
 
 
+def test_the_commands_run_only_through_the_package(tmp_path):
+    """``python -m alq_lightning.export`` / ``.summary`` are gone: no module runs as a command in their place."""
+    # The file, not ``python -m``: an editable install of another checkout would answer for a module absent here.
+    assert not (ROOT / "alq_lightning" / "export.py").exists() and not (ROOT / "alq_lightning" / "export").exists()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "alq_lightning.summary", str(tmp_path / "m.alq")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.strip() == ("alq_lightning.summary is not a command: run `alq-summary FILE.alq` or "
+                                   "`python -m alq_lightning summary FILE.alq`")
+
+
 def test_module_help_lists_the_commands():
     done = run_module("--help")
     assert done.returncode == 0

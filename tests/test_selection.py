@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from alq_lightning import bit_summary, export_packed, load_packed, load_packed_for_inference
+from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.packed import dense_weight
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
+from alq_lightning.packed.inference import dense_weight
 
 from quantized_models import Conv1D
 

@@ -1,6 +1,6 @@
 """Lightning callbacks running the ALQ stages on any LightningModule."""
+from .alq_callback import ALQCallback
 from .init import ALQInit
-from .pipeline import ALQCallback
 from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
 
 __all__ = ["ALQCallback", "ALQInit", "ALQStage", "BasisRefit", "BitwidthReduction", "CoordinateRefit",

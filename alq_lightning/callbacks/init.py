@@ -8,8 +8,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..core import QuadraticConfig
+from ..layers import LayerSelection, attach
 from ..network import MultiBitNetwork
-from ..quantizer import LayerSelection, attach
 from ..summary import bit_summary
 from .arguments import check
 
@@ -36,7 +36,7 @@ class ALQInit(Callback):
             unmatched layers use the automatic choice.
         include / exclude: patterns over layer names or fully qualified parameter names (default: every
             floating-point parameter with two or more dimensions: Linear/Conv weights, attention projections,
-            embeddings, raw Parameters; see :mod:`alq_lightning.quantizer`).
+            embeddings, raw Parameters; see :mod:`alq_lightning.layers`).
         types: module class names whose parameters may be quantized (default: any).
         max_bits_overrides: ``{name pattern: max_bits}``.
         keep_first / keep_last: leave the first / last quantizable layer in float.

@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from alq_lightning import bit_summary
 from alq_lightning.app import REQUIRED_KEYS, ConfigError
 from alq_lightning.data.idx import IDX_FILES
-from alq_lightning.export import load_packed, read_packed
-from alq_lightning.export_cli import main as export_main
 from alq_lightning.models import build_model
+from alq_lightning.packed.cli import export_main
+from alq_lightning.packed.io import load_packed, read_packed
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from alq_lightning import buckets
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach
 
 
 def network_of(model: nn.Module, **selection) -> MultiBitNetwork:

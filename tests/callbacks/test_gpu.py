@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from alq_lightning import ALQCallback
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach
 
 from tiny import build, loader, trainer
 

@@ -11,8 +11,8 @@ from torch import nn
 
 from alq_lightning import ALQCallback
 from alq_lightning.core import QuadraticConfig
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach
 
 LAYERS = ("0", "2")  # Linear(64, 32): 32 groups of 64; Linear(32, 16): 16 groups of 32
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from alq_lightning.layers import LayerSelection, attach, default_kind, find_layers, float_remainder, resolve
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach, default_kind, find_layers, float_remainder, resolve
 
 from quantized_models import Conv1D
 from tiny import build

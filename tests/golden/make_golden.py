@@ -12,7 +12,7 @@ the order it is summed in: a decoder written elsewhere must then get the same ŵ
 Beside it, ``v{N}_tiny_weights.pt`` (``torch.save`` of a flat dict of tensors, readable with
 ``weights_only=True``) holds what was exported: every ``state_dict`` tensor (dense ŵ and float remainder)
 under its key, and each quantized layer's ``mask`` ``[G, K]``, ``codes`` ``[G, n]`` and ``coords`` ``[G, K]``
-under ``multibit/<layer>/<name>``. ``tests/test_packed_golden.py`` decodes the committed bytes with its own
+under ``multibit/<layer>/<name>``. ``tests/packed/test_golden.py`` decodes the committed bytes with its own
 reader and compares them with this file. Once committed, these files are the format's reference: regenerate
 them only when the format version changes (then a new ``v{N+1}`` pair sits beside the old ones).
 """
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from alq_lightning.export import export_packed, read_header
+from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
+from alq_lightning.packed.io import export_packed, read_header
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="overwrite the golden files of this format version")
     args = parser.parse_args(argv)
-    from alq_lightning.export import FORMAT_VERSION
+    from alq_lightning.packed.format import FORMAT_VERSION
 
     packed, weights = golden_paths(FORMAT_VERSION)
     existing = [str(path) for path in (packed, weights) if path.exists()]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from alq_lightning.export import export_packed, load_packed, read_packed
+from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.packed import PackedModel, dense_weight, load_packed_for_inference
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
+from alq_lightning.packed.inference import PackedModel, dense_weight, load_packed_for_inference
+from alq_lightning.packed.io import export_packed, load_packed, read_packed
 
 
 class TwoMatrices(nn.Module):

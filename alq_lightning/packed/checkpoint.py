@@ -1,28 +1,25 @@
-"""``python -m alq_lightning.export CHECKPOINT.ckpt OUT.alq``: a Lightning checkpoint to a packed file.
+"""A Lightning checkpoint to the quantized model it holds, for ``alq-export`` (:mod:`alq_lightning.packed.cli`).
 
-The model is built with :func:`alq_lightning.models.build_model` from ``--model/--in-channels/--num-classes/
---input-size``, each falling back to the checkpoint's hyper-parameters (a ``ClassifierModule`` built with
+The model is built with :func:`alq_lightning.models.build_model` from ``model/in_channels/num_classes/
+input_size``, each falling back to the checkpoint's hyper-parameters (a ``ClassifierModule`` built with
 ``architecture=``, as ``train.py`` builds it, stores all of them). Its dense weights come from the
-checkpoint's ``state_dict`` (keys under ``--prefix``, default ``model.``), its multi-bit tensors from the
+checkpoint's ``state_dict`` (keys under ``prefix``, default ``model.``), its multi-bit tensors from the
 ``"alq"`` key; each layer's structure is the one under which those tensors reproduce the dense weight.
 """
 from __future__ import annotations
 
-import argparse
 import pickle
-import sys
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from .core import GroupLayout, MultiBitState, auto_layout
-from .export import MAGIC, export_packed
-from .models import MODEL_NAMES, build_model
-from .quantizer import LayerSelection, attach, resolve
-from .summary import bit_summary
+from ..core import GroupLayout, MultiBitState, auto_layout
+from ..layers import LayerSelection, attach, resolve
+from ..models import MODEL_NAMES, build_model
+from .format import MAGIC
 
 _ARCHITECTURE = ("in_channels", "num_classes", "input_size")
 _CONV_STRUCTURES = ("kernelwise", "pixelwise", "channelwise")
@@ -138,29 +135,3 @@ def attach_tensors(model: nn.Module, tensors: Mapping[str, Mapping[str, torch.Te
                 tensor.copy_(tensors[name][key])
         layer.write_weight()
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "python -m alq_lightning.export") -> int:
-    """Export a checkpoint; print the bit summary and the file's size. Returns the exit status. ``prog`` names
-    the command in the usage text (``alq-export``, ``python -m alq_lightning export``)."""
-    parser = argparse.ArgumentParser(prog=prog,
-                                     description="Write a Lightning checkpoint's ALQ model as a bit-packed file.")
-    parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) written with ALQ attached")
-    parser.add_argument("output", help="packed file to write (.alq)")
-    parser.add_argument("--coord-bits", type=int, choices=(16, 32), default=32, help="coordinate precision")
-    parser.add_argument("--model", choices=MODEL_NAMES, help="architecture, when the hyper-parameters lack it")
-    parser.add_argument("--in-channels", type=int)
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--input-size", type=int)
-    parser.add_argument("--prefix", default="model.", help="state_dict prefix of the model inside the module")
-    args = parser.parse_args(argv)
-    try:
-        checkpoint = read_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(checkpoint, args.prefix, model=args.model, in_channels=args.in_channels,
-                                      num_classes=args.num_classes, input_size=args.input_size)
-        report = export_packed(model, args.output, args.coord_bits)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(bit_summary(model, args.coord_bits))
-    print(report)
-    return 0

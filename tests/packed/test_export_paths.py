@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from alq_lightning.export import export_packed, load_packed
-from alq_lightning.export_cli import architecture
-from alq_lightning.export_cli import main as export_main
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.models import LeNet5
 from alq_lightning.module import ClassifierModule
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach
+from alq_lightning.packed.checkpoint import architecture
+from alq_lightning.packed.cli import export_main
+from alq_lightning.packed.io import export_packed, load_packed
 
 from quantized_models import lenet, quantized
 

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from alq_lightning import export_packed, load_packed, load_packed_for_inference
-from alq_lightning.export import read_packed
+from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach
+from alq_lightning.packed.io import read_packed
 
 
 class Tied(nn.Module):

@@ -1,16 +1,19 @@
 """The printed bit summary, word for word: of a model (``bit_summary``), of a packed file (``packed_summary``
-and ``python -m alq_lightning.summary``), with every number worked out by hand below."""
+and ``python -m alq_lightning summary``), as text and as a Rich table, with every number worked out by hand below."""
 from __future__ import annotations
+
+import io
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from alq_lightning.core import LayerBits
-from alq_lightning.export import export_packed, packed_summary, read_header
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
+from alq_lightning.layers import LayerSelection, attach, find_layers
+from alq_lightning.packed.cli import summary_main
+from alq_lightning.packed.io import export_packed, packed_summary, read_header
 from alq_lightning.summary import BitSummary, FloatRow, LayerRow, bit_summary
-from alq_lightning.summary import main as summary_main
 
 
 class Mixed(nn.Module):
@@ -128,6 +131,74 @@ def test_summary_command_line_help(capsys):
         summary_main(["--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert text.startswith("usage: python -m alq_lightning.summary [-h] path ")
+    assert text.startswith("usage: python -m alq_lightning summary [-h] path ")
     assert "per-layer table and totals of a packed file, from its header once the file is verified" in text
     assert "path packed file written by alq_lightning.export_packed" in text
+
+
+# The Rich table: the layer rows of the text, then the totals as rows (quantized, each float matrix, the vectors
+# and scalars, the whole model) and the rest of the totals line in the caption.
+RICH_HEADER = ["layer", "shape", "structure", "groups", "group size", "max bits", "avg bits", "bytes"]
+RICH_BODY = {
+    coord_bits: [
+        ["conv", "3x2x3x3", "kernelwise", "6", "9", "3", "1.6667", conv],
+        ["fc", "4x16", "subchannelwise(2)", "8", "8", "3", "1.625", fc],
+        ["quantized: 118 weights", "", "", "", "", "", "1.6441", storage],
+        ["left in float: scale", "2x5", "float16", "", "", "", "", "20"],
+        ["left in float: table.weight", "3x2", "float32", "", "", "", "", "24"],
+        ["float remainder: 6 vectors and scalars", "", "", "", "", "", "", "88"],
+        ["whole model: quantized + 132 B float", "", "", "", "", "", "", model],
+    ]
+    for coord_bits, conv, fc, storage, model in ((32, "55", "68", "123", "255"), (16, "35", "42", "77", "209"))
+}
+RICH_CAPTION = {32: "32-bit coords; binary 25 B; 3.8x (quantized) and 2.4x (whole model) smaller than float32",
+                16: "16-bit coords; binary 25 B; 6.1x (quantized) and 3.0x (whole model) smaller than float32"}
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def table_cells(text: str, bar: str) -> list[list[str]]:
+    """The cells of the lines of a Rich table that start with ``bar`` (``"┃"`` header, ``"│"`` body)."""
+    return [[cell.strip() for cell in line.split(bar)[1:-1]] for line in text.splitlines() if line.startswith(bar)]
+
+
+def rich_text(summary: BitSummary, width: int = 200) -> str:
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), record=True, width=width)
+    console.print(summary)
+    return console.export_text()
+
+
+@pytest.mark.parametrize("coord_bits", [32, 16])
+def test_model_summary_as_a_rich_table_holds_the_numbers_of_the_text(coord_bits):
+    summary = bit_summary(mixed(), coord_bits)
+    text = rich_text(summary)
+    assert table_cells(text, "┃") == [RICH_HEADER]
+    assert table_cells(text, "│") == RICH_BODY[coord_bits]
+    assert text.rstrip().splitlines()[-1].strip() == RICH_CAPTION[coord_bits]
+    assert set(NUMBER.findall(text)) == set(NUMBER.findall(str(summary)))
+    assert str(summary) == EXPECTED[coord_bits], "str() stays the plain text"
+
+
+def test_rich_table_of_a_summary_without_vectors_has_no_such_row():
+    summary = BitSummary((LayerRow("x", (100, 10), "columnwise(20)", LayerBits(1000, 200, 5, 8, 1600), 16),), 32,
+                         (FloatRow("pos", (1, 4, 8), torch.bfloat16),))
+    text = rich_text(summary)
+    assert [row[0] for row in table_cells(text, "│")] == ["x", "quantized: 1000 weights", "left in float: pos",
+                                                           "whole model: quantized + 64 B float"]
+    assert set(NUMBER.findall(text)) == set(NUMBER.findall(str(summary)))
+
+
+def test_summary_command_prints_a_rich_table_on_a_terminal(tmp_path, capsys, monkeypatch):
+    """On a terminal the command prints the Rich table; in a pipe the text (test_packed_file_summary_text)."""
+    pytest.importorskip("rich")
+    export_packed(mixed(), tmp_path / "m.alq", 16)
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # Rich's switch for "stdout is a terminal"
+    monkeypatch.setenv("COLUMNS", "200")
+    assert summary_main([str(tmp_path / "m.alq")]) == 0
+    out = ANSI.sub("", capsys.readouterr().out)
+    assert table_cells(out, "┃") == [RICH_HEADER]
+    assert table_cells(out, "│") == RICH_BODY[16]
+    assert RICH_CAPTION[16] in out

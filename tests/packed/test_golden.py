@@ -1,12 +1,12 @@
 """The committed golden file ``tests/golden/v1_tiny.alq`` read by a reader written here from the documented layout.
 
 The reader below uses only ``struct``, ``json``, ``hashlib``, plain-Python bit arithmetic and numpy, following
-the format-version-1 layout in the docstring of :mod:`alq_lightning.export` (bits least significant first)
-and the group layouts of :mod:`alq_lightning.core.layout`. Nothing from ``alq_lightning.packing`` or
-``alq_lightning.export`` serves the decoding; ``load_packed``/``export_packed`` appear only as the things
-compared. A change of the bit order, section order, header or byte layout that the library's own writer
-and reader make together therefore fails here. Regenerate the golden files only for a new format version
-(``python tests/golden/make_golden.py``, which refuses to overwrite).
+the format-version-1 layout in the docstring of :mod:`alq_lightning.packed.format` (bits least significant
+first) and the group layouts of :mod:`alq_lightning.core.layout`. Nothing from ``alq_lightning.packed`` serves
+the decoding; ``load_packed``/``export_packed`` appear only as the things compared. A change of the bit order,
+section order, header or byte layout that the library's own writer and reader make together therefore fails
+here. Regenerate the golden files only for a new format version (``python tests/golden/make_golden.py``, which
+refuses to overwrite).
 """
 from __future__ import annotations
 
@@ -22,12 +22,13 @@ import numpy as np
 import pytest
 import torch
 
-from alq_lightning import export
 from alq_lightning.core import MultiBitState
-from alq_lightning.packed import dense_weight, load_packed_for_inference
-from alq_lightning.quantizer import LayerSelection, attach
+from alq_lightning.layers import LayerSelection, attach
+from alq_lightning.packed.format import FORMAT_VERSION
+from alq_lightning.packed.inference import dense_weight, load_packed_for_inference
+from alq_lightning.packed.io import export_packed, load_packed
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 _spec = importlib.util.spec_from_file_location("make_golden", GOLDEN / "make_golden.py")
 make_golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_golden)
@@ -178,7 +179,7 @@ def test_load_packed_gives_the_independent_decode_exactly():
     """``load_packed`` into a fresh model, and the packed-inference reconstruction, equal the weights and float
     remainder decoded here exactly."""
     decoded = independent_state_dict(V1_FILE)
-    model = export.load_packed(V1_FILE, make_golden.TinyNet().eval())
+    model = load_packed(V1_FILE, make_golden.TinyNet().eval())
     state = model.state_dict()
     assert set(state) == set(decoded)
     for key, value in decoded.items():
@@ -191,9 +192,9 @@ def test_load_packed_gives_the_independent_decode_exactly():
 def test_export_of_the_saved_state_writes_the_golden_bytes(tmp_path):
     """``export_packed`` of the saved multi-bit state and float tensors writes the committed golden file of the
     current format version byte for byte (a format change without a new version fails here)."""
-    golden, weights = make_golden.golden_paths(export.FORMAT_VERSION)
+    golden, weights = make_golden.golden_paths(FORMAT_VERSION)
     if not golden.exists():
-        pytest.skip(f"no golden file of version {export.FORMAT_VERSION} (test_every_format_version_has_a_golden_file)")
+        pytest.skip(f"no golden file of version {FORMAT_VERSION} (test_every_format_version_has_a_golden_file)")
     expected = torch.load(weights, weights_only=True)
     model = make_golden.TinyNet().eval()
     model.load_state_dict({key: value for key, value in expected.items() if not key.startswith("multibit/")})
@@ -201,18 +202,18 @@ def test_export_of_the_saved_state_writes_the_golden_bytes(tmp_path):
                                              max_bits_overrides=make_golden.MAX_BITS))
     for name, layer in layers.items():
         layer.load_state(MultiBitState(*(expected[f"multibit/{name}/{key}"] for key in ("codes", "coords", "mask"))))
-    export.export_packed(model, tmp_path / "again.alq", coord_bits=32)
+    export_packed(model, tmp_path / "again.alq", coord_bits=32)
     assert (tmp_path / "again.alq").read_bytes() == golden.read_bytes()
 
 
 def test_every_format_version_has_a_golden_file():
-    """Each version up to ``export.FORMAT_VERSION`` has a committed golden file, and it still loads."""
-    for version in range(1, export.FORMAT_VERSION + 1):
+    """Each version up to ``FORMAT_VERSION`` has a committed golden file, and it still loads."""
+    for version in range(1, FORMAT_VERSION + 1):
         packed, weights = make_golden.golden_paths(version)
         assert packed.exists() and weights.exists(), (
-            f"export.FORMAT_VERSION is {export.FORMAT_VERSION} but {packed.name} / {weights.name} are missing from "
+            f"FORMAT_VERSION is {FORMAT_VERSION} but {packed.name} / {weights.name} are missing from "
             f"tests/golden: add them with `python tests/golden/make_golden.py`, commit them, and extend "
-            f"tests/test_packed_golden.py with an independent reader of version {version}")
+            f"tests/packed/test_golden.py with an independent reader of version {version}")
         expected = torch.load(weights, weights_only=True)
-        state = export.load_packed(packed, make_golden.TinyNet().eval()).state_dict()
+        state = load_packed(packed, make_golden.TinyNet().eval()).state_dict()
         assert all(torch.equal(state[key], value) for key, value in expected.items() if key in state), packed.name

@@ -1,14 +1,58 @@
-"""Consistency of a packed file's JSON header with its payload (see :mod:`alq_lightning.export` for the layout)."""
+"""The packed file format (version 1): its layout, the bit-level encoding of a layer and the checks of a header.
+
+A file, all integers little-endian::
+
+    preamble   8 bytes  magic b"ALQPACK\\0"
+               uint16   format version
+               uint32   header length H
+               uint64   file size in bytes (everything, checksum included)
+    header     H bytes  UTF-8 JSON, see below
+    payload             per quantized layer, in the model's registration order:
+                            mask    ceil(G·K / 8) bytes   [G, K] live mask, 1 bit per slot
+                            bases   ceil(L·n / 8) bytes   n sign bits of each live slot, (g, k) order
+                            coords  L·4 or L·2 bytes      live coordinates, float32 or float16, same order
+                        then the float remainder: every ``state_dict()`` tensor that is not a quantized
+                        weight (biases, normalisation parameters and buffers, float layers), raw bytes
+    checksum  32 bytes  SHA-256 of everything before it
+
+The header holds ``coord_bits``, ``coord_dtype``, ``quantized_bytes``, ``float_bytes``, the list ``layers``
+(``name``, ``structure``, ``shape``, ``weight_dtype``, ``num_groups``, ``group_size``, ``max_bits``,
+``live_slots`` and ``{"offset", "length"}`` of its ``mask``, ``bases`` and ``coords``) and the list ``float``
+(``name``, ``dtype``, ``shape``, ``offset``, ``length``). Offsets count from the start of the payload. The
+layer sections are exactly the accounted storage: their sizes sum to
+``bit_summary(model, coord_bits).storage_bytes``.
+
+Bit streams are little-endian within a byte: bit ``i`` of a stream is bit ``i % 8`` (least significant
+first) of byte ``i // 8``; the last byte is padded with zero bits. One layer of ``G`` groups of ``n``
+weights, ``K = max_bits`` slots and ``L`` live slots is encoded as
+
+- ``mask``   ``ceil(G·K / 8)`` bytes: the ``[G, K]`` mask, row-major;
+- ``bases``  ``ceil(L·n / 8)`` bytes: for each live slot in ``(g, k)`` order, its ``n`` bits
+  (bit set iff ``β = +1``);
+- ``coords`` ``L · 4`` (float32) or ``L · 2`` (float16) bytes: the live coordinates in the same order.
+
+Decoding restores the canonical dead slots: ``α = 0`` and ``β = +1`` (its code bit set).
+
+Reading and writing files is :mod:`alq_lightning.packed.io`; this module knows bytes, not files.
+"""
 from __future__ import annotations
 
+import hashlib
 import math
+import struct
+import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from .core import auto_layout, check_max_bits
-from .packing import COORD_DTYPES, dtype_name, parse_dtype, section_lengths, unpack_bits
+from ..core import MultiBitState, auto_layout, check_max_bits
 
+MAGIC = b"ALQPACK\0"
+FORMAT_VERSION = 1
+PREAMBLE = struct.Struct("<8sHIQ")
+CHECKSUM_BYTES = hashlib.sha256().digest_size
+COORD_DTYPES = {32: torch.float32, 16: torch.float16}
 LAYER_SECTIONS = ("mask", "bases", "coords")
 _SECTION_FIELDS = {"offset": int, "length": int}
 _HEADER_FIELDS = {"coord_bits": int, "coord_dtype": str, "quantized_bytes": int, "float_bytes": int, "layers": list,
@@ -18,6 +62,92 @@ _LAYER_FIELDS = {"name": str, "structure": str, "shape": list, "weight_dtype": s
 _FLOAT_FIELDS = {"name": str, "dtype": str, "shape": list, **_SECTION_FIELDS}
 _LAYER_SIZES = "its num_groups, group_size, max_bits, live_slots and the coord_dtype"
 _JSON_TYPES = {str: "string", list: "list", dict: "JSON object"}
+
+
+def check_byteorder() -> None:
+    """Raw tensor bytes are written and read as little-endian, the native order of supported hosts."""
+    if sys.byteorder != "little":
+        raise RuntimeError(f"packed files need a little-endian host, this one is {sys.byteorder}-endian")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``"float32"`` -> ``torch.float32``; ValueError for anything that is not a torch dtype."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r} is not a torch dtype")
+    return dtype
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """Bool tensor of any shape (read row-major) -> ``[ceil(numel / 8)]`` uint8."""
+    flat = flags.reshape(-1).to(torch.uint8)
+    flat = F.pad(flat, (0, -flat.numel() % 8))
+    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
+    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """``[B]`` uint8 -> the first ``count`` bits as ``[count]`` bool (``count <= 8·B``)."""
+    if count > 8 * packed.numel():
+        raise ValueError(f"{packed.numel()} bytes hold fewer than {count} bits")
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    return ((packed[:, None] >> shifts) & 1).reshape(-1)[:count].bool()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The raw little-endian bytes of ``tensor`` (row-major)."""
+    check_byteorder()
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(raw: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """``[B]`` uint8 (a slice of a file) -> a new tensor of ``dtype`` and ``shape``."""
+    check_byteorder()
+    return raw.clone().view(dtype).reshape(shape)
+
+
+def section_lengths(num_groups: int, group_size: int, max_bits: int, live_slots: int,
+                    coord_dtype: torch.dtype) -> tuple[int, int, int]:
+    """Byte lengths of the ``(mask, bases, coords)`` that :func:`encode_layer` writes for such a layer."""
+    return -(-num_groups * max_bits // 8), -(-live_slots * group_size // 8), live_slots * coord_dtype.itemsize
+
+
+def encode_layer(state: MultiBitState, coord_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(mask, bases, coords)`` byte tensors (uint8, on the state's device) of one layer.
+
+    Raises ValueError when a live coordinate does not fit ``coord_dtype`` (float16 tops out at 65504).
+    """
+    live = state.mask.nonzero()
+    groups, slots = live[:, 0], live[:, 1].to(torch.uint8)
+    bits = ((state.codes[groups] >> slots[:, None]) & 1).bool()
+    coords = state.coords[state.mask].to(coord_dtype)
+    if not coords.isfinite().all():
+        raise ValueError(f"a live coordinate does not fit {dtype_name(coord_dtype)}; export with coord_bits=32")
+    return pack_bits(state.mask), pack_bits(bits), coords.reshape(-1).view(torch.uint8)
+
+
+def decode_layer(mask: torch.Tensor, bases: torch.Tensor, coords: torch.Tensor, num_groups: int, group_size: int,
+                 max_bits: int, coord_dtype: torch.dtype, dtype: torch.dtype) -> MultiBitState:
+    """Inverse of :func:`encode_layer`: bytes -> ``codes [G, n]``, ``coords [G, K]`` (``dtype``), ``mask [G, K]``.
+
+    ``coords`` must start at an offset aligned to ``coord_dtype`` (a fresh tensor, not a slice of a file).
+    """
+    live_mask = unpack_bits(mask, num_groups * max_bits).view(num_groups, max_bits)
+    live = live_mask.nonzero()
+    groups, slots = live[:, 0], live[:, 1].to(torch.uint8)
+    bits = unpack_bits(bases, live.shape[0] * group_size).view(-1, group_size)
+    cleared = (~bits).to(torch.uint8) << slots[:, None]
+    codes = torch.zeros(num_groups, group_size, dtype=torch.uint8, device=mask.device).index_add_(0, groups, cleared)
+    codes = (2**max_bits - 1) - codes
+    values = torch.zeros(num_groups, max_bits, dtype=dtype, device=mask.device)
+    values[live_mask] = coords.view(coord_dtype).to(dtype)
+    return MultiBitState(codes, values, live_mask)
 
 
 def _check_fields(entry: Any, where: str, fields: dict[str, type]) -> None:

@@ -11,20 +11,18 @@ import pytest
 import torch
 from torch import nn
 
-from alq_lightning import packing
-from alq_lightning.export import (
+from alq_lightning.layers import LayerSelection, attach, find_layers
+from alq_lightning.network import MultiBitNetwork
+from alq_lightning.packed.format import (
     CHECKSUM_BYTES,
     PREAMBLE,
-    ExportReport,
-    export_packed,
-    load_packed,
-    read_header,
-    read_packed,
+    pack_bits,
+    tensor_bytes,
+    tensor_from_bytes,
+    unpack_bits,
 )
-from alq_lightning.network import MultiBitNetwork
-from alq_lightning.packed import load_packed_for_inference
-from alq_lightning.packing import pack_bits, tensor_from_bytes, unpack_bits
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
+from alq_lightning.packed.inference import load_packed_for_inference
+from alq_lightning.packed.io import ExportReport, export_packed, load_packed, read_header, read_packed
 from alq_lightning.summary import bit_summary
 
 
@@ -206,6 +204,6 @@ def test_tensor_from_bytes_reads_little_endian_values():
     tensor = tensor_from_bytes(raw, torch.float16, (2, 3))
     assert tensor.dtype == torch.float16 and tensor.shape == (2, 3)
     assert tensor.tolist() == [[1.0, -2.0, 0.5], [65504.0, -0.0, 3.0]]
-    assert packing.tensor_bytes(tensor) == bytes(raw.tolist())
+    assert tensor_bytes(tensor) == bytes(raw.tolist())
     raw.zero_()
     assert tensor.tolist() == [[1.0, -2.0, 0.5], [65504.0, -0.0, 3.0]], "a new tensor, not a view of the bytes"

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from alq_lightning.export import CHECKSUM_BYTES, PREAMBLE, export_packed, load_packed, read_packed
-from alq_lightning.packed import load_packed_for_inference
-from alq_lightning.summary import main as summary_main
+from alq_lightning.packed.cli import summary_main
+from alq_lightning.packed.format import CHECKSUM_BYTES, PREAMBLE
+from alq_lightning.packed.inference import load_packed_for_inference
+from alq_lightning.packed.io import export_packed, load_packed, read_packed
 
 from quantized_models import lenet, quantized
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "v1_tiny.alq"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "v1_tiny.alq"
 
 
 def rewrite(path: Path, edit_header: Callable[[dict], object] = lambda header: None,

@@ -9,7 +9,7 @@ again.
 
 Peak memory ≈ packed bytes (the file's ``quantized_bytes``) + the float remainder + one layer's dense
 weight and its unpacking intermediates (``codes [G, n]`` uint8, live bits ``[L, n]`` bool, codebook
-``[G, 2^K]``), plus activations. Outputs equal those of the model :func:`~alq_lightning.export.load_packed`
+``[G, 2^K]``), plus activations. Outputs equal those of the model :func:`~alq_lightning.packed.io.load_packed`
 gives, exactly (same reconstruction, same dtype, same device), except that attention runs on PyTorch's regular
 path, not its fused fast path (``torch.backends.mha``), whose rounding differs.
 """
@@ -23,12 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import GroupLayout, auto_layout
-from .core.multibit import compute_dtype
-from .export import PackedFile, check_model, float_tensors_for, read_packed
-from .packed_header import LAYER_SECTIONS
-from .packing import decode_layer, parse_dtype
-from .quantizer import BUFFER_KEYS, buffer_prefix, float_remainder
+from ..core import GroupLayout, auto_layout
+from ..core.multibit import compute_dtype
+from ..layers import BUFFER_KEYS, buffer_prefix, float_remainder
+from .format import LAYER_SECTIONS, decode_layer, parse_dtype
+from .io import PackedFile, check_model, float_tensors_for, read_packed
 
 
 @dataclass(frozen=True)

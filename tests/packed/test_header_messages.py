@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from alq_lightning.export import CHECKSUM_BYTES, PREAMBLE, export_packed, read_packed
 from alq_lightning.models import LeNet5
+from alq_lightning.packed.format import CHECKSUM_BYTES, PREAMBLE
+from alq_lightning.packed.io import export_packed, read_packed
 
 from quantized_models import quantized
 

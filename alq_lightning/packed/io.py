@@ -1,31 +1,8 @@
-"""Bit-packed export of a multi-bit model: ``export_packed(model, path)`` / ``load_packed(path, model)``.
+"""Packed files on disk: ``export_packed(model, path)`` writes one, ``load_packed(path, model)`` reads one back
+into a model; :func:`read_packed` verifies a file (size, checksum, header against payload) before anything reads it.
 
-File format (version 1), all integers little-endian::
-
-    preamble   8 bytes  magic b"ALQPACK\\0"
-               uint16   format version
-               uint32   header length H
-               uint64   file size in bytes (everything, checksum included)
-    header     H bytes  UTF-8 JSON, see below
-    payload             per quantized layer, in the model's registration order:
-                            mask    ceil(G·K / 8) bytes   [G, K] live mask, 1 bit per slot
-                            bases   ceil(L·n / 8) bytes   n sign bits of each live slot, (g, k) order
-                            coords  L·4 or L·2 bytes      live coordinates, float32 or float16, same order
-                        then the float remainder: every ``state_dict()`` tensor that is not a quantized
-                        weight (biases, normalisation parameters and buffers, float layers), raw bytes
-    checksum  32 bytes  SHA-256 of everything before it
-
-Bits are packed least significant first (see :mod:`alq_lightning.packing`). The header holds
-``coord_bits``, ``coord_dtype``, ``quantized_bytes``, ``float_bytes``, the list ``layers`` (``name``,
-``structure``, ``shape``, ``weight_dtype``, ``num_groups``, ``group_size``, ``max_bits``, ``live_slots`` and
-``{"offset", "length"}`` of its ``mask``, ``bases`` and ``coords``) and the list ``float`` (``name``,
-``dtype``, ``shape``, ``offset``, ``length``). Offsets count from the start of the payload.
-
-The layer sections are exactly the accounted storage: their sizes sum to
-``bit_summary(model, coord_bits).storage_bytes``.
-
-Command line: ``python -m alq_lightning.export CHECKPOINT.ckpt OUT.alq [--coord-bits 16|32] [--model NAME
---in-channels C --num-classes N --input-size S]``.
+The layout and the encoding are :mod:`alq_lightning.packed.format`'s; this module turns models into those bytes
+and back, checking that a model fits a file.
 """
 from __future__ import annotations
 
@@ -40,17 +17,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import LayerBits, MultiBitState, check_coord_bits
-from .files import check_target, write_atomic
-from .packed_header import LAYER_SECTIONS, check_header
-from .packing import COORD_DTYPES, decode_layer, dtype_name, encode_layer, parse_dtype, tensor_bytes
-from .quantizer import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
-from .summary import BitSummary, FloatRow, LayerRow, bit_summary
-
-MAGIC = b"ALQPACK\0"
-FORMAT_VERSION = 1
-PREAMBLE = struct.Struct("<8sHIQ")
-CHECKSUM_BYTES = hashlib.sha256().digest_size
+from ..core import LayerBits, MultiBitState, check_coord_bits
+from ..files import check_target, write_atomic
+from ..layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
+from ..summary import BitSummary, FloatRow, LayerRow, bit_summary
+from .format import (
+    CHECKSUM_BYTES,
+    COORD_DTYPES,
+    FORMAT_VERSION,
+    LAYER_SECTIONS,
+    MAGIC,
+    PREAMBLE,
+    check_header,
+    decode_layer,
+    dtype_name,
+    encode_layer,
+    parse_dtype,
+    tensor_bytes,
+)
 
 
 @dataclass(frozen=True)
@@ -86,7 +70,8 @@ class PackedFile:
 
 
 def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 32) -> ExportReport:
-    """Write the multi-bit layers and float remainder of ``model`` to ``path`` (atomically; see module doc)."""
+    """Write the multi-bit layers and float remainder of ``model`` to ``path`` (atomically) in the layout of
+    :mod:`alq_lightning.packed.format`."""
     path = check_target(path)
     coord_dtype = COORD_DTYPES[check_coord_bits(coord_bits)]
     summary = bit_summary(model, coord_bits)
@@ -256,7 +241,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
 
     The file is verified (:func:`read_packed`), checked against the model and decoded in memory before the
     model is touched: a bad file or a wrong model raises ValueError and leaves ``model`` as it was. Layers
-    without multi-bit buffers get them (:func:`alq_lightning.quantizer.attach` with the file's structures);
+    without multi-bit buffers get them (:func:`alq_lightning.layers.attach` with the file's structures);
     codes, coordinates and masks are written (dead slots canonical: ``α = 0``, ``β = +1``), AMSGrad statistics
     and latent weights are zeroed, the dense weights are set to the reconstruction and the float remainder is
     loaded. Coordinates take the stored values exactly (float16-rounded when exported with ``coord_bits=16``).
@@ -293,9 +278,3 @@ def packed_summary(header: dict[str, Any]) -> BitSummary:
     floats = tuple(FloatRow(entry["name"], tuple(entry["shape"]), parse_dtype(entry["dtype"]))
                    for entry in header["float"])
     return BitSummary(rows, header["coord_bits"], floats)
-
-
-if __name__ == "__main__":
-    from alq_lightning.export_cli import main
-
-    raise SystemExit(main())

@@ -14,14 +14,14 @@ from torch import nn
 
 import alq_lightning.files as files_module
 from alq_lightning.core import slot_bits
-from alq_lightning.export import FORMAT_VERSION, export_packed, load_packed, packed_summary, read_header
-from alq_lightning.export_cli import main as export_main
+from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.models import LeNet5, paper_structures
 from alq_lightning.module import ClassifierModule
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
+from alq_lightning.packed.cli import export_main, summary_main
+from alq_lightning.packed.format import FORMAT_VERSION
+from alq_lightning.packed.io import export_packed, load_packed, packed_summary, read_header
 from alq_lightning.summary import bit_summary
-from alq_lightning.summary import main as summary_main
 
 from quantized_models import lenet, quantized, sample, small_cnn
 
@@ -250,14 +250,14 @@ def test_export_command_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_modules_run_as_programs(tmp_path):
+def test_commands_run_under_python_m(tmp_path):
     write_checkpoint(tmp_path / "run.ckpt")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "alq_lightning.export", str(tmp_path / "run.ckpt"), str(tmp_path / "run.alq"),
+    command = [sys.executable, "-m", "alq_lightning", "export", str(tmp_path / "run.ckpt"), str(tmp_path / "run.alq"),
                "--model", "lenet5", "--in-channels", "1", "--input-size", "28"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([sys.executable, "-m", "alq_lightning.summary", str(tmp_path / "run.alq")],
+    done = subprocess.run([sys.executable, "-m", "alq_lightning", "summary", str(tmp_path / "run.alq")],
                           capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr
     assert "fc1" in done.stdout and "32-bit coords" in done.stdout

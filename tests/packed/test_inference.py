@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from alq_lightning.export import export_packed, load_packed
+from alq_lightning.layers import find_layers
 from alq_lightning.models import LeNet5
-from alq_lightning.packed import PackedModel, dense_weight, load_packed_for_inference
-from alq_lightning.quantizer import find_layers
+from alq_lightning.packed.inference import PackedModel, dense_weight, load_packed_for_inference
+from alq_lightning.packed.io import export_packed, load_packed
 
 from quantized_models import INPUTS, lenet, quantized, small_cnn
 

@@ -1,4 +1,4 @@
-"""``python -m alq_lightning.export`` on the checkpoints users have: where the architecture comes from, which
+"""``python -m alq_lightning export`` on the checkpoints users have: where the architecture comes from, which
 files are refused and with what message, partial or mismatching state dicts, layers left in float, per-layer
 bit widths, half-precision models, other prefixes; and the command line's own options."""
 from __future__ import annotations
@@ -15,8 +15,10 @@ import torch.serialization
 from torch import nn
 
 from alq_lightning.core import MultiBitState
-from alq_lightning.export import CHECKSUM_BYTES, PREAMBLE, export_packed, load_packed, packed_summary, read_packed
-from alq_lightning.export_cli import (
+from alq_lightning.layers import LayerSelection, attach, find_layers
+from alq_lightning.models import LeNet5
+from alq_lightning.network import MultiBitNetwork
+from alq_lightning.packed.checkpoint import (
     architecture,
     attach_tensors,
     candidate_layouts,
@@ -24,10 +26,9 @@ from alq_lightning.export_cli import (
     model_from_checkpoint,
     read_checkpoint,
 )
-from alq_lightning.export_cli import main as export_main
-from alq_lightning.models import LeNet5
-from alq_lightning.network import MultiBitNetwork
-from alq_lightning.quantizer import LayerSelection, attach, find_layers
+from alq_lightning.packed.cli import export_main
+from alq_lightning.packed.format import CHECKSUM_BYTES, PREAMBLE
+from alq_lightning.packed.io import export_packed, load_packed, packed_summary, read_packed
 
 # LeNet5 for 16x16 inputs: fc1 has 50 inputs, so the model is small.
 ARCH = {"name": "lenet5", "in_channels": 1, "num_classes": 10, "input_size": 16}
@@ -413,7 +414,7 @@ def test_command_line_help(capsys):
         export_main(["--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert text.startswith("usage: python -m alq_lightning.export [-h] [--coord-bits {16,32}] [--model "
+    assert text.startswith("usage: python -m alq_lightning export [-h] [--coord-bits {16,32}] [--model "
                            "{lenet5,vgg_small,resnet20,resnet18,resnet34,vit_tiny}] [--in-channels IN_CHANNELS] "
                            "[--num-classes NUM_CLASSES] [--input-size INPUT_SIZE] [--prefix PREFIX] checkpoint output ")
     assert (" checkpoint output Write a Lightning checkpoint's ALQ model as a bit-packed file. positional "
@@ -438,9 +439,9 @@ def test_command_line_refuses_bad_options_before_reading_anything(tmp_path, caps
         export_main([str(tmp_path / "missing.ckpt"), str(tmp_path / "m.alq"), *flags])
     assert done.value.code == 2
     error = capsys.readouterr().err
-    assert error.startswith("usage: python -m alq_lightning.export ")
+    assert error.startswith("usage: python -m alq_lightning export ")
     choices = (", ".join(f"'{name}'" for name in MODELS.split(", ")), MODELS)  # quoted before Python 3.12.8
-    assert any(error.endswith(f"python -m alq_lightning.export: error: {message.format(names)}\n") for names in choices)
+    assert any(error.endswith(f"python -m alq_lightning export: error: {message.format(names)}\n") for names in choices)
     assert not (tmp_path / "m.alq").exists()
 
 
