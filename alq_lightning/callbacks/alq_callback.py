@@ -109,6 +109,13 @@ class ALQCallback(Callback):
         self.given = {**PAPER_SCHEDULE, **given}
         self._build(self.given)
 
+    @classmethod
+    def paper(cls, target_bits: float = 1.0, **kwargs: Any) -> ALQCallback:
+        """The paper's 225-epoch schedule (:data:`~alq_lightning.core.PAPER_SCHEDULE`) kept whatever the Trainer:
+        a Trainer with fewer than ``total_epochs`` epochs is refused, not fitted. ``kwargs`` are the other
+        arguments (a schedule argument among them replaces the paper's value)."""
+        return cls(target_bits, **{**PAPER_SCHEDULE, **kwargs})
+
     def _build(self, schedule: dict[str, int], unit: str = "epoch", steps: int | None = None) -> None:
         """The stages of ``schedule`` (the keys of :data:`~alq_lightning.core.PAPER_SCHEDULE`) from ``start_epoch``,
         in ``unit``s; with ``steps``, windows beyond the fit's last step move onto it (so they share it)."""

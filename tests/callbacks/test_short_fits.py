@@ -135,3 +135,12 @@ def test_a_schedule_over_steps_resumes_exactly(tmp_path, step):
     resumed = fit(ckpt_path=tmp_path / f"step={step}.ckpt")
     for name, tensors in reference.items():
         assert all(torch.equal(a, b) for a, b in zip(tensors, resumed[name])), name
+
+
+def test_the_paper_preset_keeps_its_225_epochs_and_refuses_a_shorter_trainer():
+    alq = ALQCallback.paper(0.7, max_bits=3, ste_epochs=40)
+    assert alq.schedule == {"rounds": 5, "basis_epochs": 20, "coordinate_epochs": 10, "pruning_epochs": 1,
+                            "ste_epochs": 40, "final_coordinate_epochs": 20}
+    assert (alq.target_bits, alq.total_epochs, alq.fits_trainer) == (0.7, 215, False)
+    with pytest.raises(ValueError, match=r"Trainer\(max_epochs=100\) cannot hold the ALQ schedule of 225 epochs"):
+        trainer([ALQCallback.paper()], 100).fit(build("mlp"), loader())
