@@ -174,13 +174,16 @@ def refit_coords(codes: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, 
     return fit_pattern_sums(pattern_sums(codes, weight, max_bits), pattern_sums(codes, weight * target, max_bits), mask)
 
 
-def fit_pattern_sums(weight_sums: torch.Tensor, product_sums: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def fit_pattern_sums(weight_sums: torch.Tensor, product_sums: torch.Tensor, mask: torch.Tensor,
+                     patterns: torch.Tensor | None = None) -> torch.Tensor:
     """Coordinates from per-pattern sums ``[G, 2^K]`` of the weights and of weight · target.
 
-    The normal equations are ``Σ_b s_b b bᵀ α = Σ_b t_b b`` over the ``2^K`` patterns ``b``.
+    The normal equations are ``Σ_b s_b b bᵀ α = Σ_b t_b b`` over the ``2^K`` patterns ``b``, the rows of
+    ``patterns [2^K, K]`` (default :func:`all_patterns`, ±1).
     """
     max_bits = mask.shape[1]
-    patterns = all_patterns(max_bits, weight_sums.dtype, weight_sums.device)
+    if patterns is None:
+        patterns = all_patterns(max_bits, weight_sums.dtype, weight_sums.device)
     outer = (patterns[:, :, None] * patterns[:, None, :]).reshape(-1, max_bits * max_bits)
     gram = (weight_sums @ outer).view(-1, max_bits, max_bits)
     return solve_normal_equations(gram, product_sums @ patterns, mask)

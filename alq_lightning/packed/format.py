@@ -44,9 +44,9 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..core import MultiBitState, auto_layout, check_max_bits
+from ..core.bitwise import pack_bits as pack_rows
 
 MAGIC = b"ALQPACK\0"
 FORMAT_VERSION = 1
@@ -84,11 +84,9 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def pack_bits(flags: torch.Tensor) -> torch.Tensor:
-    """Bool tensor of any shape (read row-major) -> ``[ceil(numel / 8)]`` uint8."""
-    flat = flags.reshape(-1).to(torch.uint8)
-    flat = F.pad(flat, (0, -flat.numel() % 8))
-    shifts = torch.arange(8, dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) << shifts).sum(dim=1, dtype=torch.uint8)
+    """Bool tensor of any shape (read row-major) -> ``[ceil(numel / 8)]`` uint8, bit ``i % 8`` of byte ``i // 8``
+    (:func:`alq_lightning.core.bitwise.pack_bits`, the layout bitwise execution reads)."""
+    return pack_rows(flags.reshape(-1))
 
 
 def unpack_bits(packed: torch.Tensor, count: int) -> torch.Tensor:

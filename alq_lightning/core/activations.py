@@ -1,0 +1,100 @@
+"""Multi-bit activations (LQ-Net style, the activation half of the paper's multi-bit network).
+
+An input is quantized per channel ``c`` (one channel for a whole layer) to the ``2^J`` levels ``γ_cᵀ e`` of its
+coordinates ``γ_c ∈ R^J`` (``J = act_bits``) over the codes ``e ∈ {−1,+1}^J`` (``signed``), or ``e ∈ {0,1}^J`` for
+non-negative inputs (``unsigned``), so that a zero input stays exactly 0. Code ``i`` has ``e_j`` on (+1 or 1)
+iff bit ``j`` of ``i`` is set, as for the weights' bases.
+
+Forward: every element goes to its nearest level (the sorted-codebook search of the basis step); backward:
+straight through inside ``[lowest level, highest level]``, zero outside. ``γ`` is fitted by alternating the
+nearest-level assignment with a least-squares refit (the error never increases), from a uniform start.
+"""
+from __future__ import annotations
+
+import torch
+
+from .multibit import all_patterns, fit_pattern_sums, pattern_sums
+from .steps import count_below
+
+
+def level_patterns(act_bits: int, signed: bool, dtype: torch.dtype,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """``[2^J, J]``: row ``i`` holds code ``i``'s ``e``, ±1 (``signed``) or 0/1."""
+    patterns = all_patterns(act_bits, dtype, device)
+    return patterns if signed else (patterns + 1) / 2
+
+
+def levels(coords: torch.Tensor, signed: bool) -> torch.Tensor:
+    """``[C, 2^J]``: the level ``γ_cᵀ e`` of every code for ``coords [C, J]``, summed in float64 (exact for
+    float32 terms), in the coordinates' dtype."""
+    patterns = level_patterns(coords.shape[1], signed, torch.float64, coords.device)
+    return (coords.double() @ patterns.T).to(coords.dtype)
+
+
+def nearest_levels(coords: torch.Tensor, x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """``[C, n]`` int64: per element of ``x [C, n]`` the code of its channel's nearest level (ties: the lower
+    level)."""
+    values, order = levels(coords, signed).sort(dim=1)
+    return order.gather(1, count_below((values[:, 1:] + values[:, :-1]) / 2, x.to(values.dtype)))
+
+
+def refit_levels(codes: torch.Tensor, x: torch.Tensor, act_bits: int, signed: bool) -> torch.Tensor:
+    """``[C, J]``: least squares ``argmin_γ Σ_i (γᵀ e_{codes_i} - x_i)²`` per channel, for ``codes, x [C, n]``
+    (a ridge keeps a channel whose elements use too few codes solvable). Signed coordinates end ``>= 0``: the
+    levels of ``±γ_j`` are the same set."""
+    patterns = level_patterns(act_bits, signed, x.dtype, x.device)
+    mask = torch.ones(x.shape[0], act_bits, dtype=torch.bool, device=x.device)
+    coords = fit_pattern_sums(pattern_sums(codes, torch.ones_like(x), act_bits), pattern_sums(codes, x, act_bits),
+                              mask, patterns)
+    return coords.abs() if signed else coords
+
+
+def uniform_levels(x: torch.Tensor, act_bits: int, signed: bool) -> torch.Tensor:
+    """``[C, J]``: coordinates of ``2^J`` evenly spaced levels spanning ``x [C, n]`` (``[-a, a]`` with ``a`` the
+    largest ``|x|`` of the channel, signed; ``[0, a]`` with ``a`` its largest value, unsigned)."""
+    top = (x.abs() if signed else x.clamp(min=0)).amax(dim=1, keepdim=True)
+    powers = 2.0 ** torch.arange(act_bits, dtype=x.dtype, device=x.device)
+    step = powers / (2**act_bits - 1)
+    return top * (step.flip(0) if signed else step)
+
+
+def quantization_error(coords: torch.Tensor, x: torch.Tensor, signed: bool) -> torch.Tensor:
+    """``[C]``: ``Σ_i (x̂_i - x_i)²`` per channel with every element at its nearest level."""
+    quantized = levels(coords, signed).gather(1, nearest_levels(coords, x, signed))
+    return (quantized - x).square().sum(dim=1)
+
+
+def fit_levels(x: torch.Tensor, act_bits: int, signed: bool, coords: torch.Tensor | None = None,
+               iterations: int = 5) -> torch.Tensor:
+    """``[C, J]``: coordinates fitted to ``x [C, n]`` by ``iterations`` rounds of nearest-level assignment and
+    least-squares refit, from ``coords`` (default :func:`uniform_levels`). A refit that would raise a
+    channel's error (possible only through the ridge) is not taken, so the error never increases."""
+    coords = uniform_levels(x, act_bits, signed) if coords is None else coords.to(x.dtype)
+    error = quantization_error(coords, x, signed)
+    for _ in range(iterations):
+        refit = refit_levels(nearest_levels(coords, x, signed), x, act_bits, signed)
+        refit_error = quantization_error(refit, x, signed)
+        better = refit_error <= error
+        coords = torch.where(better[:, None], refit, coords)
+        error = torch.where(better, refit_error, error)
+    return coords
+
+
+class _Quantize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        low, high = table.amin(dim=1, keepdim=True), table.amax(dim=1, keepdim=True)
+        ctx.save_for_backward((x >= low) & (x <= high))
+        return table.gather(1, codes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+def quantize_activations(x: torch.Tensor, coords: torch.Tensor, signed: bool) -> torch.Tensor:
+    """``x [C, n]`` at its channel's nearest level of ``coords [C, J]``; the gradient passes straight through
+    where ``x`` lies within the channel's level range and is 0 outside (clipped)."""
+    table = levels(coords.to(x.dtype), signed)
+    return _Quantize.apply(x, table, nearest_levels(coords, x.detach(), signed))
