@@ -10,8 +10,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "callbacks": ("ALQCallback", "ALQInit", "ALQStage", "BasisRefit", "BitwidthReduction", "CoordinateRefit",
-                  "GroupPruning", "STEFineTune"),
+    "callbacks": ("ALQCallback", "ALQInit", "ALQStage", "ActivationQuantization", "BasisRefit", "BitwidthReduction",
+                  "CoordinateRefit", "GroupPruning", "STEFineTune"),
     "summary": ("BitSummary", "bit_summary"),
     "packed.io": ("ExportReport", "export_packed", "load_packed"),
     "packed.inference": ("PackedModel", "load_packed_for_inference"),

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activations import act_bits_of, positions_of
 from .core import LayerBits, average_bits, check_coord_bits
 from .layers import find_layers, float_remainder
 
@@ -41,15 +42,30 @@ class FloatRow:
 
 @dataclass(frozen=True)
 class LayerRow:
+    """One quantized layer; ``act_bits`` are its input's binary bases (0: float input) and ``positions`` its
+    output positions per sample in the last forward (0: not measured)."""
+
     name: str
     shape: tuple[int, ...]
     structure: str
     bits: LayerBits
     coord_bits: int
+    act_bits: int = 0
+    positions: int = 0
 
     @property
     def avg_bits(self) -> float:
         return self.bits.avg_bits
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per sample of the float layer: positions × weights."""
+        return self.positions * self.bits.numel
+
+    @property
+    def bops(self) -> int:
+        """Binary operations per sample: positions × live weight bases of every weight × input bases."""
+        return self.positions * self.bits.binary_bits * self.act_bits
 
     @property
     def storage_bytes(self) -> int:
@@ -106,22 +122,52 @@ class BitSummary:
         return self.float_bytes / max(self.storage_bytes, 1)
 
     HEADER = ("layer", "shape", "structure", "groups", "group_size", "max_bits", "avg_bits", "bytes")
+    ACT_HEADER = ("act_bits", "BOPs")
+
+    @property
+    def act_rows(self) -> tuple[LayerRow, ...]:
+        """Layers whose input is quantized."""
+        return tuple(row for row in self.rows if row.act_bits)
+
+    @property
+    def bops(self) -> int:
+        """Binary operations per sample of the layers with quantized inputs (last forward)."""
+        return sum(row.bops for row in self.rows)
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates per sample the same layers take in float (last forward): what the BOPs replace."""
+        return sum(row.macs for row in self.act_rows)
+
+    @property
+    def header(self) -> tuple[str, ...]:
+        """:attr:`HEADER`, plus :attr:`ACT_HEADER` when some layer's input is quantized."""
+        return self.HEADER + (self.ACT_HEADER if self.act_rows else ())
 
     def table(self) -> list[tuple]:
-        """Rows of :attr:`HEADER` values, one per layer."""
+        """Rows of :attr:`header` values, one per layer (``act_bits`` 0 and BOPs 0 for a float input)."""
+        acts = bool(self.act_rows)
         return [(r.name, "x".join(map(str, r.shape)), r.structure, r.bits.num_groups, r.bits.group_size,
-                 r.bits.max_bits, round(r.avg_bits, 4), r.storage_bytes) for r in self.rows]
+                 r.bits.max_bits, round(r.avg_bits, 4), r.storage_bytes, *((r.act_bits, r.bops) if acts else ()))
+                for r in self.rows]
 
     def __str__(self) -> str:
-        cells = [tuple(map(str, self.HEADER))] + [tuple(map(str, row)) for row in self.table()]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(self.HEADER))]
+        cells = [tuple(map(str, self.header))] + [tuple(map(str, row)) for row in self.table()]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.header))]
         lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
                  for row in cells]
         rule = "-" * len(lines[0])
         totals = (f"quantized: {self.numel} weights, {self.avg_bits:.4f} avg bits, binary {self.binary_bytes} B, "
                   f"storage {self.storage_bytes} B ({self.coord_bits}-bit coords), "
                   f"{self.compression:.1f}x smaller than float32")
-        return "\n".join([lines[0], rule, *lines[1:], rule, totals, *self._remainder_lines()])
+        return "\n".join([lines[0], rule, *lines[1:], rule, totals, *self._act_lines(), *self._remainder_lines()])
+
+    def _act_lines(self) -> list[str]:
+        if not self.act_rows:
+            return []
+        bits = "/".join(str(b) for b in sorted({row.act_bits for row in self.act_rows}))
+        return [f"activations: {len(self.act_rows)} of {len(self.rows)} layer inputs at {bits} bits; {self.bops} "
+                f"BOPs and {self.macs} float MACs per sample (last forward)"]
 
     def _float_parts(self) -> tuple[list[FloatRow], list[FloatRow]]:
         """The float remainder as ``(matrices, vectors and scalars)``: matrices are weights left in float."""
@@ -148,24 +194,27 @@ class BitSummary:
         table = Table(caption=f"{self.coord_bits}-bit coords; binary {self.binary_bytes} B; "
                               f"{self.compression:.1f}x (quantized) and {self.model_compression:.1f}x (whole model) "
                               f"smaller than float32", caption_justify="left")
-        for index, heading in enumerate(self.HEADER):
+        for index, heading in enumerate(self.header):
             table.add_column(heading.replace("_", " "), justify="left" if index < 3 else "right")
         for row in self.table():
             table.add_row(*map(str, row))
         table.add_section()
         blank = ("",) * (len(self.HEADER) - 5)  # groups, group size, max bits
+        tail = ("",) * (len(self.header) - len(self.HEADER))
+        acts = (str(self.bops),) if tail else ()
         table.add_row(f"quantized: {self.numel} weights", "", "", *blank, f"{self.avg_bits:.4f}",
-                      str(self.storage_bytes), style="bold")
+                      str(self.storage_bytes), *tail[:len(tail) - len(acts)], *acts, style="bold")
         matrices, rest = self._float_parts()
         for row in matrices:
             table.add_row(f"left in float: {row.name}", "x".join(map(str, row.shape)),
-                          str(row.dtype).removeprefix("torch."), *blank, "", str(row.bytes))
+                          str(row.dtype).removeprefix("torch."), *blank, "", str(row.bytes), *tail)
         if rest:
             table.add_row(f"float remainder: {len(rest)} vectors and scalars", "", "", *blank, "",
-                          str(sum(row.bytes for row in rest)))
+                          str(sum(row.bytes for row in rest)), *tail)
         table.add_row(f"whole model: quantized + {self.remainder_bytes} B float", "", "", *blank, "",
-                      str(self.model_bytes), style="bold")
+                      str(self.model_bytes), *tail, style="bold")
         return table
+
 
 def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
     """Summarise every multi-bit layer of ``model`` (coordinates counted at ``coord_bits``: 16 or 32)."""
@@ -174,7 +223,8 @@ def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no multi-bit layer; attach ALQ first (ALQInit/ALQCallback)")
     rows = tuple(
-        LayerRow(name, layer.layout.shape, layer.layout.describe(), layer.bits, coord_bits)
+        LayerRow(name, layer.layout.shape, layer.layout.describe(), layer.bits, coord_bits,
+                 *((act_bits_of(layer.module), positions_of(layer.module)) if layer.attr == "weight" else ()))
         for name, layer in layers.items()
     )
     floats = tuple(FloatRow(key, tuple(tensor.shape), tensor.dtype)

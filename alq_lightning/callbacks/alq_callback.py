@@ -9,11 +9,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from ..core import PAPER_SCHEDULE, check_target_bits, fit_schedule, schedule_epochs
 from ..network import MultiBitNetwork
+from .activations import ActivationQuantization
 from .arguments import check, is_int
 from .init import CHECKPOINT_KEY, ALQInit
 from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
 
 PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}
+ACT_STARTS = ("ste", "start")
 DEV_SCHEDULE = {"rounds": 1, "basis_epochs": 1, "coordinate_epochs": 1, "pruning_epochs": 1, "ste_epochs": 1,
                 "final_coordinate_epochs": 1}
 
@@ -53,6 +55,10 @@ class ALQCallback(Callback):
         pruning: ``"coordinates"`` (ALQ's bitwidth reduction, one slot at a time) or ``"groups"``
             (whole groups, ranked by loss increase per bit saved).
         per_bit: rank coordinates by loss increase per bit saved (only with ``pruning="coordinates"``).
+        act_bits: quantize the inputs of the quantized Linear/Conv layers into this many binary bases
+            (:class:`ActivationQuantization`), from ``act_start``: ``"ste"`` (the STE stage on, so that the bases
+            are found on float activations and fine-tuned with quantized ones) or ``"start"``; None keeps
+            activations float.
         max_bits, structures, include, exclude, types, max_bits_overrides, keep_first, keep_last, beta1,
             beta2, eps, compile: see :class:`ALQInit`.
     """
@@ -87,7 +93,12 @@ class ALQCallback(Callback):
         beta2: float = 0.999,
         eps: float = 1e-8,
         compile: bool = False,
+        act_bits: int | None = None,
+        act_start: str = "ste",
     ) -> None:
+        check("act_start", act_start, act_start in ACT_STARTS, f"one of {ACT_STARTS}")
+        self.activations = None if act_bits is None else ActivationQuantization(act_bits)
+        self.act_start = act_start
         self.init = ALQInit(max_bits, structures, include, exclude, types, max_bits_overrides,
                             keep_first, keep_last, beta1, beta2, eps, compile)
         widest = max([max_bits, *(max_bits_overrides or {}).values()])
@@ -142,6 +153,10 @@ class ALQCallback(Callback):
         final_lr = ste_lr * ste_lr_decay**ste_epochs if final_lr is None else final_lr
         self._add(CoordinateRefit, min(epoch, last), schedule["final_coordinate_epochs"], final_lr, final_lr_decay)
         self.total_epochs = min(epoch + schedule["final_coordinate_epochs"], last + 1)
+        if self.activations is not None:
+            ste = min(epoch - ste_epochs, last)
+            self.activations.start_epoch = self.start_epoch if self.act_start == "start" else ste
+            self.activations.unit = unit
         self.init.stages = []
         for stage in self.stages:
             stage.bind(self.init)
@@ -164,15 +179,22 @@ class ALQCallback(Callback):
         """Keyed by target and schedule length (by ``unit="step"`` for a schedule laid over the fit's steps, whose
         length is known only once training starts, after a checkpoint's state is restored)."""
         length = {"unit": "step"} if self.over_steps else {"total_epochs": self.total_epochs}
-        return self._generate_state_key(target_bits=self.target_bits, **length)
+        acts = {} if self.activations is None else {"act_bits": self.activations.act_bits}
+        return self._generate_state_key(target_bits=self.target_bits, **length, **acts)
 
     @property
     def network(self) -> MultiBitNetwork | None:
         return self.init.network
 
     def _each(self, hook: str, *args: Any) -> None:
-        for callback in (self.init, *self.stages):
+        for callback in (self.init, *self.stages, *([self.activations] if self.activations else [])):
             getattr(callback, hook)(*args)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.activations is not None:
+            self.activations.on_validation_start(trainer, pl_module)
+
+    on_test_start = on_predict_start = on_validation_start
 
     def position(self, trainer: Trainer) -> int:
         """Units of the schedule done: epochs, or optimizer steps when :attr:`unit` is ``"step"``."""

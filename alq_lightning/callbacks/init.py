@@ -123,6 +123,8 @@ class ALQInit(Callback):
         metrics = {"alq/avg_bits": summary.avg_bits, "alq/storage_bytes": float(summary.storage_bytes),
                    "alq/model_bytes": float(summary.model_bytes)}
         metrics.update({f"alq/{row.name}/bits": row.avg_bits for row in summary.rows})
+        if summary.act_rows:
+            metrics.update({"alq/bops": float(summary.bops), "alq/macs": float(summary.macs)})
         pl_module.log_dict(metrics, rank_zero_only=True)
 
     def state_dict(self) -> dict[str, Any]:

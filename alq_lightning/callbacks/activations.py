@@ -1,0 +1,117 @@
+"""``ActivationQuantization``: multi-bit inputs for the Linear and Conv layers of any LightningModule."""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from ..activations import MAX_ACT_BITS, ActivationLayer, attach_activations, is_quantizable_input
+from .arguments import check, is_int, is_number
+from .init import ALQInit
+from .stages import UNITS
+
+CHECKPOINT_KEY = "alq_activations"
+
+
+class ActivationQuantization(Callback):
+    """Quantize the inputs of Linear and Conv layers into ``act_bits`` binary bases from ``start_epoch`` on
+    (see :mod:`alq_lightning.activations`); with ``unit="step"`` the start counts optimizer steps.
+
+    With an :class:`ALQInit` (or ``ALQCallback``) in the Trainer the layers are those whose weights ALQ
+    quantizes; alone, every Linear and Conv matched by ``include``/``exclude`` (patterns over module names).
+    The first layer's input (the raw image or embedding) stays float unless ``quantize_first``; the inputs of
+    other modules (embeddings, attention) stay float. The coordinates travel in checkpoints under
+    ``"alq_activations"``; a model loaded without this callback computes with float activations. Evaluation
+    (validate, test, predict) quantizes once the quantizers have been fitted.
+
+    Args:
+        act_bits: binary bases per input (1..8).
+        start_epoch: first epoch (or step) with quantized inputs; the first training batch then sets the codes
+            ({0,1} for non-negative inputs, else ±1) and the coordinates.
+        per_channel: one coordinate vector per input channel instead of one per layer.
+        momentum: weight of the running coordinates against each batch's refit.
+        iterations: alternating refit iterations per training batch.
+    """
+
+    def __init__(self, act_bits: int = 2, start_epoch: int = 0, include: Sequence[str] = ("*",),
+                 exclude: Sequence[str] = (), per_channel: bool = False, quantize_first: bool = False,
+                 momentum: float = 0.9, iterations: int = 2, unit: str = "epoch") -> None:
+        check("act_bits", act_bits, is_int(act_bits) and 1 <= act_bits <= MAX_ACT_BITS,
+              f"an integer in [1, {MAX_ACT_BITS}]")
+        check("start_epoch", start_epoch, is_int(start_epoch) and start_epoch >= 0, "an integer >= 0")
+        check("momentum", momentum, is_number(momentum) and 0 <= momentum < 1, "a number in [0, 1)")
+        check("iterations", iterations, is_int(iterations) and iterations >= 1, "an integer >= 1")
+        check("unit", unit, unit in UNITS, f"one of {UNITS}")
+        self.act_bits, self.start_epoch, self.unit = act_bits, start_epoch, unit
+        self.include, self.exclude = tuple(include), tuple(exclude)
+        self.per_channel, self.quantize_first = per_channel, quantize_first
+        self.momentum, self.iterations = float(momentum), iterations
+        self.layers: dict[str, ActivationLayer] = {}
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(act_bits=self.act_bits, start_epoch=self.start_epoch)
+
+    def select(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, nn.Module], dict[str, str]]:
+        """``({layer: module}, {name: why it stays float})``."""
+        inits = [cb for cb in trainer.callbacks if isinstance(cb, ALQInit)]
+        inits += [cb.init for cb in trainer.callbacks if isinstance(getattr(cb, "init", None), ALQInit)]
+        if inits and inits[0].network is not None:
+            named = {name: layer.module for name, layer in inits[0].network.layers.items()}
+        else:
+            named = {name: module for name, module in pl_module.named_modules()
+                     if any(fnmatch.fnmatchcase(name, p) for p in self.include)
+                     and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)}
+        chosen, floats, first = {}, {}, not self.quantize_first
+        for name, module in named.items():
+            if not is_quantizable_input(module):
+                if inits:
+                    floats[name] = f"{type(module).__name__} input"
+            elif first:
+                floats[name], first = "first layer's input (quantize_first=False)", False
+            else:
+                chosen[name] = module
+        return chosen, floats
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for callback in trainer.callbacks:  # ALQ attaches first, whatever the order of the callbacks
+            init = callback if isinstance(callback, ALQInit) else getattr(callback, "init", None)
+            if isinstance(init, ALQInit):
+                init.setup(trainer, pl_module, stage)
+        chosen, floats = self.select(trainer, pl_module)
+        if not chosen:
+            raise ValueError(f"ActivationQuantization found no Linear or Conv layer whose input it could quantize "
+                             f"in {type(pl_module).__name__} (left in float: {floats or 'none'})")
+        self.layers = attach_activations(chosen, self.act_bits, self.per_channel, self.momentum, self.iterations)
+        left = ", ".join(f"{name} ({why})" for name, why in floats.items()) or "none"
+        rank_zero_info(f"activations of {len(self.layers)} layers at {self.act_bits} bits from {self.unit} "
+                       f"{self.start_epoch}; inputs left in float: {left}")
+
+    def _enable(self, enabled: bool) -> None:
+        for layer in self.layers.values():
+            layer.enabled = enabled
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        position = trainer.current_epoch if self.unit == "epoch" else trainer.global_step
+        self._enable(position >= self.start_epoch)
+
+    def _enable_fitted(self, *args: Any) -> None:
+        self._enable(all(layer.ready for layer in self.layers.values()))
+
+    on_validation_start = on_test_start = on_predict_start = _enable_fitted
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {name: layer.tensors() for name, layer in self.layers.items()}
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(CHECKPOINT_KEY, {})
+        unknown = sorted(set(saved) - set(self.layers))
+        if unknown:
+            raise ValueError(f"the checkpoint holds activation quantizers of layers {unknown} that this model's "
+                             f"ActivationQuantization does not have ({sorted(self.layers)})")
+        for name, tensors in saved.items():
+            self.layers[name].load(tensors)
