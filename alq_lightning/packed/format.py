@@ -1,4 +1,5 @@
-"""The packed file format (version 1): its layout, the bit-level encoding of a layer and the checks of a header.
+"""The packed file format (versions 1 and 2): its layout, the bit-level encoding of a layer and the checks of a
+header.
 
 A file, all integers little-endian::
 
@@ -21,6 +22,16 @@ The header holds ``coord_bits``, ``coord_dtype``, ``quantized_bytes``, ``float_b
 (``name``, ``dtype``, ``shape``, ``offset``, ``length``). Offsets count from the start of the payload. The
 layer sections are exactly the accounted storage: their sizes sum to
 ``bit_summary(model, coord_bits).storage_bytes``.
+
+Version 2 adds the quantizer of a layer's input (ALGORITHM.md §7) to the entry of each layer whose input is
+quantized: ``"activations": {"act_bits": J, "signed": bool, "coords": [C·J numbers]}``, the coordinates
+``γ [C, J]`` row-major (``C = 1`` for the whole layer, else one row per input channel), float32 values written
+as JSON numbers (a float32 widened to a double prints as a decimal that reads back to the same float32), levels
+``γ_cᵀ e`` over ``e ∈ {−1,+1}^J`` (``signed``) or ``{0,1}^J``. They live in the header, not the payload: the
+payload (and ``quantized_bytes``) of a version-2 file is laid out as in version 1. A file without activation
+quantizers is written as version 1, so readers of version 1 keep reading every file that they can serve; a
+version-1 header with ``activations`` is refused (a reader of version 1 would silently compute with float
+inputs).
 
 Bit streams are little-endian within a byte: bit ``i`` of a stream is bit ``i % 8`` (least significant
 first) of byte ``i // 8``; the last byte is padded with zero bits. One layer of ``G`` groups of ``n``
@@ -45,11 +56,13 @@ from typing import Any
 
 import torch
 
+from ..activations import MAX_ACT_BITS
 from ..core import MultiBitState, auto_layout, check_max_bits
 from ..core.bitwise import pack_bits as pack_rows
 
 MAGIC = b"ALQPACK\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+ACTIVATIONS_VERSION = 2  # the first version whose layers may carry "activations"
 PREAMBLE = struct.Struct("<8sHIQ")
 CHECKSUM_BYTES = hashlib.sha256().digest_size
 COORD_DTYPES = {32: torch.float32, 16: torch.float16}
@@ -59,9 +72,10 @@ _HEADER_FIELDS = {"coord_bits": int, "coord_dtype": str, "quantized_bytes": int,
                   "float": list}
 _LAYER_FIELDS = {"name": str, "structure": str, "shape": list, "weight_dtype": str, "num_groups": int,
                  "group_size": int, "max_bits": int, "live_slots": int, **dict.fromkeys(LAYER_SECTIONS, dict)}
+_ACTIVATION_FIELDS = {"act_bits": int, "signed": bool, "coords": list}
 _FLOAT_FIELDS = {"name": str, "dtype": str, "shape": list, **_SECTION_FIELDS}
 _LAYER_SIZES = "its num_groups, group_size, max_bits, live_slots and the coord_dtype"
-_JSON_TYPES = {str: "string", list: "list", dict: "JSON object"}
+_JSON_TYPES = {str: "string", list: "list", dict: "JSON object", bool: "boolean"}
 
 
 def check_byteorder() -> None:
@@ -157,7 +171,7 @@ def _check_fields(entry: Any, where: str, fields: dict[str, type]) -> None:
         if key not in entry:
             raise ValueError(f"{where} lacks {key!r}")
         value = entry[key]
-        if isinstance(value, bool) or not isinstance(value, kind) or (kind is int and value < 0):
+        if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind) or (kind is int and value < 0):
             allowed = "an integer >= 0" if kind is int else f"a {_JSON_TYPES[kind]}"
             raise ValueError(f"{where}: {key}={value!r} must be {allowed}")
 
@@ -198,14 +212,44 @@ def _unique_name(entry: dict[str, Any], kind: str, names: set[str]) -> str:
     return where
 
 
-def check_header(header: Any, payload: torch.Tensor) -> None:
+def activation_rows(entry: dict[str, Any]) -> int:
+    """``C``, the rows of the (checked) ``activations`` of a header layer entry."""
+    activations = entry["activations"]
+    return len(activations["coords"]) // activations["act_bits"]
+
+
+def _check_activations(entry: Any, where: str, shape: tuple[int, ...]) -> None:
+    """ValueError unless ``entry`` is an ``activations`` object of a layer of weight ``shape``: ``act_bits`` in
+    ``[1, MAX_ACT_BITS]``, ``signed`` a boolean, ``coords`` ``C·J`` finite numbers with ``C`` 1 or the layer's input
+    channels (a 2-d weight's ``shape[1]``; a Conv's ``shape[1]`` times its groups, which the header does not
+    give: a multiple of ``shape[1]``)."""
+    where = f"{where} activations"
+    _check_fields(entry, where, _ACTIVATION_FIELDS)
+    act_bits, coords = entry["act_bits"], entry["coords"]
+    if not 1 <= act_bits <= MAX_ACT_BITS:
+        raise ValueError(f"{where}: act_bits={act_bits} must be an integer in [1, {MAX_ACT_BITS}]")
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+               for value in coords):
+        raise ValueError(f"{where}: coords must list finite numbers")
+    if not coords or len(coords) % act_bits:
+        raise ValueError(f"{where}: coords holds {len(coords)} numbers, not a positive multiple of "
+                         f"act_bits={act_bits}")
+    rows = len(coords) // act_bits
+    channels = shape[1] if len(shape) > 1 else 0
+    if rows != 1 and not (rows == channels or (len(shape) > 2 and rows % channels == 0)):
+        expected = f"{channels}" if len(shape) == 2 else f"a multiple of {channels} (its input channels)"
+        raise ValueError(f"{where}: coords holds {rows} rows of act_bits={act_bits}, expected 1 or {expected}")
+
+
+def check_header(header: Any, payload: torch.Tensor, version: int = FORMAT_VERSION) -> None:
     """Raise ValueError naming the first part of ``header`` that does not describe ``payload`` (``[P]`` uint8)
-    as :func:`export_packed` lays it out.
+    as :func:`export_packed` lays it out in format ``version``.
 
     Checked: required keys and their types; ``coord_bits`` and ``coord_dtype``; per layer, ``structure`` on
     ``shape`` (:func:`~alq_lightning.core.auto_layout`) giving its ``num_groups`` and ``group_size``, ``max_bits``
     in range, ``weight_dtype``, section lengths from ``G``, ``n``, ``K``, ``live_slots`` and the coord dtype,
-    ``live_slots`` equal to the live bits of its mask, finite live coordinates; per float tensor, its dtype and
+    ``live_slots`` equal to the live bits of its mask, finite live coordinates, its ``activations`` (version 2
+    on; refused before); per float tensor, its dtype and
     ``numel · itemsize`` bytes; names unique; sections following each other from byte 0 to the payload's end,
     ``quantized_bytes`` and ``float_bytes`` their sums.
     """
@@ -243,6 +287,12 @@ def check_header(header: Any, payload: torch.Tensor) -> None:
             raise ValueError(f"{where}: live_slots={live}, its mask has {found} live slots")
         if not payload[starts["coords"]: cursor].clone().view(coord_dtype).isfinite().all():
             raise ValueError(f"{where}: a live coordinate is not finite")
+        if "activations" in entry:
+            if version < ACTIVATIONS_VERSION:
+                raise ValueError(f"{where} has activations, which format version {version} does not have (a "
+                                 f"reader of version {version} would compute with float inputs); such a file must "
+                                 f"say version {ACTIVATIONS_VERSION}")
+            _check_activations(entry["activations"], where, shape)
     if header["quantized_bytes"] != cursor:
         raise ValueError(f"quantized_bytes={header['quantized_bytes']}, the layer sections take {cursor}")
     names = set()

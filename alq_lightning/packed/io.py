@@ -1,5 +1,6 @@
 """Packed files on disk: ``export_packed(model, path)`` writes one, ``load_packed(path, model)`` reads one back
 into a model; :func:`read_packed` verifies a file (size, checksum, header against payload) before anything reads it.
+Activation quantizers (:mod:`alq_lightning.activations`) travel with their layers (format version 2).
 
 The layout and the encoding are :mod:`alq_lightning.packed.format`'s; this module turns models into those bytes
 and back, checking that a model fits a file.
@@ -17,11 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..activations import (
+    ACT_PREFIX,
+    ActivationLayer,
+    act_bits_of,
+    attach_activations,
+    channels_of,
+    is_quantizable_input,
+)
 from ..core import LayerBits, MultiBitState, check_coord_bits
 from ..files import check_target, write_atomic
 from ..layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
 from ..summary import BitSummary, FloatRow, LayerRow, bit_summary
 from .format import (
+    ACTIVATIONS_VERSION,
     CHECKSUM_BYTES,
     COORD_DTYPES,
     FORMAT_VERSION,
@@ -59,10 +69,12 @@ class ExportReport:
 
 @dataclass(frozen=True)
 class PackedFile:
-    """A verified packed file: its JSON ``header`` and ``payload`` (``[P]`` uint8, from the first layer on)."""
+    """A verified packed file: its JSON ``header``, ``payload`` (``[P]`` uint8, from the first layer on) and
+    format ``version``."""
 
     header: dict[str, Any]
     payload: torch.Tensor
+    version: int = 1
 
     def section(self, entry: dict[str, Any]) -> torch.Tensor:
         """The ``[length]`` uint8 bytes of a (verified) header entry's ``{"offset", "length"}``."""
@@ -75,6 +87,7 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
     path = check_target(path)
     coord_dtype = COORD_DTYPES[check_coord_bits(coord_bits)]
     summary = bit_summary(model, coord_bits)
+    quantizers = activation_entries(model)
     chunks, layers, offset = [], [], 0
     for name, layer in find_layers(model).items():
         try:
@@ -89,7 +102,12 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
             chunks.append(tensor_bytes(part))
             entry[key] = {"offset": offset, "length": len(chunks[-1])}
             offset += len(chunks[-1])
+        if name in quantizers:
+            entry["activations"] = quantizers.pop(name)
         layers.append(entry)
+    if quantizers:
+        raise ValueError(f"the input of layer {next(iter(quantizers))!r} is quantized but its weight is not: a packed "
+                         f"file holds activation quantizers only beside quantized weights")
     quantized_bytes = offset
     if quantized_bytes != summary.storage_bytes:
         raise RuntimeError(f"packed layers take {quantized_bytes} bytes, the accounting says {summary.storage_bytes}")
@@ -103,7 +121,8 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
               "float_bytes": offset - quantized_bytes, "layers": layers, "float": floats}
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     total = PREAMBLE.size + len(text) + offset + CHECKSUM_BYTES
-    chunks[:0] = [PREAMBLE.pack(MAGIC, FORMAT_VERSION, len(text), total), text]
+    version = ACTIVATIONS_VERSION if any("activations" in entry for entry in layers) else 1
+    chunks[:0] = [PREAMBLE.pack(MAGIC, version, len(text), total), text]
     digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
@@ -113,14 +132,93 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
                         PREAMBLE.size + len(text), CHECKSUM_BYTES, total, os.path.getsize(path))
 
 
+def activation_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{layer: {"act_bits", "signed", "coords"}}`` (the header's ``activations``) of every module of ``model``
+    whose input quantizer is attached (:func:`~alq_lightning.activations.attach_activations`); ValueError naming a
+    layer whose quantizer is not fitted yet or holds a coordinate that is not finite."""
+    entries = {}
+    for name, module in model.named_modules():
+        act_bits = act_bits_of(module)
+        if not act_bits:
+            continue
+        coords = getattr(module, ACT_PREFIX + "coords").view(torch.float32)
+        if not bool(getattr(module, ACT_PREFIX + "ready")):
+            raise ValueError(f"the input quantizer of layer {name!r} is attached but not fitted (no training batch "
+                             f"has fitted it): train with its activations on, or remove its hooks, before export")
+        if not coords.isfinite().all():
+            raise ValueError(f"the input quantizer of layer {name!r} has a coordinate that is not finite")
+        # float32 -> Python float (exact) -> JSON's shortest round-trip decimal -> the same float32 on reading
+        entries[name] = {"act_bits": act_bits, "signed": bool(getattr(module, ACT_PREFIX + "signed")),
+                         "coords": coords.detach().cpu().reshape(-1).tolist()}
+    return entries
+
+
+def check_activations(header: dict[str, Any], modules: dict[str, tuple[nn.Module, str]]) -> None:
+    """ValueError unless every layer with ``activations`` in the file is a Linear or Conv ``weight`` of the model
+    whose input channels match the file's coordinate rows."""
+    for entry in header["layers"]:
+        if "activations" not in entry:
+            continue
+        name, (module, attr) = entry["name"], modules[entry["name"]]
+        if attr != "weight" or not is_quantizable_input(module):
+            raise ValueError(f"layer {name!r} has an input quantizer in the file, but the model's {name!r} is a "
+                             f"{type(module).__name__} parameter {attr!r}, not the weight of a Linear or Conv")
+        rows = len(entry["activations"]["coords"]) // entry["activations"]["act_bits"]
+        if rows not in (1, channels_of(module)):
+            raise ValueError(f"layer {name!r}: the file's input quantizer has {rows} coordinate rows, the model's "
+                             f"layer has {channels_of(module)} input channels")
+
+
+def restore_activations(model: nn.Module, quantizers: dict[str, dict[str, Any]]) -> dict[str, ActivationLayer]:
+    """Attach and load the input quantizers ``{layer: {"coords" [C, J] float32, "signed", "ready"}}`` (layers
+    named as the model's Linear/Conv modules, or their weights), switched on; every other module's quantizer
+    hooks are removed, so that the model computes as the one they came from. The modules may hold their weights
+    in packed form (:class:`~alq_lightning.packed.inference.PackedModel`)."""
+    layers, named = {}, dict(model.named_modules())
+    for name, tensors in quantizers.items():
+        module = named.get(name)
+        if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+            raise ValueError(f"the input quantizer of layer {name!r} has no Linear or Conv module of that name in "
+                             f"the model")
+        coords = torch.as_tensor(tensors["coords"])
+        coords = coords.view(torch.float32) if coords.dtype == torch.int32 else coords.float()
+        if coords.dim() != 2 or coords.shape[0] not in (1, channels_of(module)):
+            raise ValueError(f"the input quantizer of layer {name!r} has coordinates {tuple(coords.shape)}, expected "
+                             f"[1 or {channels_of(module)} channels, act_bits]")
+        layer = attach_activations({name: module}, coords.shape[1], per_channel=coords.shape[0] > 1)[name]
+        layer.load({"coords": coords.to(module.weight.device),
+                    "signed": torch.as_tensor(bool(tensors["signed"])),
+                    "ready": torch.as_tensor(bool(tensors["ready"]))})
+        layer.enabled = True
+        layers[name] = layer
+    kept = {id(layer.module) for layer in layers.values()}
+    for module in model.modules():
+        if id(module) not in kept and getattr(module, "_alq_act_handles", ()):
+            for handle in module._alq_act_handles:
+                handle.remove()
+            module._alq_act_handles = ()
+    return layers
+
+
+def file_quantizers(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The input quantizers of a (checked) header, as :func:`restore_activations` takes them."""
+    quantizers = {}
+    for entry in header["layers"]:
+        if "activations" in entry:
+            acts = entry["activations"]
+            coords = torch.tensor(acts["coords"], dtype=torch.float32).view(-1, acts["act_bits"])
+            quantizers[entry["name"]] = {"coords": coords, "signed": acts["signed"], "ready": True}
+    return quantizers
+
+
 def float_tensors_for(packed: PackedFile, remainder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The file's float tensors that the model's ``remainder`` takes (files written before shared weights
     were stored once also hold those weights' other names, which their layer already gives)."""
     return {key: tensor for key, tensor in float_tensors(packed).items() if key in remainder}
 
 
-def _read_preamble(path: Path, data: bytes) -> tuple[int, int]:
-    """``(header length, file size)`` from the first bytes of ``data``, after magic and version checks."""
+def _read_preamble(path: Path, data: bytes) -> tuple[int, int, int]:
+    """``(header length, file size, version)`` from the first bytes of ``data``, after magic and version checks."""
     if len(data) < 10 or data[:8] != MAGIC:
         raise ValueError(f"{path} is not an ALQ packed file (bad magic bytes)")
     version = struct.unpack("<H", data[8:10])[0]
@@ -132,7 +230,7 @@ def _read_preamble(path: Path, data: bytes) -> tuple[int, int]:
     if len(data) < PREAMBLE.size:
         raise ValueError(f"{path} is truncated: {len(data)} bytes, shorter than the {PREAMBLE.size}-byte preamble")
     _, _, header_length, file_size = PREAMBLE.unpack(data[:PREAMBLE.size])
-    return header_length, file_size
+    return header_length, file_size, version
 
 
 def _parse_header(path: Path, text: bytes) -> Any:
@@ -146,7 +244,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of a packed file, read alone (neither checksummed nor checked against the payload)."""
     path = Path(path)
     with open(path, "rb") as handle:
-        header_length, _ = _read_preamble(path, handle.read(PREAMBLE.size))
+        header_length, _, _ = _read_preamble(path, handle.read(PREAMBLE.size))
         text = handle.read(header_length)
     if len(text) < header_length:
         raise ValueError(f"{path} is truncated inside its header")
@@ -158,7 +256,7 @@ def read_packed(path: str | os.PathLike) -> PackedFile:
     header against the payload (:func:`check_header`)."""
     path = Path(path)
     data = path.read_bytes()
-    header_length, file_size = _read_preamble(path, data)
+    header_length, file_size, version = _read_preamble(path, data)
     if len(data) != file_size:
         state = "truncated" if len(data) < file_size else "longer than written"
         raise ValueError(f"{path} is {state}: {len(data)} bytes, its preamble says {file_size}")
@@ -171,10 +269,10 @@ def read_packed(path: str | os.PathLike) -> PackedFile:
     body = bytearray(data[start:-CHECKSUM_BYTES])
     payload = torch.frombuffer(body, dtype=torch.uint8) if body else torch.empty(0, dtype=torch.uint8)
     try:
-        check_header(header, payload)
+        check_header(header, payload, version)
     except ValueError as error:
         raise ValueError(f"{path} has an inconsistent header: {error}") from None
-    return PackedFile(header, payload)
+    return PackedFile(header, payload, version)
 
 
 def check_model(header: dict[str, Any], model: nn.Module,
@@ -245,9 +343,13 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
     codes, coordinates and masks are written (dead slots canonical: ``α = 0``, ``β = +1``), AMSGrad statistics
     and latent weights are zeroed, the dense weights are set to the reconstruction and the float remainder is
     loaded. Coordinates take the stored values exactly (float16-rounded when exported with ``coord_bits=16``).
+    A file's input quantizers are attached to their layers, loaded and switched on (other modules' quantizer
+    hooks are removed); like any fitted quantizer, one refits its coordinates on a forward in training mode with
+    gradients enabled.
     """
     packed = read_packed(path)
     modules = check_model(packed.header, model)
+    check_activations(packed.header, modules)
     entries = {entry["name"]: entry for entry in packed.header["layers"]}
     states = {name: decode_entry(packed, entry) for name, entry in entries.items()}
     floats = float_tensors_for(packed, float_remainder(model, modules))
@@ -264,6 +366,7 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
         for name, state in states.items():
             layers[name].load_state(state)
         model.load_state_dict(floats, strict=False)
+    restore_activations(model, file_quantizers(packed.header))
     return model
 
 

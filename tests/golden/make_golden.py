@@ -9,10 +9,16 @@ whole groups (always group 0) pruned, exported with 32-bit coordinates (about 3 
 rounded to 12 significant bits, so that every reconstruction sum ``Σ_k α_k β_k`` is exact in float32 whatever
 the order it is summed in: a decoder written elsewhere must then get the same ŵ bit for bit.
 
+From version 2 on, the inputs of ``conv2`` and ``fc`` are quantized too (:data:`ACTIVATIONS`): fitted on one
+seeded batch, ``conv2`` with one ±1-code coordinate vector of 2 bits (refitted as signed levels: its inputs,
+after a ReLU, would otherwise take the {0,1} codes), ``fc`` with {0,1}-code coordinates of 3 bits per input
+channel; their coordinates rounded to 12 significant bits as well.
+
 Beside it, ``v{N}_tiny_weights.pt`` (``torch.save`` of a flat dict of tensors, readable with
 ``weights_only=True``) holds what was exported: every ``state_dict`` tensor (dense ŵ and float remainder)
-under its key, and each quantized layer's ``mask`` ``[G, K]``, ``codes`` ``[G, n]`` and ``coords`` ``[G, K]``
-under ``multibit/<layer>/<name>``. ``tests/packed/test_golden.py`` decodes the committed bytes with its own
+under its key, each quantized layer's ``mask`` ``[G, K]``, ``codes`` ``[G, n]`` and ``coords`` ``[G, K]``
+under ``multibit/<layer>/<name>``, and (version 2 on) each input quantizer's ``coords`` ``[C, J]`` float32 and
+``signed`` (bool, 0-d) under ``activations/<layer>/<name>``. ``tests/packed/test_golden.py`` decodes the committed bytes with its own
 reader and compares them with this file. Once committed, these files are the format's reference: regenerate
 them only when the format version changes (then a new ``v{N+1}`` pair sits beside the old ones).
 """
@@ -24,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from alq_lightning.activations import attach_activations
+from alq_lightning.core.activations import fit_levels
 from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.network import MultiBitNetwork
 from alq_lightning.packed.io import export_packed, read_header
@@ -33,6 +41,8 @@ SEED = 0
 STRUCTURES = {"conv1": "kernelwise", "conv2": "pixelwise", "fc": "subchannelwise(2)"}
 MAX_BITS = {"conv1": 4, "conv2": 4, "fc": 3}
 SIGNIFICANT_BITS = 12
+ACTIVATIONS = {"conv2": {"act_bits": 2, "per_channel": False, "signed": True},
+               "fc": {"act_bits": 3, "per_channel": True, "signed": False}}
 
 
 class TinyNet(nn.Module):
@@ -61,8 +71,9 @@ def round_significant(values: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.ldexp(torch.round(mantissa * 2**bits) / 2**bits, exponent.to(values.dtype))
 
 
-def build_golden_model() -> nn.Module:
-    """The seeded, initialised, pruned and rounded :class:`TinyNet` that the golden file holds."""
+def build_golden_model(version: int = 1) -> nn.Module:
+    """The seeded, initialised, pruned and rounded :class:`TinyNet` that the golden file of format ``version``
+    holds (from version 2 on with the input quantizers of :data:`ACTIVATIONS`)."""
     torch.manual_seed(SEED)
     model = TinyNet().eval()
     model.bn1.running_mean.normal_()
@@ -89,12 +100,44 @@ def build_golden_model() -> nn.Module:
         exact = (state.live_coords().double()[:, :, None] * state.bases.double()).sum(dim=1)
         if not torch.equal(state.reconstruct().double(), exact):
             raise AssertionError(f"layer {layer.name!r}: a float32 reconstruction sum is not exact")
+    if version >= 2:
+        fit_activations(model)
     return model
+
+
+def fit_activations(model: nn.Module) -> None:
+    """Attach the input quantizers of :data:`ACTIVATIONS`, fit them on one seeded batch (``fc``'s by the hook
+    of a training forward, ``conv2``'s as signed levels of the same inputs) and round their coordinates."""
+    modules = dict(model.named_modules())
+    layers = {name: attach_activations({name: modules[name]}, spec["act_bits"], spec["per_channel"])[name]
+              for name, spec in ACTIVATIONS.items()}
+    inputs = {}
+    handle = model.conv2.register_forward_pre_hook(lambda module, args: inputs.setdefault("conv2", args[0]))
+    batch = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(SEED))
+    layers["fc"].enabled = True  # conv2's input stays float while fitting, so the two fits are independent
+    model.fc.train()  # the hook fits a module in training mode; the BatchNorm's statistics stay as they are
+    with torch.enable_grad():
+        model(batch)
+    model.fc.eval()
+    handle.remove()
+    signed_fit = fit_levels(inputs["conv2"].detach().reshape(1, -1), ACTIVATIONS["conv2"]["act_bits"], True)
+    coords = {"conv2": signed_fit, "fc": layers["fc"].coords.clone()}
+    for name, layer in layers.items():
+        layer.load({"coords": round_significant(coords[name], SIGNIFICANT_BITS),
+                    "signed": torch.tensor(ACTIVATIONS[name]["signed"]), "ready": torch.tensor(True)})
+        layer.enabled = True
+        if (layer.ready, layer.signed, layer.coords.shape[0] > 1) != (True, ACTIVATIONS[name]["signed"],
+                                                                    ACTIVATIONS[name]["per_channel"]):
+            raise AssertionError(f"the input quantizer of {name!r} is not the one ACTIVATIONS describes")
 
 
 def expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The flat dict saved beside the golden file (see the module docstring)."""
     tensors = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if getattr(module, "_alq_act_handles", ()):
+            tensors[f"activations/{name}/coords"] = module.alq_act_coords.view(torch.float32).clone()
+            tensors[f"activations/{name}/signed"] = module.alq_act_signed.clone()
     for name, layer in find_layers(model).items():
         state = layer.state
         for key, value in (("mask", state.mask), ("codes", state.codes), ("coords", state.coords)):
@@ -113,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if existing and not args.force:
         parser.error(f"{', '.join(existing)} exist(s): the golden files of format version {FORMAT_VERSION} are "
                      f"the reference other readers are checked against; pass --force only if the format changed")
-    model = build_golden_model()
+    model = build_golden_model(FORMAT_VERSION)
     report = export_packed(model, packed, coord_bits=32)
     if read_header(packed).get("coord_bits") != 32:
         raise AssertionError("the golden file must hold 32-bit coordinates")

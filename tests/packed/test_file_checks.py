@@ -67,11 +67,11 @@ def with_preamble(data: bytes, version: int) -> bytes:
     (lambda data: data[:10], "is truncated: 10 bytes, shorter than the 22-byte preamble"),
     (lambda data: data[:21], "is truncated: 21 bytes, shorter than the 22-byte preamble"),
     (lambda data: with_preamble(data, 0), "has packed format version 0, which does not exist"),
-    (lambda data: with_preamble(data, 2), "has packed format version 2; this alq_lightning reads versions up to 1: "
+    (lambda data: with_preamble(data, 3), "has packed format version 3; this alq_lightning reads versions up to 2: "
                                           "upgrade alq_lightning to load it"),
     (lambda data: with_preamble(data, 65535), "has packed format version 65535; this alq_lightning reads versions up "
-                                              "to 1: upgrade alq_lightning to load it"),
-], ids=["9 bytes", "magic", "10 bytes", "21 bytes", "version 0", "version 2", "version 65535"])
+                                              "to 2: upgrade alq_lightning to load it"),
+], ids=["9 bytes", "magic", "10 bytes", "21 bytes", "version 0", "version 3", "version 65535"])
 def test_preamble_problems_are_named_by_both_readers(packed_file, change, message):
     packed_file.write_bytes(change(packed_file.read_bytes()))
     for read in (read_packed, read_header):

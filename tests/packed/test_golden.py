@@ -1,8 +1,10 @@
-"""The committed golden file ``tests/golden/v1_tiny.alq`` read by a reader written here from the documented layout.
+"""The committed golden files ``tests/golden/v{1,2}_tiny.alq`` read by a reader written here from the documented
+layout.
 
 The reader below uses only ``struct``, ``json``, ``hashlib``, plain-Python bit arithmetic and numpy, following
 the format-version-1 layout in the docstring of :mod:`alq_lightning.packed.format` (bits least significant
-first) and the group layouts of :mod:`alq_lightning.core.layout`. Nothing from ``alq_lightning.packed`` serves
+first), version 2's ``activations`` entries of the header, and the group layouts of
+:mod:`alq_lightning.core.layout`. Nothing from ``alq_lightning.packed`` serves
 the decoding; ``load_packed``/``export_packed`` appear only as the things compared. A change of the bit order,
 section order, header or byte layout that the library's own writer and reader make together therefore fails
 here. Regenerate the golden files only for a new format version (``python tests/golden/make_golden.py``, which
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from alq_lightning.activations import attach_activations
 from alq_lightning.core import MultiBitState
 from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.packed.format import FORMAT_VERSION
@@ -34,6 +37,7 @@ make_golden = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_golden)
 
 V1_FILE, V1_WEIGHTS = GOLDEN / "v1_tiny.alq", GOLDEN / "v1_tiny_weights.pt"
+V2_FILE, V2_WEIGHTS = GOLDEN / "v2_tiny.alq", GOLDEN / "v2_tiny_weights.pt"
 MAGIC, PREAMBLE_FORMAT, CHECKSUM = b"ALQPACK\0", "<8sHIQ", 32
 
 
@@ -102,10 +106,11 @@ def decode_float_v1(payload: bytes, entry: dict) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.dtype(entry["dtype"]).newbyteorder("<")).reshape(entry["shape"])
 
 
-def decode_v1(path: Path) -> tuple[dict, dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
-    """``(header, {layer: decode_layer_v1}, {state_dict key: float remainder tensor})`` of a version-1 file."""
-    version, header, payload = read_v1(path)
-    assert version == 1
+def decode_v1(path: Path, version: int = 1) -> tuple[dict, dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``(header, {layer: decode_layer_v1}, {state_dict key: float remainder tensor})`` of a file of ``version``
+    (1, or 2, whose payload is laid out as version 1's)."""
+    got, header, payload = read_v1(path)
+    assert got == version
     layers = {entry["name"]: decode_layer_v1(payload, entry, header["coord_dtype"]) for entry in header["layers"]}
     floats = {entry["name"]: decode_float_v1(payload, entry) for entry in header["float"]}
     return header, layers, floats
@@ -118,9 +123,27 @@ def to_float32(weight: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(single)
 
 
-def independent_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def decode_activations_v2(header: dict) -> dict[str, dict[str, np.ndarray]]:
+    """``{layer: {"coords" [C, J] float32, "signed" bool}}`` from the ``activations`` entries of a version-2
+    header; every coordinate, a JSON number, must be a float32 exactly."""
+    found = {}
+    for entry in header["layers"]:
+        if "activations" not in entry:
+            continue
+        acts = entry["activations"]
+        act_bits, values = acts["act_bits"], acts["coords"]
+        assert type(act_bits) is int and 1 <= act_bits <= 8 and type(acts["signed"]) is bool
+        assert len(values) % act_bits == 0 and len(values) // act_bits in (1, entry["shape"][1])
+        doubles = np.array(values, dtype=np.float64)
+        singles = doubles.astype(np.float32)
+        assert np.array_equal(singles.astype(np.float64), doubles), entry["name"]
+        found[entry["name"]] = {"coords": singles.reshape(-1, act_bits), "signed": acts["signed"]}
+    return found
+
+
+def independent_state_dict(path: Path, version: int = 1) -> dict[str, torch.Tensor]:
     """Every ``state_dict`` tensor of the model in ``path``, decoded by this module's reader."""
-    _, layers, floats = decode_v1(path)
+    _, layers, floats = decode_v1(path, version)
     tensors = {f"{name}.weight": to_float32(layer["weight"]) for name, layer in layers.items()}
     return tensors | {key: torch.from_numpy(value.copy()) for key, value in floats.items()}
 
@@ -189,6 +212,15 @@ def test_load_packed_gives_the_independent_decode_exactly():
         assert torch.equal(dense_weight(getattr(packed.model, name)), decoded[f"{name}.weight"]), name
 
 
+def restore_saved_activations(model: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    """Attach and load the input quantizers saved under ``activations/<layer>/...`` (version 2 on)."""
+    modules = dict(model.named_modules())
+    for name in sorted({key.split("/")[1] for key in expected if key.startswith("activations/")}):
+        coords = expected[f"activations/{name}/coords"]
+        layer = attach_activations({name: modules[name]}, coords.shape[1], per_channel=coords.shape[0] > 1)[name]
+        layer.load({"coords": coords, "signed": expected[f"activations/{name}/signed"], "ready": torch.tensor(True)})
+
+
 def test_export_of_the_saved_state_writes_the_golden_bytes(tmp_path):
     """``export_packed`` of the saved multi-bit state and float tensors writes the committed golden file of the
     current format version byte for byte (a format change without a new version fails here)."""
@@ -197,11 +229,12 @@ def test_export_of_the_saved_state_writes_the_golden_bytes(tmp_path):
         pytest.skip(f"no golden file of version {FORMAT_VERSION} (test_every_format_version_has_a_golden_file)")
     expected = torch.load(weights, weights_only=True)
     model = make_golden.TinyNet().eval()
-    model.load_state_dict({key: value for key, value in expected.items() if not key.startswith("multibit/")})
+    model.load_state_dict({key: value for key, value in expected.items() if "/" not in key})
     layers, _ = attach(model, LayerSelection(max_bits=4, structures=make_golden.STRUCTURES,
                                              max_bits_overrides=make_golden.MAX_BITS))
     for name, layer in layers.items():
         layer.load_state(MultiBitState(*(expected[f"multibit/{name}/{key}"] for key in ("codes", "coords", "mask"))))
+    restore_saved_activations(model, expected)
     export_packed(model, tmp_path / "again.alq", coord_bits=32)
     assert (tmp_path / "again.alq").read_bytes() == golden.read_bytes()
 
@@ -217,3 +250,40 @@ def test_every_format_version_has_a_golden_file():
         expected = torch.load(weights, weights_only=True)
         state = load_packed(packed, make_golden.TinyNet().eval()).state_dict()
         assert all(torch.equal(state[key], value) for key, value in expected.items() if key in state), packed.name
+
+
+def test_v2_header_says_version_2_and_its_payload_is_laid_out_as_version_1():
+    """Version 2 in the preamble; the payload decodes with the version-1 reader into the saved weights, codes
+    and coordinates; the activations of conv2 (2 bits, ±1 codes, one row) and fc (3 bits, {0,1} codes, one row
+    per input feature) sit in their header entries, and no other layer has any."""
+    version, header, _ = read_v1(V2_FILE)
+    assert version == 2
+    expected = torch.load(V2_WEIGHTS, weights_only=True)
+    _, layers, _ = decode_v1(V2_FILE, version=2)
+    for name, layer in layers.items():
+        assert torch.equal(torch.from_numpy(layer["mask"]), expected[f"multibit/{name}/mask"]), name
+        assert torch.equal(torch.from_numpy(layer["coords"]).float(), expected[f"multibit/{name}/coords"]), name
+    decoded = independent_state_dict(V2_FILE, version=2)
+    assert set(decoded) == {key for key in expected if "/" not in key}
+    for key, value in decoded.items():
+        assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
+    activations = decode_activations_v2(header)
+    assert {name: (acts["coords"].shape, acts["signed"]) for name, acts in activations.items()} == {
+        "conv2": ((1, 2), True), "fc": ((16, 3), False)}
+
+
+def test_v2_independent_activations_equal_the_saved_quantizers():
+    """The coordinates read from the JSON header equal the saved float32 tensors bit for bit, row-major
+    ``[C, J]``; ``signed`` equals the saved flag; ``load_packed`` restores the same quantizers."""
+    expected = torch.load(V2_WEIGHTS, weights_only=True)
+    activations = decode_activations_v2(read_v1(V2_FILE)[1])
+    for name, acts in activations.items():
+        assert torch.equal(torch.from_numpy(acts["coords"]), expected[f"activations/{name}/coords"]), name
+        assert acts["signed"] == bool(expected[f"activations/{name}/signed"]), name
+    loaded = load_packed(V2_FILE, make_golden.TinyNet().eval())
+    for model in (loaded,):
+        modules = dict(model.named_modules())
+        for name, acts in activations.items():
+            module = modules[name]
+            assert torch.equal(module.alq_act_coords.view(torch.float32), expected[f"activations/{name}/coords"])
+            assert bool(module.alq_act_signed) == acts["signed"] and bool(module.alq_act_ready)
