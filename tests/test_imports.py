@@ -1,7 +1,7 @@
 """Imports inside ``alq_lightning`` run one way: no module imports, directly or through others, a module that
-imports it, and the packed-file modules import only those below them (format -> io -> inference -> checkpoint
--> cli). Every import statement counts, also those inside functions and ``if TYPE_CHECKING:`` blocks: a lazy
-import only hides a cycle until the day it runs first."""
+imports it, and the packed-file modules import only those below them (format -> io -> bitwise -> inference
+-> checkpoint -> cli). Every import statement counts, also those inside functions and ``if TYPE_CHECKING:``
+blocks: a lazy import only hides a cycle until the day it runs first."""
 from __future__ import annotations
 
 import ast
@@ -12,7 +12,7 @@ import pytest
 import alq_lightning
 
 PACKAGE = Path(alq_lightning.__file__).resolve().parent
-PACKED_ORDER = ("format", "io", "inference", "checkpoint", "cli")
+PACKED_ORDER = ("format", "io", "bitwise", "inference", "checkpoint", "cli")
 
 
 def module_names(package: Path) -> dict[str, Path]:

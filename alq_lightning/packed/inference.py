@@ -12,6 +12,11 @@ weight and its unpacking intermediates (``codes [G, n]`` uint8, live bits ``[L, 
 ``[G, 2^K]``), plus activations. Outputs equal those of the model :func:`~alq_lightning.packed.io.load_packed`
 gives, exactly (same reconstruction, same dtype, same device), except that attention runs on PyTorch's regular
 path, not its fused fast path (``torch.backends.mha``), whose rounding differs.
+
+A file's input quantizers (format version 2) are attached and switched on: those layers' inputs are quantized
+as in training (a float simulation). With ``bitwise=True`` each such Linear and Conv2d runs as a bitwise
+reference execution instead (:mod:`alq_lightning.packed.bitwise`): integer popcount dots of weight and
+activation bases, equal to the float simulation up to float rounding.
 """
 from __future__ import annotations
 
@@ -27,7 +32,16 @@ from ..core import GroupLayout, auto_layout
 from ..core.multibit import compute_dtype
 from ..layers import BUFFER_KEYS, buffer_prefix, float_remainder
 from .format import LAYER_SECTIONS, decode_layer, parse_dtype
-from .io import PackedFile, check_model, float_tensors_for, read_packed
+from .bitwise import BITWISE_MODULES, check_bitwise, make_bitwise
+from .io import (
+    PackedFile,
+    check_activations,
+    check_model,
+    file_quantizers,
+    float_tensors_for,
+    read_packed,
+    restore_activations,
+)
 
 
 @dataclass(frozen=True)
@@ -100,13 +114,20 @@ def hook_owners(model: nn.Module) -> dict[int, nn.Module]:
 class PackedModel(nn.Module):
     """``model`` with its quantized layers in packed form; ``forward`` is the model's forward.
 
-    Build it with :func:`load_packed_for_inference`. ``packed_layers`` maps layer names to their modules.
-    Every module sharing a quantized layer's weight is packed with that layer's sections.
+    Build it with :func:`load_packed_for_inference`. ``packed_layers`` lists the quantized layers' names,
+    ``activation_layers`` maps the layers whose input the file quantizes to their quantizers, ``bitwise_layers``
+    lists those that run bitwise. Every module sharing a quantized layer's weight is packed with that layer's
+    sections.
     """
 
-    def __init__(self, model: nn.Module, packed: PackedFile) -> None:
+    def __init__(self, model: nn.Module, packed: PackedFile, bitwise: bool = False) -> None:
         super().__init__()
         modules = check_model(packed.header, model, attached_must_match=False)
+        check_activations(packed.header, modules)
+        quantizers = file_quantizers(packed.header)
+        bitwise_names = [name for name in quantizers if bitwise and isinstance(modules[name][0], BITWISE_MODULES)]
+        for name in bitwise_names:
+            check_bitwise(name, modules[name][0], quantizers[name]["coords"])
         self.model = model
         with torch.no_grad():
             model.load_state_dict(float_tensors_for(packed, float_remainder(model, modules)), strict=False)
@@ -120,6 +141,11 @@ class PackedModel(nn.Module):
             for user, user_attr in users[id(getattr(module, attr))]:
                 pack_module(user, user_attr, packed, entry, owners.get(id(user)))
         self.packed_layers = list(modules)
+        self.activation_layers = restore_activations(model, quantizers)
+        for name in bitwise_names:
+            self.activation_layers[name].enabled = False  # the bitwise forward reads the raw input's codes
+            make_bitwise(modules[name][0])
+        self.bitwise_layers = bitwise_names
         self._targets = modules
         self.quantized_bytes = int(packed.header["quantized_bytes"])
 
@@ -139,13 +165,17 @@ class PackedModel(nn.Module):
                    for module, attr in self._targets.values() for key in LAYER_SECTIONS)
 
 
-def load_packed_for_inference(path: str | os.PathLike,
-                              model_or_factory: nn.Module | Callable[[], nn.Module]) -> PackedModel:
+def load_packed_for_inference(path: str | os.PathLike, model_or_factory: nn.Module | Callable[[], nn.Module],
+                              bitwise: bool = False) -> PackedModel:
     """A :class:`PackedModel` in eval mode from the packed file ``path``.
 
     ``model_or_factory`` is a model of the file's architecture (converted in place) or a callable returning
     one; it may or may not carry multi-bit buffers (they are dropped). The file is verified and the model
-    checked against it before anything is changed.
+    checked against it before anything is changed. With ``bitwise=True`` every Linear and Conv2d whose input
+    the file quantizes runs bitwise (:mod:`alq_lightning.packed.bitwise`; refused for per-channel input
+    coordinates); other layers compute as without it.
     """
+    if not isinstance(bitwise, bool):
+        raise ValueError(f"bitwise={bitwise!r} must be True or False")
     model = model_or_factory if isinstance(model_or_factory, nn.Module) else model_or_factory()
-    return PackedModel(model, read_packed(path)).eval()
+    return PackedModel(model, read_packed(path), bitwise).eval()

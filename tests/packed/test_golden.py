@@ -274,16 +274,20 @@ def test_v2_header_says_version_2_and_its_payload_is_laid_out_as_version_1():
 
 def test_v2_independent_activations_equal_the_saved_quantizers():
     """The coordinates read from the JSON header equal the saved float32 tensors bit for bit, row-major
-    ``[C, J]``; ``signed`` equals the saved flag; ``load_packed`` restores the same quantizers."""
+    ``[C, J]``; ``signed`` equals the saved flag; ``load_packed`` and the packed-inference model restore the same
+    quantizers, switched on."""
     expected = torch.load(V2_WEIGHTS, weights_only=True)
     activations = decode_activations_v2(read_v1(V2_FILE)[1])
     for name, acts in activations.items():
         assert torch.equal(torch.from_numpy(acts["coords"]), expected[f"activations/{name}/coords"]), name
         assert acts["signed"] == bool(expected[f"activations/{name}/signed"]), name
     loaded = load_packed(V2_FILE, make_golden.TinyNet().eval())
-    for model in (loaded,):
+    packed = load_packed_for_inference(V2_FILE, make_golden.TinyNet)
+    assert set(packed.activation_layers) == set(activations)
+    for model in (loaded, packed.model):
         modules = dict(model.named_modules())
         for name, acts in activations.items():
             module = modules[name]
             assert torch.equal(module.alq_act_coords.view(torch.float32), expected[f"activations/{name}/coords"])
             assert bool(module.alq_act_signed) == acts["signed"] and bool(module.alq_act_ready)
+    assert all(layer.enabled for layer in packed.activation_layers.values())
