@@ -4,7 +4,9 @@ The model is built with :func:`alq_lightning.models.build_model` from ``model/in
 input_size``, each falling back to the checkpoint's hyper-parameters (a ``ClassifierModule`` built with
 ``architecture=``, as ``train.py`` builds it, stores all of them). Its dense weights come from the
 checkpoint's ``state_dict`` (keys under ``prefix``, default ``model.``), its multi-bit tensors from the
-``"alq"`` key; each layer's structure is the one under which those tensors reproduce the dense weight.
+``"alq"`` key; each layer's structure is the one under which those tensors reproduce the dense weight. Input
+quantizers saved under ``"alq_activations"`` (``ALQCallback(act_bits=...)``, ``ActivationQuantization``) are
+attached and switched on, so that the exported file carries them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,11 @@ from ..core import GroupLayout, MultiBitState, auto_layout
 from ..layers import LayerSelection, attach, resolve
 from ..models import MODEL_NAMES, build_model
 from .format import MAGIC
+from .io import restore_activations
 
+# ActivationQuantization's checkpoint key (alq_lightning.callbacks.activations), written out here so that the
+# export command does not import Lightning's callbacks; a test checks that the two agree.
+ACTIVATIONS_KEY = "alq_activations"
 _ARCHITECTURE = ("in_channels", "num_classes", "input_size")
 _CONV_STRUCTURES = ("kernelwise", "pixelwise", "channelwise")
 
@@ -95,8 +101,9 @@ def read_checkpoint(path: str) -> Mapping[str, Any]:
 
 
 def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.", **given: Any) -> nn.Module:
-    """The quantized model stored in a Lightning checkpoint (dense ``state_dict`` + ``"alq"`` tensors), in the
-    dtype of its weights when they all share one."""
+    """The quantized model stored in a Lightning checkpoint (dense ``state_dict`` + ``"alq"`` tensors, and the
+    input quantizers under ``"alq_activations"`` when it has them), in the dtype of its weights when they all
+    share one."""
     name, kwargs = architecture(checkpoint.get("hyper_parameters") or {}, **given)
     model = build_model(name, **kwargs)
     state = {key[len(prefix):]: value for key, value in checkpoint.get("state_dict", {}).items()
@@ -114,6 +121,9 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.",
     if not tensors:
         raise ValueError(f"the checkpoint holds no multi-bit tensors under 'alq' for layers under {prefix!r}")
     attach_tensors(model, tensors)
+    quantizers = {layer[len(prefix):]: value for layer, value in (checkpoint.get(ACTIVATIONS_KEY) or {}).items()
+                  if layer.startswith(prefix)}
+    restore_activations(model, quantizers)
     return model
 
 
