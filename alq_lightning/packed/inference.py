@@ -31,8 +31,8 @@ from torch import nn
 from ..core import GroupLayout, auto_layout
 from ..core.multibit import compute_dtype
 from ..layers import BUFFER_KEYS, buffer_prefix, float_remainder
-from .format import LAYER_SECTIONS, decode_layer, parse_dtype
 from .bitwise import BITWISE_MODULES, check_bitwise, make_bitwise
+from .format import LAYER_SECTIONS, decode_layer, parse_dtype
 from .io import (
     PackedFile,
     check_activations,

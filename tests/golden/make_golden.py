@@ -18,9 +18,10 @@ Beside it, ``v{N}_tiny_weights.pt`` (``torch.save`` of a flat dict of tensors, r
 ``weights_only=True``) holds what was exported: every ``state_dict`` tensor (dense ŵ and float remainder)
 under its key, each quantized layer's ``mask`` ``[G, K]``, ``codes`` ``[G, n]`` and ``coords`` ``[G, K]``
 under ``multibit/<layer>/<name>``, and (version 2 on) each input quantizer's ``coords`` ``[C, J]`` float32 and
-``signed`` (bool, 0-d) under ``activations/<layer>/<name>``. ``tests/packed/test_golden.py`` decodes the committed bytes with its own
-reader and compares them with this file. Once committed, these files are the format's reference: regenerate
-them only when the format version changes (then a new ``v{N+1}`` pair sits beside the old ones).
+``signed`` (bool, 0-d) under ``activations/<layer>/<name>``. ``tests/packed/test_golden.py`` decodes the
+committed bytes with its own reader and compares them with this file. Once committed, these files are the
+format's reference: regenerate them only when the format version changes (then a new ``v{N+1}`` pair sits
+beside the old ones).
 """
 from __future__ import annotations
 

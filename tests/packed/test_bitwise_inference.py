@@ -4,8 +4,9 @@ simulation (``ŵ`` times the quantized input ``x̂``) up to float rounding.
 
 Tolerances: a bitwise layer sums exact integer dots weighted by float32 ``α γ`` in float64 and rounds once to
 float32, so against the float64 product of ``ŵ`` and ``x̂`` (both formed exactly in float64) it differs by half
-a float32 ulp (``2^-24`` relative) plus float64 rounding (1e-12 of the layer's largest output); the whole model, whose float simulation runs in float32, agrees to
-``rtol=atol=1e-5`` (float32 rounding, ~1e-7 relative per layer, carried through a few layers).
+a float32 ulp (``2^-24`` relative) plus float64 rounding (1e-12 of the layer's largest output); the whole
+model, whose float simulation runs in float32, agrees to ``rtol=atol=1e-5`` (float32 rounding, ~1e-7 relative
+per layer, carried through a few layers).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ class Net(nn.Module):
 
 
 def named(model: nn.Module) -> dict[str, nn.Module]:
-    return {name.removeprefix("layers."): module for name, module in model.named_modules() if name.startswith("layers.")}
+    return {name.removeprefix("layers."): module for name, module in model.named_modules()
+            if name.startswith("layers.")}
 
 
 def build() -> nn.Module:
