@@ -36,10 +36,11 @@ from .format import LAYER_SECTIONS, decode_layer
 BITWISE_MODULES = (nn.Linear, nn.Conv2d)
 
 
-def check_bitwise(name: str, module: nn.Module, coords: torch.Tensor) -> None:
-    """ValueError unless layer ``name`` (``module`` with input coordinates ``coords [C, J]``) can run bitwise:
-    one coordinate vector for the whole input (per-channel ``γ_c`` differ inside a dot product, so they cannot
-    be factored out of it), and for a Conv2d zero padding given as numbers or ``"valid"``."""
+def check_bitwise(name: str, module: nn.Module, coords: torch.Tensor, layout: GroupLayout) -> None:
+    """ValueError unless layer ``name`` (``module`` with input coordinates ``coords [C, J]``, weight groups
+    ``layout``) can run bitwise: one coordinate vector for the whole input (per-channel ``γ_c`` differ inside a
+    dot product, so they cannot be factored out of it), each group inside one output, and for a Conv2d zero
+    padding given as numbers or ``"valid"``."""
     if coords.shape[0] != 1:
         raise ValueError(f"layer {name!r} has per-channel input coordinates ({coords.shape[0]} rows): a dot "
                          f"product over several channels cannot factor out one γ per basis, so it cannot run "
@@ -51,6 +52,10 @@ def check_bitwise(name: str, module: nn.Module, coords: torch.Tensor) -> None:
         if isinstance(module.padding, str) and module.padding != "valid":
             raise ValueError(f"layer {name!r}: padding={module.padding!r} cannot run bitwise; give the padding as "
                              f"numbers")
+    try:
+        group_positions(layout, module)
+    except ValueError as error:
+        raise ValueError(f"layer {name!r}: {error}, so it cannot run bitwise") from None
 
 
 def group_positions(layout: GroupLayout, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

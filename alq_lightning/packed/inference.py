@@ -126,8 +126,10 @@ class PackedModel(nn.Module):
         check_activations(packed.header, modules)
         quantizers = file_quantizers(packed.header)
         bitwise_names = [name for name in quantizers if bitwise and isinstance(modules[name][0], BITWISE_MODULES)]
+        entries = {entry["name"]: entry for entry in packed.header["layers"]}
         for name in bitwise_names:
-            check_bitwise(name, modules[name][0], quantizers[name]["coords"])
+            layout = auto_layout(tuple(entries[name]["shape"]), entries[name]["structure"])
+            check_bitwise(name, modules[name][0], quantizers[name]["coords"], layout)
         self.model = model
         with torch.no_grad():
             model.load_state_dict(float_tensors_for(packed, float_remainder(model, modules)), strict=False)

@@ -226,3 +226,18 @@ def test_bitwise_must_be_a_bool(tmp_path):
     _, path = export(tmp_path, "kernelwise")
     with pytest.raises(ValueError, match="bitwise='yes' must be True or False"):
         load_packed_for_inference(path, build, bitwise="yes")
+
+
+def test_a_layout_whose_groups_span_outputs_cannot_run_bitwise(tmp_path):
+    """``columnwise`` on a Linear's ``(out, in)`` weight puts weights of several outputs in one group."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Tanh(), nn.Linear(4, 6))
+    MultiBitNetwork(*attach(model, LayerSelection(max_bits=2, structures={"1": "columnwise(2)"}))).initialize()
+    layer = attach_activations({"1": model[1]}, 2)["1"]
+    layer.enabled = True
+    with torch.enable_grad():
+        model.train()(torch.randn(8, 4))
+    export_packed(model.eval(), tmp_path / "m.alq")
+    with pytest.raises(ValueError, match=r"layer '1': a group of the columnwise\(2\) layout on \(6, 4\) spans "
+                                         r"several outputs, so it cannot run bitwise"):
+        load_packed_for_inference(tmp_path / "m.alq", nn.Sequential(nn.Tanh(), nn.Linear(4, 6)), bitwise=True)
