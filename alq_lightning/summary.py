@@ -166,8 +166,9 @@ class BitSummary:
         if not self.act_rows:
             return []
         bits = "/".join(str(b) for b in sorted({row.act_bits for row in self.act_rows}))
-        return [f"activations: {len(self.act_rows)} of {len(self.rows)} layer inputs at {bits} bits; {self.bops} "
-                f"BOPs and {self.macs} float MACs per sample (last forward)"]
+        counted = (f"{self.bops} BOPs and {self.macs} float MACs per sample (last forward)"
+                   if all(row.positions for row in self.act_rows) else "BOPs are counted once a forward pass ran")
+        return [f"activations: {len(self.act_rows)} of {len(self.rows)} layer inputs at {bits} bits; {counted}"]
 
     def _float_parts(self) -> tuple[list[FloatRow], list[FloatRow]]:
         """The float remainder as ``(matrices, vectors and scalars)``: matrices are weights left in float."""

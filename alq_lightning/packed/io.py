@@ -371,11 +371,13 @@ def load_packed(path: str | os.PathLike, model: nn.Module) -> nn.Module:
 
 
 def packed_summary(header: dict[str, Any]) -> BitSummary:
-    """The :class:`BitSummary` of a packed file, from its header alone."""
+    """The :class:`BitSummary` of a packed file, from its header alone (activation bits, but no BOPs: those need
+    a forward pass)."""
     rows = tuple(
         LayerRow(entry["name"], tuple(entry["shape"]), entry["structure"],
                  LayerBits(entry["num_groups"] * entry["group_size"], entry["num_groups"], entry["group_size"],
-                           entry["max_bits"], entry["live_slots"]), header["coord_bits"])
+                           entry["max_bits"], entry["live_slots"]), header["coord_bits"],
+                 entry.get("activations", {}).get("act_bits", 0))
         for entry in header["layers"]
     )
     floats = tuple(FloatRow(entry["name"], tuple(entry["shape"]), parse_dtype(entry["dtype"]))

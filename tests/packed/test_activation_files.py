@@ -16,7 +16,8 @@ from alq_lightning.activations import attach_activations
 from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.network import MultiBitNetwork
 from alq_lightning.packed.format import CHECKSUM_BYTES, PREAMBLE
-from alq_lightning.packed.io import export_packed, load_packed, read_header, read_packed
+from alq_lightning.packed.io import export_packed, load_packed, packed_summary, read_header, read_packed
+from alq_lightning.summary import bit_summary
 
 
 def network() -> nn.Module:
@@ -206,3 +207,15 @@ def test_per_channel_rows_must_match_the_models_channels(tmp_path):
     assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
     assert not hasattr(model[2], "alq_act_coords")
 
+
+
+def test_the_summary_of_a_file_lists_its_activation_bits_without_bops(tmp_path):
+    """``alq-summary`` reads act_bits from the header; BOPs need a forward pass, which a file alone has not had."""
+    model = quantized({"2": False, "5": True}, act_bits=3)
+    export_packed(model, tmp_path / "m.alq")
+    summary = packed_summary(read_header(tmp_path / "m.alq"))
+    assert {row.name: row.act_bits for row in summary.rows} == {"0": 0, "2": 3, "5": 3}
+    assert summary.header[-2:] == ("act_bits", "BOPs")
+    assert "activations: 2 of 3 layer inputs at 3 bits; BOPs are counted once a forward pass ran" in str(summary)
+    in_memory = bit_summary(model)
+    assert in_memory.bops == 36 * 3 * in_memory.rows[1].bits.binary_bits + 3 * in_memory.rows[2].bits.binary_bits
