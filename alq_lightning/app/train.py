@@ -135,7 +135,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             validation = measure_validation(trainer, model.module, datamodule, str(cfg.optimized_metric))
         with clock.measure("test"):
             test_acc = measure_accuracy(trainer, model.module, datamodule)
-        summary = bit_summary(model.network)
+        summary = bit_summary(model.module)
         results = {
             "float_test_acc": float_acc,
             "test_acc": test_acc,
@@ -143,7 +143,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "optimized_metric": {"name": str(cfg.optimized_metric), "value": validation[str(cfg.optimized_metric)]},
             "target_bits": callback.target_bits,
             "initial_bits": recorder.initial_bits,
-            **summarize_bits(summary, bit_summary(model.network, coord_bits=16)),
+            **summarize_bits(summary, bit_summary(model.module, coord_bits=16)),
             "rounds": recorder.rounds,
             "timings_s": clock.rounded(),
             "epochs": {"pretrain": int(cfg.pretrain.epochs), "alq": callback.total_epochs},

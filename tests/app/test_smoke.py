@@ -136,7 +136,7 @@ def test_readme_export_command_on_a_train_py_checkpoint(tmp_path, capsys):
     (["model.net._target_=alq_lightning.models.AlexNet"],
      "model.net._target_='alq_lightning.models.AlexNet' cannot be imported"),
     (["model.optimizer.lr=-1"],
-     "model: ValueError: optimizer=functools.partial(<class 'torch.optim.adam.Adam'>, lr=-1"),
+     "(<class 'torch.optim.adam.Adam'>, lr=-1) cannot build an optimizer: Invalid learning rate: -1"),
     (["pretrain.optimizer._target_=torch.optim.Sideways"], "pretrain.optimizer: "),
     (["optimized_metric=test/acc"], "optimized_metric='test/acc' must be a validation metric (val/...)"),
     (["ckpt_path=/nowhere/last.ckpt"], "ckpt_path='/nowhere/last.ckpt' does not exist or is not a file"),
