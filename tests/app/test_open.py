@@ -170,7 +170,8 @@ def test_interrupted_run_resumed_from_its_checkpoint_ends_in_the_same_state(user
         smoke(tmp_path, "cut", ["logger=none", *interrupt])
     cut = tmp_path / "cut" / "last.ckpt"
     assert torch.load(cut, weights_only=True)["epoch"] == 3 and not (tmp_path / "cut" / "results.json").exists()
-    resumed, resumed_dir = smoke(tmp_path, "resumed", ["logger=none", f"ckpt_path={cut}"])
+    guard = ["+callbacks.interrupt._target_=alq_user.Interrupt", "+callbacks.interrupt.epoch=2"]  # never reached
+    resumed, resumed_dir = smoke(tmp_path, "resumed", ["logger=none", f"ckpt_path={cut}", *guard])
     assert resumed["resumed_from"] == str(cut) and whole["resumed_from"] is None
     assert resumed["test_acc"] == whole["test_acc"] and resumed["val_acc"] == whole["val_acc"]
     assert resumed["avg_bits"] == whole["avg_bits"] and resumed["layer_bits"] == whole["layer_bits"]
@@ -212,3 +213,11 @@ def test_wandb_logs_the_packed_model_as_an_artifact(switch, tmp_path, monkeypatc
     assert artifact.metadata["file_bytes"] == results["packed_file"]["bytes"]
     assert (artifact.metadata["test_acc"], artifact.metadata["val_acc"]) == (results["test_acc"], results["val_acc"])
     assert artifact.name.encode() in next(run.glob("*.wandb")).read_bytes(), "the offline run records the artifact"
+
+
+def test_main_returns_the_optimized_validation_metric_not_the_test_accuracy(monkeypatch):
+    import alq_lightning.app.train as app
+
+    results = {"optimized_metric": {"name": "val/acc", "value": 0.25}, "val_acc": 0.25, "test_acc": 0.75}
+    monkeypatch.setattr(app, "train", lambda cfg: results)
+    assert app.main.__wrapped__(None) == 0.25

@@ -10,10 +10,7 @@ import torch
 from torch import nn
 
 from alq_lightning.data import (
-    CIFAR10DataModule,
-    FashionMNISTDataModule,
     ImageNetDataModule,
-    MNISTDataModule,
     SyntheticDataModule,
     TensorLoader,
     make_synthetic,
