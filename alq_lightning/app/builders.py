@@ -57,8 +57,9 @@ def fill_from_data(cfg: DictConfig, shape: dict[str, int], group: str = "model")
 
 @dataclass
 class Model:
-    """The LightningModule of the ``model`` group, the network ALQ quantizes and exports (its ``net`` when it has
-    one, else the module) and that network's name in the package's zoo (None for a user's network)."""
+    """The LightningModule of the ``model`` group, the network ALQ exports (its ``net`` when it has one, else the
+    module), that network's name in the package's zoo (None for a user's network), its attribute path in the
+    module with a dot (``"model."``; empty for the module itself) and the config with the data's values filled."""
 
     module: LightningModule
     network: nn.Module
