@@ -1,8 +1,7 @@
 """A generic image-classification LightningModule around any ``nn.Module`` classifier."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from numbers import Real
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -11,13 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-OPTIMIZERS = ("sgd", "adam")
+SCHEDULER_INTERVALS = ("epoch", "step")
 
 
-def check_number(name: str, value: Any, ok: Callable[[float], bool], allowed: str) -> None:
-    """Raise ``ValueError`` naming ``name``, ``value`` and ``allowed`` unless ``value`` is a real with ``ok(value)``."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not ok(value):
-        raise ValueError(f"{name}={value!r} must be a number {allowed}")
+def default_optimizer(params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    """SGD at learning rate 0.01 with momentum 0.5 (the authors' LeNet5 recipe): the optimizer of a
+    ``ClassifierModule`` given none."""
+    return torch.optim.SGD(params, lr=0.01, momentum=0.5)
 
 
 def is_plain(value: Any) -> bool:
@@ -30,55 +29,71 @@ def is_plain(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float))
 
 
+def check_optimizer_factories(optimizer: Any, scheduler: Any, interval: Any) -> None:
+    """Build ``optimizer`` (and ``scheduler`` on it) once on a probe parameter, so that a bad partial fails in the
+    constructor, naming the argument, its value and what is allowed, rather than at the first training step."""
+    if not callable(optimizer):
+        raise ValueError(f"optimizer={optimizer!r} must be a callable params -> torch.optim.Optimizer, e.g. "
+                         "functools.partial(torch.optim.SGD, lr=0.1) (a `_partial_: true` config)")
+    try:
+        built = optimizer([nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"optimizer={optimizer!r} cannot build an optimizer: {err}") from err
+    if not isinstance(built, torch.optim.Optimizer):
+        raise ValueError(f"optimizer={optimizer!r} returned {type(built).__name__}; it must return a "
+                         "torch.optim.Optimizer")
+    if interval not in SCHEDULER_INTERVALS:
+        raise ValueError(f"scheduler_interval={interval!r} is not allowed; allowed: {', '.join(SCHEDULER_INTERVALS)}")
+    if scheduler is None:
+        return
+    if not callable(scheduler):
+        raise ValueError(f"scheduler={scheduler!r} must be None or a callable optimizer -> learning-rate scheduler, "
+                         "e.g. functools.partial(torch.optim.lr_scheduler.MultiStepLR, milestones=[15])")
+    try:
+        scheduler(built)
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(f"scheduler={scheduler!r} cannot build a scheduler: {err}") from err
+
+
 class ClassifierModule(L.LightningModule):
-    """Cross-entropy training of ``model`` with top-1 accuracy, on ``(x, y)`` batches.
+    """Cross-entropy training of ``net`` with top-1 accuracy, on ``(x, y)`` batches.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc``.
 
     Args:
-        model: maps ``x`` ``[B, ...]`` to logits ``[B, num_classes]``.
+        net: maps ``x`` ``[B, ...]`` to logits ``[B, num_classes]``; held as ``self.model``, so that checkpoint
+            keys read ``model.<parameter>``.
         num_classes: number of classes (>= 2); ``y`` is ``[B]`` int64 in ``[0, num_classes)``.
-        optimizer: ``"sgd"`` (with ``momentum``) or ``"adam"``.
-        lr: learning rate (> 0).
-        momentum: SGD momentum in ``[0, 1)``; unused by Adam.
-        weight_decay: L2 penalty (>= 0).
-        lr_milestones: epochs at which the learning rate is multiplied by ``lr_gamma`` (strictly increasing,
-            positive); empty for a constant learning rate.
-        lr_gamma: the multiplicative decay at each milestone (> 0).
-        architecture: how ``model`` is built, saved with the hyper-parameters so that a checkpoint can be
+        optimizer: ``params -> torch.optim.Optimizer``, e.g. ``functools.partial(torch.optim.Adam, lr=1e-3)``
+            (in Hydra: a ``_partial_: true`` config); it gets the parameters that require a gradient.
+            Default: SGD, lr 0.01, momentum 0.5.
+        scheduler: ``optimizer -> LRScheduler``, e.g. ``functools.partial(MultiStepLR, milestones=[15],
+            gamma=0.2)``; None for a constant learning rate.
+        scheduler_interval: when the scheduler steps: ``"epoch"`` or ``"step"``.
+        architecture: how ``net`` is built, saved with the hyper-parameters so that a checkpoint can be
             rebuilt without the code that made it: :func:`alq_lightning.models.build_model` arguments
             (``name``, ``in_channels``, ``num_classes``, ``input_size`` and constructor options such as
-            ``width``) made of plain values (:func:`is_plain`); None when ``model`` was built otherwise.
+            ``width``) made of plain values (:func:`is_plain`); None when ``net`` was built otherwise.
+
+    The optimizer and scheduler factories are left out of the saved hyper-parameters: a checkpoint holds plain
+    values only, readable with ``torch.load(weights_only=True)``.
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        net: nn.Module,
         num_classes: int,
-        optimizer: str = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.5,
-        weight_decay: float = 0.0,
-        lr_milestones: Sequence[int] = (),
-        lr_gamma: float = 0.2,
+        optimizer: Callable[[Iterable[torch.Tensor]], torch.optim.Optimizer] = default_optimizer,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        scheduler_interval: str = "epoch",
         architecture: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model={type(model).__name__} must be a torch.nn.Module")
+        if not isinstance(net, nn.Module):
+            raise ValueError(f"net={type(net).__name__} must be a torch.nn.Module")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} must be an integer >= 2")
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
-        check_number("lr", lr, lambda v: v > 0, "> 0")
-        check_number("momentum", momentum, lambda v: 0 <= v < 1, "in [0, 1)")
-        check_number("weight_decay", weight_decay, lambda v: v >= 0, ">= 0")
-        check_number("lr_gamma", lr_gamma, lambda v: v > 0, "> 0")
-        milestones = list(lr_milestones)
-        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones) or any(
-            a >= b for a, b in zip(milestones, milestones[1:])
-        ):
-            raise ValueError(f"lr_milestones={milestones!r} must be strictly increasing positive integers")
+        check_optimizer_factories(optimizer, scheduler, scheduler_interval)
         if architecture is not None and not (
             isinstance(architecture, dict) and isinstance(architecture.get("name"), str) and is_plain(architecture)
         ):
@@ -87,9 +102,9 @@ class ClassifierModule(L.LightningModule):
         if architecture is not None and architecture.get("num_classes", num_classes) != num_classes:
             raise ValueError(f"architecture={architecture!r} has num_classes={architecture['num_classes']!r}, the "
                              f"module num_classes={num_classes}")
-        self.save_hyperparameters(ignore=["model"])
-        self.model = model
-        self.lr_milestones = milestones
+        self.save_hyperparameters(ignore=["net", "optimizer", "scheduler"])
+        self.model = net
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -120,13 +135,9 @@ class ClassifierModule(L.LightningModule):
         return self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        else:
-            optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        if not self.lr_milestones:
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
             return optimizer
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.lr_milestones, gamma=hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}

@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -69,16 +70,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     L.seed_everything(0)
     data = FashionMNISTDataModule(root=args.root, batch_size=128, val_size=10000, seed=0, download=False)
-    module = ClassifierModule(LeNet5(), num_classes=10, optimizer="adam", lr=1e-3)
+    module = ClassifierModule(LeNet5(), num_classes=10, optimizer=partial(torch.optim.Adam, lr=1e-3))
     float_epoch = fit(module, data, args.epochs_float, [], args.accelerator)[-1]
 
     structures = {f"model.{n}": s for n, s in paper_structures("lenet5", module.model).items()}
     if args.compile:  # compile every kind of step on a copy first: the timed epochs then replay compiled code
-        warm = ClassifierModule(LeNet5(), num_classes=10, optimizer="adam", lr=1e-3)
+        warm = ClassifierModule(LeNet5(), num_classes=10, optimizer=partial(torch.optim.Adam, lr=1e-3))
         fit(warm, data, 5, [schedule(True, structures)], args.accelerator, limit_train_batches=2)
     alq = schedule(args.compile, structures)
     stages = ["basis", "coordinate", "pruning", "STE", "final coordinate"]
-    seconds = fit(ClassifierModule(module.model, num_classes=10, optimizer="adam", lr=1e-3), data,
+    seconds = fit(ClassifierModule(module.model, num_classes=10, optimizer=partial(torch.optim.Adam, lr=1e-3)), data,
                   alq.total_epochs, [alq], args.accelerator)
     rows = [{"stage": "float (Adam)", "seconds": float_epoch, "ratio": 1.0}]
     rows += [{"stage": s, "seconds": t, "ratio": t / float_epoch} for s, t in zip(stages, seconds)]

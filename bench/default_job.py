@@ -3,9 +3,9 @@
     python bench/default_job.py                 # torch's default thread count
     python bench/default_job.py --threads 1     # OMP_NUM_THREADS=1 for the job
 
-Runs ``train.py`` (experiment ``fmnist_lenet5``: 3 float epochs, then ALQ to 0.7 bits) in a temporary
-``git worktree`` of HEAD, so the figures belong to that commit even while the working tree has uncommitted
-changes. Pretraining is not taken from the cache (a fresh cache folder), so the run time is end to end.
+Runs ``train.py`` (the base config, also named ``experiment=fmnist_lenet5``: 3 float epochs, then ALQ to 0.7 bits)
+in a temporary ``git worktree`` of HEAD, so the figures belong to that commit even while the working tree has
+uncommitted changes. Pretraining is not taken from the cache (a fresh cache folder), so the run time is end to end.
 W&B runs offline (``WANDB_MODE=offline``) and progress bars are off; nothing else is overridden.
 Writes ``bench/results/default_job.json``: test and float accuracy, average bits, storage, git commit,
 hardware, date and run time (the whole ``train.py`` process, and its stage timings).

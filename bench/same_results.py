@@ -21,6 +21,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RUN = r'''
 import sys
+from functools import partial
+
 import lightning as L
 import torch
 from alq_lightning import ALQCallback
@@ -31,7 +33,7 @@ from alq_lightning.module import ClassifierModule
 torch.set_num_threads(1)
 L.seed_everything(0)
 data = FashionMNISTDataModule(batch_size=128, val_size=256, train_limit=1024, test_limit=256)
-module = ClassifierModule(LeNet5(), num_classes=10, optimizer="adam", lr=1e-3)
+module = ClassifierModule(LeNet5(), num_classes=10, optimizer=partial(torch.optim.Adam, lr=1e-3))
 alq = ALQCallback(0.7, max_bits=4, rounds=2, basis_epochs=1, coordinate_epochs=1, ste_epochs=1,
                   final_coordinate_epochs=1)
 L.Trainer(max_epochs=alq.total_epochs, callbacks=[alq], logger=False, enable_checkpointing=False,

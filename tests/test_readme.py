@@ -36,3 +36,19 @@ def test_callback_example_runs_and_reaches_the_target(tmp_path, monkeypatch):
     accuracy = float(namespace["trainer"].callback_metrics["test/acc"])
     print(f"README example: test acc {accuracy:.4f} at {summary.avg_bits:.4f} bits")
     assert accuracy > ACCURACY_BAR
+
+
+CONF_README = README.parent / "conf" / "README.md"
+GROUP_CHOICE = r"\b(data|model|alq|callbacks|trainer|logger|experiment|hparams_search)=(\w+)"
+
+
+def test_app_commands_name_configs_that_exist():
+    text = README.read_text() + CONF_README.read_text()
+    choices = [(group, option) for group, option in re.findall(GROUP_CHOICE, text) if option != "mine"]
+    assert ("experiment", "mnist_lenet5") in choices and ("hparams_search", "optuna_lr") in choices
+    for group, option in choices:
+        assert (README.parent / "conf" / group / f"{option}.yaml").is_file(), f"{group}={option}"
+    sweeps = re.findall(r"wandb sweep (\S+\.yaml)", text)
+    assert sweeps and all((README.parent / path).is_file() for path in sweeps)
+    for old in ("lenet5_mnist", "vgg_small_cifar10", "resnet18_imagenet", "conf/sweeps", "hydra/sweeper"):
+        assert old not in text, old

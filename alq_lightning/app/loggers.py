@@ -1,4 +1,5 @@
-"""Metric loggers of the app: W&B (offline without an API key, CSV when W&B cannot start), CSV or none."""
+"""Metric loggers of the app, built from the ``logger`` group: W&B (offline without an API key, CSV when W&B
+cannot start), CSV, both, or none."""
 from __future__ import annotations
 
 import netrc
@@ -10,11 +11,10 @@ from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from alq_lightning.app.common import ConfigError, to_container
+from alq_lightning.app.common import ConfigError, instantiate, target_of, to_container
 
-LOGGER_KINDS = ("wandb", "csv", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -35,7 +35,8 @@ def resolve_wandb_mode(mode: str) -> str:
     if chosen == "dryrun":
         chosen = "offline"
     if chosen not in WANDB_MODES:
-        raise ConfigError(f"logger.mode={chosen!r} (or WANDB_MODE) is not allowed; allowed: {', '.join(WANDB_MODES)}")
+        raise ConfigError(f"logger.wandb.mode={chosen!r} (or WANDB_MODE) is not allowed; "
+                          f"allowed: {', '.join(WANDB_MODES)}")
     if chosen == "online" and not has_wandb_key():
         warnings.warn("no W&B API key (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync` uploads later",
                       stacklevel=2)
@@ -43,55 +44,65 @@ def resolve_wandb_mode(mode: str) -> str:
     return chosen
 
 
-def build_wandb(cfg: dict[str, Any]) -> Logger:
-    """A started ``WandbLogger`` (its run exists once this returns)."""
-    from lightning.pytorch.loggers import WandbLogger
-
-    os.makedirs(cfg["save_dir"], exist_ok=True)
-    logger = WandbLogger(project=cfg["project"], entity=cfg.get("entity"), group=cfg.get("group"),
-                         name=cfg.get("name"), tags=list(cfg.get("tags") or []), save_dir=cfg["save_dir"],
-                         mode=resolve_wandb_mode(cfg.get("mode", "online")))
-    _ = logger.experiment  # starts the run now, so that a failure falls back to CSV
-    return logger
-
-
-def build_logger(cfg: DictConfig, config: dict[str, Any]) -> Logger | None:
-    """The logger of the ``logger`` group with the resolved run ``config`` logged; None for ``none``."""
-    options = to_container(cfg)
-    kind = options.pop("kind", None)
-    if kind not in LOGGER_KINDS:
-        raise ConfigError(f"logger.kind={kind!r} is not allowed; allowed: {', '.join(LOGGER_KINDS)}")
-    if kind == "none":
-        return None
-    logger: Logger | None = None
-    if kind == "wandb":
-        try:
-            logger = build_wandb(options)
-        except ConfigError:
-            raise
-        except Exception as err:  # W&B failures come in many types; any of them falls back to CSV
-            warnings.warn(f"W&B is unavailable ({type(err).__name__}: {err}); logging to CSV instead", stacklevel=2)
-            options = {"save_dir": options["save_dir"], "name": "csv"}
-    if logger is None:
-        logger = CSVLogger(save_dir=options["save_dir"], name=options.get("name", "csv"))
-    logger.log_hyperparams(config)
-    return logger
+APP_LOGGER_KEYS = ("log_packed_model",)
 
 
 def is_wandb(logger: Logger | None) -> bool:
     return type(logger).__name__ == "WandbLogger"
 
 
-def finish_logger(logger: Logger | None, failed: bool) -> None:
-    """Flush ``logger``; for W&B finish the run so that the next job (Hydra multirun) starts its own."""
-    if logger is None:
-        return
-    logger.finalize("failed" if failed else "success")
-    logger.save()
+def build_one(key: str, node: DictConfig) -> Logger:
+    """Logger ``logger.<key>``; a ``WandbLogger`` gets its mode resolved (:func:`resolve_wandb_mode`) and is
+    started at once, so that a W&B failure shows here."""
+    resolved = to_container(node)
+    options = {k: resolved.pop(k) for k in APP_LOGGER_KEYS if k in resolved}
+    node = OmegaConf.create(resolved)
+    kwargs: dict[str, Any] = {}
+    if target_of(node, f"logger.{key}").__name__ == "WandbLogger":
+        kwargs["mode"] = resolve_wandb_mode(node.get("mode") or "online")
+        if node.get("save_dir"):
+            os.makedirs(str(node.save_dir), exist_ok=True)
+    logger = instantiate(node, f"logger.{key}", **kwargs)
+    if not isinstance(logger, Logger):
+        raise ConfigError(f"logger.{key} built a {type(logger).__name__}, not a lightning Logger")
     if is_wandb(logger):
-        import wandb
+        _ = logger.experiment  # starts the run now, so that a failure falls back to CSV
+    logger._app_options = options
+    return logger
 
-        wandb.finish(exit_code=1 if failed else 0)
+
+def build_loggers(cfg: DictConfig | None, config: dict[str, Any]) -> list[Logger]:
+    """The loggers of the ``logger`` group (a mapping of name to ``_target_`` config; empty for ``logger=none``),
+    each with the resolved run ``config`` logged. W&B that cannot start is replaced by a CSV logger in its
+    ``save_dir`` (unless a CSV logger is configured already)."""
+    loggers: list[Logger] = []
+    fallback: str | None = None
+    for key, node in (cfg or {}).items():
+        if node is None:
+            continue
+        try:
+            loggers.append(build_one(key, node))
+        except ConfigError:
+            raise
+        except Exception as err:  # W&B failures come in many types; any of them falls back to CSV
+            warnings.warn(f"W&B is unavailable ({type(err).__name__}: {err}); logging to CSV instead", stacklevel=2)
+            fallback = str(node.get("save_dir") or ".")
+    if fallback is not None and not any(isinstance(logger, CSVLogger) for logger in loggers):
+        loggers.append(CSVLogger(save_dir=fallback, name="csv"))
+    for logger in loggers:
+        logger.log_hyperparams(config)
+    return loggers
+
+
+def finish_loggers(loggers: list[Logger], failed: bool) -> None:
+    """Flush ``loggers``; for W&B finish the run so that the next job (Hydra multirun) starts its own."""
+    for logger in loggers:
+        logger.finalize("failed" if failed else "success")
+        logger.save()
+        if is_wandb(logger):
+            import wandb
+
+            wandb.finish(exit_code=1 if failed else 0)
 
 
 class PhaseLogger(Logger):

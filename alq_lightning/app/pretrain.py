@@ -11,18 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from alq_lightning.app.builders import MODEL_PREFIX, make_trainer
-from alq_lightning.app.common import ConfigError, to_container
+from alq_lightning.app.builders import make_trainer
+from alq_lightning.app.common import TARGET, ConfigError, to_container
 from alq_lightning.files import write_atomic
-from alq_lightning.module import ClassifierModule
 
-PRETRAIN_KEYS = ("epochs", "optimizer", "lr", "momentum", "weight_decay", "lr_milestones", "lr_gamma")
+MODEL_PREFIX = "model."
+PRETRAIN_KEYS = ("epochs", "optimizer", "scheduler")
+ALQ_ONLY_MODEL_KEYS = ("optimizer", "scheduler", "architecture")
 DATA_KEYS_IGNORED = ("root", "download", "eval_batch_size", "val_limit", "test_limit", "num_workers", "pin_memory")
 
 
@@ -30,15 +31,29 @@ def cache_key(cfg: DictConfig, shape: dict[str, int]) -> str:
     """Short hash of what decides the pretrained weights: model, data, seed, pretraining settings, precision."""
     data = {k: v for k, v in to_container(cfg.data).items() if k not in DATA_KEYS_IGNORED}
     pretrain = {k: to_container(cfg.pretrain.get(k)) for k in PRETRAIN_KEYS}
-    identity = {"model": to_container(cfg.model), "data": data, "shape": shape, "seed": cfg.seed,
+    model = to_container(cfg.model)
+    if cfg.pretrain.get("optimizer") is not None:  # then the module's own optimizer is ALQ's, not pretraining's
+        model = {k: v for k, v in model.items() if k not in ALQ_ONLY_MODEL_KEYS}
+    identity = {"model": model, "data": data, "shape": shape, "seed": cfg.seed,
                 "pretrain": pretrain, "precision": str(cfg.trainer.get("precision", "32-true"))}
     blob = json.dumps(identity, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def class_name(cfg: DictConfig) -> str:
+    """The class a ``_target_`` config builds, without its module: ``LeNet5``."""
+    return str(cfg.get(TARGET, "?")).rsplit(".", 1)[-1]
+
+
+def network_name(cfg: DictConfig) -> str:
+    """The class name of the ``model`` group's network (``model.net``), else of its module."""
+    return class_name(cfg.model.net if OmegaConf.is_dict(cfg.model.get("net")) else cfg.model)
+
+
 def cache_path(cfg: DictConfig, shape: dict[str, int]) -> Path:
-    """``<pretrain.cache_dir>/<model>-<data>-s<seed>-e<epochs>-<hash>.pt``."""
-    name = f"{cfg.model.name}-{cfg.data.name}-s{cfg.seed}-e{cfg.pretrain.epochs}-{cache_key(cfg, shape)}.pt"
+    """``<pretrain.cache_dir>/<network class>-<data module class>-s<seed>-e<epochs>-<hash>.pt``."""
+    name = (f"{network_name(cfg)}-{class_name(cfg.data)}-s{cfg.seed}-e{cfg.pretrain.epochs}-"
+            f"{cache_key(cfg, shape)}.pt")
     return Path(os.path.expanduser(str(cfg.pretrain.cache_dir))) / name
 
 
@@ -81,17 +96,10 @@ def load_weights(network: nn.Module, state: dict[str, torch.Tensor], source: str
 
 
 def describe(cfg: DictConfig, shape: dict[str, int]) -> str:
-    """``model=lenet5 for data=fashion_mnist (1 channel(s), 28x28 inputs, 10 classes)``."""
-    return (f"model={cfg.model.name} for data={cfg.data.name} ({shape['in_channels']} channel(s), "
-            f"{shape['input_size']}x{shape['input_size']} inputs, {shape['num_classes']} classes)")
-
-
-def pretrain_module(cfg: DictConfig, network: nn.Module, num_classes: int) -> ClassifierModule:
-    """``ClassifierModule`` with the ``pretrain`` group's optimizer settings."""
-    p = cfg.pretrain
-    return ClassifierModule(network, num_classes, optimizer=p.optimizer, lr=float(p.lr), momentum=float(p.momentum),
-                            weight_decay=float(p.weight_decay), lr_milestones=list(p.lr_milestones),
-                            lr_gamma=float(p.lr_gamma))
+    """``model=LeNet5 for data=FashionMNISTDataModule (1 channel(s), 28x28 inputs, 10 classes)``."""
+    size = shape.get("input_size", "?")
+    return (f"model={network_name(cfg)} for data={class_name(cfg.data)} ({shape.get('in_channels', '?')} "
+            f"channel(s), {size}x{size} inputs, {shape.get('num_classes', '?')} classes)")
 
 
 def load_checkpoint(cfg: DictConfig, network: nn.Module, shape: dict[str, int]) -> dict[str, Any]:
@@ -101,10 +109,12 @@ def load_checkpoint(cfg: DictConfig, network: nn.Module, shape: dict[str, int]) 
     return {"source": "checkpoint", "path": str(cfg.pretrain.checkpoint), "seconds": 0.0}
 
 
-def obtain_float_weights(cfg: DictConfig, network: nn.Module, datamodule: LightningDataModule, logger: Logger | None,
+def obtain_float_weights(cfg: DictConfig, network: nn.Module, module: LightningModule,
+                         datamodule: LightningDataModule, loggers: list[Logger],
                          shape: dict[str, int]) -> dict[str, Any]:
-    """Put float weights into ``network``: the cached ones, or ``pretrain.epochs`` of fresh training (then
-    cached). Returns where they came from. A given ``pretrain.checkpoint`` is loaded by :func:`load_checkpoint`."""
+    """Put float weights into ``network``: the cached ones, or ``pretrain.epochs`` of fresh training of ``module``
+    (which holds ``network``; then cached). Returns where they came from. A given ``pretrain.checkpoint`` is
+    loaded by :func:`load_checkpoint`."""
     if cfg.pretrain.checkpoint:
         return load_checkpoint(cfg, network, shape)
     if cfg.pretrain.epochs == 0:
@@ -118,9 +128,9 @@ def obtain_float_weights(cfg: DictConfig, network: nn.Module, datamodule: Lightn
             return {"source": "cache", "path": str(path), "seconds": 0.0}
         except ConfigError as err:
             rank_zero_warn(f"ignoring the cache file ({err}); pretraining again")
-    trainer = make_trainer(cfg, logger, "pretrain", int(cfg.pretrain.epochs), checkpointing=False)
+    trainer = make_trainer(cfg, loggers, "pretrain", int(cfg.pretrain.epochs))
     start = time.perf_counter()
-    trainer.fit(pretrain_module(cfg, network, shape["num_classes"]), datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
     if trainer.is_global_zero:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,23 +65,48 @@ def save_plots(results: dict[str, Any], folder: Path) -> dict[str, Path]:
             "accuracy_vs_bits": plot_accuracy_vs_bits(results, folder / "accuracy_vs_bits.png")}
 
 
-def publish(logger: Logger | None, summary: BitSummary, results: dict[str, Any], plots: dict[str, Path]) -> None:
-    """Final numbers into the logger; for W&B also the bit summary and rounds as tables and the plots."""
-    if logger is None:
-        return
-    final = {"final/test_acc": results["test_acc"], "final/float_test_acc": results["float_test_acc"],
-             "final/avg_bits": results["avg_bits"], "final/storage_bytes": results["storage_bytes"]["coords32"]}
-    logger.log_metrics({k: float(v) for k, v in final.items() if v is not None})
-    if not is_wandb(logger):
-        return
+def packed_model_metadata(results: dict[str, Any]) -> dict[str, Any]:
+    """What a W&B model artifact of ``model.alq`` carries: bits, bytes, accuracies."""
+    return {"avg_bits": results["avg_bits"], "target_bits": results["target_bits"],
+            "storage_bytes": results["storage_bytes"]["coords32"], "file_bytes": results["packed_file"]["bytes"],
+            "val_acc": results.get("val_acc"), "test_acc": results["test_acc"],
+            "float_test_acc": results["float_test_acc"]}
+
+
+def log_packed_model(run: Any, path: Path, results: dict[str, Any]) -> None:
+    """``model.alq`` at ``path`` as a W&B model artifact of ``run`` (named ``alq-<run id>``)."""
     import wandb
 
-    run = logger.experiment
-    rounds = [[r["round"], r["epoch"], r["avg_bits"], r["val_acc"]] for r in results["rounds"]]
-    payload: dict[str, Any] = {
-        "alq/bit_summary": wandb.Table(columns=list(BitSummary.HEADER), data=[list(row) for row in summary.table()]),
-        "alq/rounds": wandb.Table(columns=["round", "epoch", "avg_bits", "val_acc"], data=rounds),
-    }
-    payload.update({f"plots/{name}": wandb.Image(str(path)) for name, path in plots.items()})
-    run.log(payload)
-    run.summary.update({k: v for k, v in final.items() if v is not None})
+    artifact = wandb.Artifact(f"alq-{run.id}", type="model", metadata=packed_model_metadata(results),
+                              description=f"ALQ model at {results['avg_bits']:.4f} bits per weight (alq_lightning "
+                                          "packed format; load_packed)")
+    artifact.add_file(str(path), name=path.name)
+    run.log_artifact(artifact)
+
+
+def publish(loggers: list[Logger], summary: BitSummary, results: dict[str, Any], plots: dict[str, Path],
+            packed: Path | None = None) -> None:
+    """Final numbers into every logger; for W&B also the bit summary and rounds as tables and the plots, and the
+    packed model ``packed`` as a model artifact where ``logger.wandb.log_packed_model`` is on."""
+    final = {"final/test_acc": results["test_acc"], "final/val_acc": results.get("val_acc"),
+             "final/float_test_acc": results["float_test_acc"], "final/avg_bits": results["avg_bits"],
+             "final/storage_bytes": results["storage_bytes"]["coords32"]}
+    final = {k: v for k, v in final.items() if v is not None}
+    for logger in loggers:
+        logger.log_metrics({k: float(v) for k, v in final.items()})
+        if not is_wandb(logger):
+            continue
+        import wandb
+
+        run = logger.experiment
+        rounds = [[r["round"], r["epoch"], r["avg_bits"], r["val_acc"]] for r in results["rounds"]]
+        payload: dict[str, Any] = {
+            "alq/bit_summary": wandb.Table(columns=list(BitSummary.HEADER),
+                                           data=[list(row) for row in summary.table()]),
+            "alq/rounds": wandb.Table(columns=["round", "epoch", "avg_bits", "val_acc"], data=rounds),
+        }
+        payload.update({f"plots/{name}": wandb.Image(str(path)) for name, path in plots.items()})
+        run.log(payload)
+        run.summary.update(final)
+        if packed is not None and getattr(logger, "_app_options", {}).get("log_packed_model"):
+            log_packed_model(run, packed, results)

@@ -1,7 +1,7 @@
 """The ALQ app: float pretraining (cached) or a given checkpoint, then ALQ, then test; writes results.json and the
 packed model (model.alq) into the run folder.
 
-    python train.py                                          # experiment fmnist_lenet5 (a few CPU minutes)
+    python train.py                                          # the default job: LeNet5 / Fashion-MNIST, CPU minutes
     python train.py model=resnet18 alq.target_bits=0.7 experiment=smoke
     python train.py -m alq.target_bits=2,1,0.7,0.5,0.4,0.3   # accuracy vs bits, one job per target
     python train.py --cfg job                                # print the composed config
@@ -25,18 +25,20 @@ from alq_lightning.app import (
     ALQRecorder,
     ConfigError,
     StageClock,
+    apply_extras,
     build_alq_callback,
+    build_callbacks,
     build_data,
-    build_logger,
-    build_network,
-    finish_logger,
-    float_lr,
+    build_loggers,
+    build_module,
+    data_shape,
+    finish_loggers,
     git_commit,
     hardware,
     load_checkpoint,
     make_trainer,
-    model_architecture,
     obtain_float_weights,
+    pretrain_module,
     publish,
     save_plots,
     summarize_bits,
@@ -44,8 +46,6 @@ from alq_lightning.app import (
     trainer_arguments,
     write_results,
 )
-from alq_lightning.app.pretrain import pretrain_module
-from alq_lightning.module import ClassifierModule
 
 say = rank_zero_only(print)
 
@@ -68,81 +68,116 @@ OmegaConf.register_new_resolver("run_token", run_token, use_cache=True, replace=
 
 
 def measure_accuracy(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule) -> float:
-    """Top-1 test accuracy of ``module``."""
-    return float(trainer.test(module, datamodule=datamodule, verbose=False)[0]["test/acc"])
+    """Top-1 test accuracy of ``module`` (the ``test/acc`` it logs)."""
+    metrics = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    if "test/acc" not in metrics:
+        raise ConfigError(f"model: {type(module).__name__} logs no 'test/acc' in its test_step (it logs: "
+                          f"{', '.join(sorted(metrics)) or 'nothing'}); the app reports that metric")
+    return float(metrics["test/acc"])
+
+
+def measure_validation(trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule,
+                       metric: str) -> dict[str, float]:
+    """The validation metrics of ``module``; ``metric`` (``optimized_metric``) must be among them."""
+    metrics = {k: float(v) for k, v in trainer.validate(module, datamodule=datamodule, verbose=False)[0].items()}
+    if metric not in metrics:
+        raise ConfigError(f"optimized_metric={metric!r} is not logged by trainer.validate; it logs: "
+                          f"{', '.join(sorted(metrics)) or 'nothing'}")
+    return metrics
+
+
+def check_run(cfg: DictConfig) -> Path:
+    """Refuse a config that cannot run well before anything is built: a test metric to optimise, a missing
+    ``ckpt_path``, an existing results file. Returns the results file's path."""
+    metric = str(cfg.get("optimized_metric") or "")
+    if not metric.startswith("val/"):
+        raise ConfigError(f"optimized_metric={metric!r} must be a validation metric (val/...): model selection never "
+                          "looks at the test set; test/acc is reported in results.json")
+    if cfg.get("ckpt_path") and not Path(str(cfg.ckpt_path)).expanduser().is_file():
+        raise ConfigError(f"ckpt_path={str(cfg.ckpt_path)!r} does not exist or is not a file (give an interrupted "
+                          "run's last.ckpt)")
+    results_path = Path(str(cfg.paths.output_dir)) / cfg.paths.results_file
+    if results_path.exists():
+        raise ConfigError(f"{results_path} exists already: a run never overwrites another's results; give this run "
+                          "its own folder (hydra.run.dir, or paths.output_dir)")
+    return results_path
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole pipeline for the composed config ``cfg``; return the results (also in results.json)."""
-    run_dir = Path(str(cfg.paths.output_dir))
-    results_path = run_dir / cfg.paths.results_file
-    if results_path.exists():
-        raise ConfigError(f"{results_path} exists already: a run never overwrites another's results; give this run "
-                          "its own folder (hydra.run.dir, or paths.output_dir)")
+    results_path = check_run(cfg)
+    run_dir = results_path.parent
+    apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_data(cfg.data)
-    architecture = model_architecture(cfg.model, datamodule)
-    shape = {key: architecture[key] for key in ("in_channels", "num_classes", "input_size")}
-    network = build_network(cfg.model, datamodule)
-    callback = build_alq_callback(cfg.alq, cfg.model.name, network)
+    shape = data_shape(datamodule)
+    model = build_module(cfg.model, datamodule)
+    callback = build_alq_callback(cfg.alq, model)
     trainer_arguments(cfg.trainer)
-    pretrained = load_checkpoint(cfg, network, shape) if cfg.pretrain.checkpoint else None
+    build_callbacks(cfg.get("callbacks"))  # fails now on a bad callbacks.* rather than after pretraining
+    pretraining = pretrain_module(cfg, model)
+    pretrained = load_checkpoint(cfg, model.network, shape) if cfg.pretrain.checkpoint else None
     config = to_container(cfg)
-    logger = build_logger(cfg.logger, config)
+    loggers = build_loggers(cfg.get("logger"), config)
     failed = True
     try:
         clock = StageClock()
-        pretrained = pretrained or obtain_float_weights(cfg, network, datamodule, logger, shape)
+        pretrained = pretrained or obtain_float_weights(cfg, model.network, pretraining, datamodule, loggers, shape)
         clock.add("pretrain", pretrained["seconds"])
         with clock.measure("float_test"):
-            float_acc = measure_accuracy(make_trainer(cfg, logger, "float", 1), pretrain_module(cfg, network,
-                                      shape["num_classes"]), datamodule)
+            float_acc = measure_accuracy(make_trainer(cfg, loggers, "float", 1), pretraining, datamodule)
         L.seed_everything(cfg.seed, workers=True)
-        module = ClassifierModule(network, shape["num_classes"], optimizer="adam", lr=float_lr(cfg.alq),
-                                  architecture=architecture)
         recorder = ALQRecorder(callback, clock)
-        trainer = make_trainer(cfg, logger, "", callback.total_epochs, callbacks=[recorder, callback])
-        trainer.fit(module, datamodule=datamodule)
+        trainer = make_trainer(cfg, loggers, "", callback.total_epochs, callbacks=[recorder, callback],
+                               checkpointing=True)
+        trainer.fit(model.module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        with clock.measure("validate"):
+            validation = measure_validation(trainer, model.module, datamodule, str(cfg.optimized_metric))
         with clock.measure("test"):
-            test_acc = measure_accuracy(trainer, module, datamodule)
-        summary = bit_summary(module)
+            test_acc = measure_accuracy(trainer, model.module, datamodule)
+        summary = bit_summary(model.module)
         results = {
             "float_test_acc": float_acc,
             "test_acc": test_acc,
+            "val_acc": validation.get("val/acc"),
+            "optimized_metric": {"name": str(cfg.optimized_metric), "value": validation[str(cfg.optimized_metric)]},
             "target_bits": callback.target_bits,
             "initial_bits": recorder.initial_bits,
-            **summarize_bits(summary, bit_summary(module, coord_bits=16)),
+            **summarize_bits(summary, bit_summary(model.module, coord_bits=16)),
             "rounds": recorder.rounds,
             "timings_s": clock.rounded(),
             "epochs": {"pretrain": int(cfg.pretrain.epochs), "alq": callback.total_epochs},
             "pretrained": {k: v for k, v in pretrained.items() if k != "seconds"},
-            "data_files": list(dict.fromkeys(map(str, datamodule.source_files))),
+            "resumed_from": str(cfg.ckpt_path) if cfg.get("ckpt_path") else None,
+            "data_files": list(dict.fromkeys(map(str, getattr(datamodule, "source_files", ())))),
             "config": config,
             "seed": cfg.seed,
             "git_commit": git_commit(),
             "hardware": hardware(),
-            "logger": type(logger).__name__ if logger is not None else None,
+            "logger": ", ".join(type(logger).__name__ for logger in loggers) or None,
         }
         if trainer.is_global_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
-            packed = export_packed(network, run_dir / cfg.paths.packed_file)
+            packed = export_packed(model.network, run_dir / cfg.paths.packed_file)
             results["packed_file"] = {"name": Path(packed.path).name, "bytes": packed.file_bytes,
                                       "avg_bits": packed.avg_bits}
             say(summary)
-            publish(logger, summary, results, save_plots(results, run_dir))
+            publish(loggers, summary, results, save_plots(results, run_dir), Path(packed.path))
             path = write_results(results, results_path)
-            say(f"float test acc {float_acc:.4f}; ALQ test acc {test_acc:.4f} at {summary.avg_bits:.4f} bits "
+            say(f"float test acc {float_acc:.4f}; ALQ test acc {test_acc:.4f}, {cfg.optimized_metric} "
+                f"{results['optimized_metric']['value']:.4f} at {summary.avg_bits:.4f} bits "
                 f"(target {callback.target_bits:g}); results in {path}")
         failed = False
         return results
     finally:
-        finish_logger(logger, failed)
+        finish_loggers(loggers, failed)
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Run :func:`train`; the quantized test accuracy is returned as the objective of Hydra sweepers."""
-    return float(train(cfg)["test_acc"])
+    """Run :func:`train`; return ``optimized_metric`` (default ``val/acc``) of the quantized model, the objective
+    of Hydra sweepers (``hparams_search=optuna_lr``). The test accuracy is reported, never optimised."""
+    return float(train(cfg)["optimized_metric"]["value"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Model zoo (plain ``nn.Module``s) and the paper's per-layer ALQ presets.
 
-``build_model(name, in_channels, num_classes, input_size)`` builds one of :data:`MODEL_NAMES`;
+``build_model(name, in_channels, num_classes, input_size)`` builds one of :data:`MODEL_NAMES` (how the export CLI
+rebuilds a checkpoint from its ``architecture``); ``model_name(cls)`` names one of the classes;
 ``paper_structures(name, model)`` gives the paper's structure per quantized layer of a built model.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "VGGSmall",
     "ViTTiny",
     "build_model",
+    "model_name",
     "paper_structures",
 ]
 
@@ -81,6 +83,12 @@ def build_model(name: str, in_channels: int, num_classes: int, input_size: int, 
     and ignores ``input_size``.
     """
     return _FACTORIES[check_model_name(name)](in_channels, num_classes, input_size, **kwargs)
+
+
+def model_name(factory: Any) -> str | None:
+    """The name (one of :data:`MODEL_NAMES`) of the package's model class ``factory``; None for anything else,
+    such as a user's own network class."""
+    return next((name for name, cls in _DEFAULTS.items() if cls is factory), None)
 
 
 def largest_divisor_at_most(value: int, limit: int) -> int:

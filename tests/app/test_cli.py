@@ -29,7 +29,8 @@ def test_issue_command_verbatim(tmp_path):
     done = train_py(["model=resnet18", "alq.target_bits=0.7", "experiment=smoke", f"hydra.run.dir={out}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["config"]["model"]["name"] == "resnet18" and results["target_bits"] == 0.7
+    assert results["config"]["model"]["net"]["_target_"] == "alq_lightning.models.ResNet18"
+    assert results["target_bits"] == 0.7
     assert 0 < results["avg_bits"] <= 0.7
     assert results["layers"][0]["shape"] == "64x1x3x3"  # 1-channel 28x28 Fashion-MNIST, small-input stem
     assert "avg bits" in done.stdout and "model.layer4.1.conv2" in done.stdout
@@ -59,7 +60,7 @@ def test_runs_started_at_the_same_instant_get_their_own_folders(monkeypatch):
     monkeypatch.setattr(hydra_utils, "datetime", SimpleNamespace(now=lambda: instant))
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         first, second = (compose("config", return_hydra_config=True) for _ in range(2))
-    assert first.hydra.run.dir.startswith("outputs/2030-01-02/03-04-05-678901-")
+    assert first.hydra.run.dir.startswith("outputs/2030-01-02/03-04-05-678901-")  # paths.log_dir
     assert first.hydra.run.dir == first.hydra.run.dir != second.hydra.run.dir
     assert first.hydra.sweep.dir.startswith("multirun/2030-01-02/03-04-05-678901-")
     assert first.hydra.sweep.dir != second.hydra.sweep.dir

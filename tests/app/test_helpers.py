@@ -14,11 +14,12 @@ from alq_lightning.app import (
     ConfigError,
     PhaseLogger,
     build_data,
-    build_logger,
-    build_network,
+    build_loggers,
+    build_module,
     cache_key,
-    finish_logger,
+    finish_loggers,
     obtain_float_weights,
+    pretrain_module,
     read_state_dict,
     resolve_wandb_mode,
     write_results,
@@ -58,20 +59,29 @@ def test_wandb_mode_env_wins_and_bad_mode_is_refused(no_key, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert resolve_wandb_mode("online") == "offline"
     monkeypatch.setenv("WANDB_MODE", "sideways")
-    with pytest.raises(ConfigError, match="logger.mode='sideways'"):
+    with pytest.raises(ConfigError, match="logger.wandb.mode='sideways' .* allowed: online, offline, disabled"):
         resolve_wandb_mode("online")
 
 
 def test_wandb_failure_falls_back_to_csv(monkeypatch, tmp_path):
-    def broken(options):
-        raise RuntimeError("no wandb here")
+    real = app_loggers.build_one
 
-    monkeypatch.setattr(app_loggers, "build_wandb", broken)
+    def broken(key, node):
+        if key == "wandb":
+            raise RuntimeError("no wandb here")
+        return real(key, node)
+
+    monkeypatch.setattr(app_loggers, "build_one", broken)
     cfg = compose_with(["logger=wandb"], tmp_path)
     with pytest.warns(UserWarning, match="W&B is unavailable.*CSV"):
-        logger = build_logger(cfg.logger, {"seed": 0})
-    assert isinstance(logger, CSVLogger)
-    finish_logger(logger, failed=False)
+        loggers = build_loggers(cfg.logger, {"seed": 0})
+    assert [type(logger) for logger in loggers] == [CSVLogger] and loggers[0].save_dir == str(tmp_path)
+    finish_loggers(loggers, failed=False)
+    cfg = compose_with(["logger=many_loggers"], tmp_path)
+    with pytest.warns(UserWarning, match="W&B is unavailable.*CSV"):
+        loggers = build_loggers(cfg.logger, {"seed": 0})
+    assert [type(logger) for logger in loggers] == [CSVLogger], "one CSV logger, not a second one as fallback"
+    finish_loggers(loggers, failed=False)
 
 
 def test_phase_logger_prefixes_metrics(tmp_path):
@@ -106,7 +116,10 @@ def test_unreadable_checkpoints_fail_clearly(tmp_path):
 def test_cache_key_follows_what_decides_the_weights(tmp_path):
     base = cache_key(compose_with([], tmp_path), SHAPE)
     assert base == cache_key(compose_with(["data.root=/elsewhere", "alq.target_bits=0.3"], tmp_path), SHAPE)
-    for override in ("pretrain.epochs=7", "seed=1", "pretrain.lr=0.1", "data.train_limit=100", "model=resnet18"):
+    assert base == cache_key(compose_with(["alq.lr=0.01", "model.optimizer.lr=0.3"], tmp_path), SHAPE), \
+        "the ALQ phase's optimizer does not decide the pretrained weights"
+    for override in ("pretrain.epochs=7", "seed=1", "pretrain.optimizer.lr=0.1", "pretrain.scheduler=null",
+                     "data.train_limit=100", "model=resnet18", "data=mnist"):
         assert cache_key(compose_with([override], tmp_path), SHAPE) != base, override
 
 
@@ -132,9 +145,14 @@ def test_cached_weights_follow_the_umask(tmp_path):
                         "trainer.enable_progress_bar=false", f"pretrain.cache_dir={tmp_path / 'cache'}"], tmp_path)
     datamodule = build_data(cfg.data)
     shape = {"in_channels": 3, "num_classes": 10, "input_size": 16}
+    model = build_module(cfg.model, datamodule)
+    module = pretrain_module(cfg, model)
+    assert module is not model.module and module.model is model.network
+    assert isinstance(module.configure_optimizers()["optimizer"], torch.optim.SGD)
+    assert isinstance(model.module.configure_optimizers(), torch.optim.Adam)
     old = os.umask(0o027)
     try:
-        source = obtain_float_weights(cfg, build_network(cfg.model, datamodule), datamodule, None, shape)
+        source = obtain_float_weights(cfg, model.network, module, datamodule, [], shape)
     finally:
         os.umask(old)
     assert source["source"] == "trained"

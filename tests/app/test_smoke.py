@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from train import train  # noqa: E402
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
-STAGES = ("pretrain", "float_test", "init", "basis", "coordinate", "pruning", "ste", "final_coordinate", "test")
+STAGES = ("pretrain", "float_test", "init", "basis", "coordinate", "pruning", "ste", "final_coordinate", "validate",
+          "test")
 SYNTHETIC = ["data=synthetic", "data.input_size=8", "data.train_size=64", "data.val_size=32", "data.test_size=64",
              "data.batch_size=32", "data.eval_batch_size=64", "logger=csv"]
 
@@ -39,7 +40,8 @@ def run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[dict, 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=smoke", f"paths.output_dir={out}",
                                            f"pretrain.cache_dir={tmp_path / 'cache'}",
-                                           "trainer.enable_progress_bar=false", *overrides])
+                                           "trainer.enable_progress_bar=false", "extras.print_config=false",
+                                           *overrides])
     returned = train(cfg)
     return returned, out
 
@@ -48,7 +50,8 @@ def check_results(results: dict, out: Path, rounds: int) -> None:
     on_disk = json.loads((out / "results.json").read_text())
     assert set(REQUIRED_KEYS) <= set(on_disk)
     assert on_disk["test_acc"] == pytest.approx(results["test_acc"])
-    for key in ("float_test_acc", "test_acc"):
+    assert on_disk["optimized_metric"] == {"name": "val/acc", "value": on_disk["val_acc"]}
+    for key in ("float_test_acc", "test_acc", "val_acc"):
         assert 0.0 <= on_disk[key] <= 1.0
     assert 0 < on_disk["avg_bits"] <= on_disk["target_bits"]
     storage = on_disk["storage_bytes"]
@@ -91,10 +94,10 @@ def test_lenet5_on_fashion_mnist_slices_then_cache_reuse(tmp_path):
 
 
 @pytest.mark.parametrize("model,extra", [
-    ("vgg_small", ["model.width=0.25"]),
-    ("resnet20", ["model.width=4"]),
+    ("vgg_small", ["model.net.width=0.25"]),
+    ("resnet20", ["model.net.width=4"]),
     ("resnet34", ["alq.max_bits=2", "data.batch_size=64"]),
-    ("vit_tiny", ["model.depth=1", "model.patch_size=2"]),  # raw Parameters and in_proj_weight quantized too
+    ("vit_tiny", ["model.net.depth=1", "model.net.patch_size=2"]),  # raw Parameters and in_proj_weight quantized too
 ])
 def test_other_models_on_synthetic_data(model, extra, tmp_path):
     results, out = run(tmp_path, [f"model={model}", *SYNTHETIC, *extra])
@@ -118,8 +121,9 @@ def test_pretrain_checkpoint_is_loaded(tmp_path):
 
 def test_readme_export_command_on_a_train_py_checkpoint(tmp_path, capsys):
     results, out = run(tmp_path, ["data=synthetic", "data.input_size=16", "data.train_size=64", "data.val_size=32",
-                                  "data.test_size=64", "logger=csv", "trainer.enable_checkpointing=true"])
-    checkpoint = next(out.rglob("*.ckpt"))
+                                  "data.test_size=64", "logger=csv"])
+    assert [p.name for p in out.rglob("*.ckpt")] == ["last.ckpt"], "the run's checkpoint, written by default"
+    checkpoint = out / "last.ckpt"
     assert export_main([str(checkpoint), str(tmp_path / "model.alq"), "--model", "lenet5"]) == 0, \
         capsys.readouterr().err
     model = load_packed(tmp_path / "model.alq", build_model("lenet5", 3, 10, 16))
@@ -129,7 +133,15 @@ def test_readme_export_command_on_a_train_py_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model.name=alexnet"], "name='alexnet' is not a known model; allowed: lenet5"),
+    (["model.net._target_=alq_lightning.models.AlexNet"],
+     "model.net._target_='alq_lightning.models.AlexNet' cannot be imported"),
+    (["model.optimizer.lr=-1"],
+     "(<class 'torch.optim.adam.Adam'>, lr=-1) cannot build an optimizer: Invalid learning rate: -1"),
+    (["pretrain.optimizer._target_=torch.optim.Sideways"], "pretrain.optimizer: "),
+    (["optimized_metric=test/acc"], "optimized_metric='test/acc' must be a validation metric (val/...)"),
+    (["ckpt_path=/nowhere/last.ckpt"], "ckpt_path='/nowhere/last.ckpt' does not exist or is not a file"),
+    (["+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStop"], "callbacks.stop: "),
+    (["extras.enforce_tags=true"], "tags=[] while extras.enforce_tags=true"),
     (["alq.target_bits=6"], "target_bits=6 must be a number in (0, max_bits=6)"),
     (["model=resnet18", "alq.max_bits=null", "alq.target_bits=9"], "max_bits=8"),
     (["alq.pruning=sideways"], "pruning='sideways' is not allowed"),
@@ -148,5 +160,5 @@ def test_mismatching_checkpoint_names_both_shapes(tmp_path):
     with pytest.raises(ConfigError) as error:
         run(tmp_path, [f"pretrain.checkpoint={checkpoint}"])
     assert "conv1.weight is [20, 3, 5, 5] in the checkpoint but [20, 1, 5, 5] in the model" in str(error.value)
-    assert "model=lenet5 for data=fashion_mnist (1 channel(s), 28x28 inputs, 10 classes)" in str(error.value)
+    assert "model=LeNet5 for data=FashionMNISTDataModule (1 channel(s), 28x28 inputs, 10 classes)" in str(error.value)
     assert not (tmp_path / "run").exists()

@@ -1,4 +1,4 @@
-"""Synthetic data, the name registry, ImageNet folders, and a Lightning fit that drives the loader's epochs."""
+"""Synthetic data, ImageNet folders, and a Lightning fit that drives the loader's epochs."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,13 +10,9 @@ import torch
 from torch import nn
 
 from alq_lightning.data import (
-    CIFAR10DataModule,
-    FashionMNISTDataModule,
     ImageNetDataModule,
-    MNISTDataModule,
     SyntheticDataModule,
     TensorLoader,
-    build_datamodule,
     make_synthetic,
 )
 
@@ -45,23 +41,6 @@ def test_synthetic_labels_are_a_fixed_function_of_the_images() -> None:
         nn.functional.cross_entropy(probe(pooled * 8), labels).backward()
         optimizer.step()
     assert (probe(pooled * 8).argmax(1) == labels).float().mean() > 0.9
-
-
-@pytest.mark.parametrize(
-    "name, cls",
-    [("fashion_mnist", FashionMNISTDataModule), ("mnist", MNISTDataModule), ("cifar10", CIFAR10DataModule),
-     ("imagenet", ImageNetDataModule), ("synthetic", SyntheticDataModule)],
-)
-def test_build_datamodule_by_name(tmp_path: Path, name: str, cls: type) -> None:
-    kwargs = {"root": tmp_path} if name != "synthetic" else {"input_size": 4}
-    dm = build_datamodule(name, batch_size=4, **kwargs)
-    assert type(dm) is cls and dm.batch_size == 4
-    assert dm.num_classes >= 10 and dm.in_channels in (1, 3) and dm.input_size in (4, 28, 32, 224)
-
-
-def test_build_datamodule_rejects_unknown_names() -> None:
-    with pytest.raises(ValueError, match=r"name='cifar100'.*fashion_mnist, mnist, cifar10, imagenet, synthetic"):
-        build_datamodule("cifar100")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="torchvision is installed")
