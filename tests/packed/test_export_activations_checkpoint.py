@@ -2,6 +2,8 @@
 the input quantizers, and the model loaded from it computes as the trained model did."""
 from __future__ import annotations
 
+from functools import partial
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -27,7 +29,8 @@ def images(n: int = 64, seed: int = 0) -> TensorDataset:
 def fit(tmp_path) -> tuple[ClassifierModule, ALQCallback, str]:
     """A LeNet5 trained through a short ALQ schedule with 2-bit inputs from the STE stage on; its last checkpoint."""
     torch.manual_seed(0)
-    module = ClassifierModule(LeNet5(1, 10, 16), num_classes=10, optimizer="adam", lr=1e-3, architecture=ARCH)
+    module = ClassifierModule(LeNet5(1, 10, 16), num_classes=10, optimizer=partial(torch.optim.Adam, lr=1e-3),
+                              architecture=ARCH)
     alq = ALQCallback(0.8, max_bits=3, rounds=1, basis_epochs=1, coordinate_epochs=1, ste_epochs=1,
                       final_coordinate_epochs=1, act_bits=2)
     trainer = L.Trainer(callbacks=[alq], max_epochs=alq.total_epochs, accelerator="cpu", devices=1, logger=False,
