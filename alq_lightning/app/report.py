@@ -90,7 +90,8 @@ def publish(loggers: list[Logger], summary: BitSummary, results: dict[str, Any],
     packed model ``packed`` as a model artifact where ``logger.wandb.log_packed_model`` is on."""
     final = {"final/test_acc": results["test_acc"], "final/val_acc": results.get("val_acc"),
              "final/float_test_acc": results["float_test_acc"], "final/avg_bits": results["avg_bits"],
-             "final/storage_bytes": results["storage_bytes"]["coords32"]}
+             "final/storage_bytes": results["storage_bytes"]["coords32"],
+             "final/bops": (results.get("activations") or {}).get("bops")}
     final = {k: v for k, v in final.items() if v is not None}
     for logger in loggers:
         logger.log_metrics({k: float(v) for k, v in final.items()})
@@ -101,7 +102,7 @@ def publish(loggers: list[Logger], summary: BitSummary, results: dict[str, Any],
         run = logger.experiment
         rounds = [[r["round"], r["epoch"], r["avg_bits"], r["val_acc"]] for r in results["rounds"]]
         payload: dict[str, Any] = {
-            "alq/bit_summary": wandb.Table(columns=list(BitSummary.HEADER),
+            "alq/bit_summary": wandb.Table(columns=list(summary.header),
                                            data=[list(row) for row in summary.table()]),
             "alq/rounds": wandb.Table(columns=["round", "epoch", "avg_bits", "val_acc"], data=rounds),
         }

@@ -78,7 +78,9 @@ def summarize_bits(summary32: BitSummary, summary16: BitSummary) -> dict[str, An
                         "model_coords16": summary16.model_compression},
         "float_tensors": {row.name: list(row.shape) for row in summary32.floats if len(row.shape) >= 2},
         "layer_bits": {row.name: row.avg_bits for row in summary32.rows},
-        "layers": [dict(zip(BitSummary.HEADER, row)) for row in summary32.table()],
+        "layers": [dict(zip(summary32.header, row)) for row in summary32.table()],
+        "activations": {"act_bits": {row.name: row.act_bits for row in summary32.act_rows},
+                        "bops": summary32.bops, "macs": summary32.macs} if summary32.act_rows else None,
     }
 
 

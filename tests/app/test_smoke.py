@@ -93,6 +93,22 @@ def test_lenet5_on_fashion_mnist_slices_then_cache_reuse(tmp_path):
     assert again["test_acc"] == pytest.approx(results["test_acc"], abs=0.02)
 
 
+def test_quantized_inputs_through_the_app_reach_results_the_packed_file_and_wandb(tmp_path):
+    """``alq.act_bits=2``: every quantized layer's input but the first at 2 bits; results.json records the BOPs
+    the bit summary counts, model.alq is a version-2 file carrying the quantizers, W&B's table has the columns."""
+    results, out = run(tmp_path, ["alq.rounds=1", "alq.act_bits=2", "alq.act_start=start"])
+    check_results(results, out, rounds=1)
+    acts = results["activations"]
+    assert acts["act_bits"] == {"model.conv2": 2, "model.fc1": 2, "model.fc2": 2} and acts["bops"] > 0
+    layers = {row["layer"]: row for row in results["layers"]}
+    assert layers["model.conv1"]["act_bits"] == 0 and acts["bops"] == sum(row["BOPs"] for row in layers.values())
+    header = read_packed(out / "model.alq").header
+    assert [bool(entry.get("activations")) for entry in header["layers"]] == [False, True, True, True]
+    media = next((out / "wandb").glob("offline-run-*")) / "files" / "media"
+    table = json.loads(next(media.glob("table/alq/bit_summary_*.table.json")).read_text())
+    assert table["columns"][-2:] == ["act_bits", "BOPs"]
+
+
 @pytest.mark.parametrize("model,extra", [
     ("vgg_small", ["model.net.width=0.25"]),
     ("resnet20", ["model.net.width=4"]),
