@@ -23,6 +23,7 @@ from torch import nn
 from .core.activations import fit_levels, quantize_activations
 
 ACT_PREFIX = "alq_act_"
+CHECKPOINT_KEY = "alq_activations"  # a Lightning checkpoint's {layer: {"coords", "signed", "ready"}}
 MAX_ACT_BITS = 8
 
 

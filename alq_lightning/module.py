@@ -7,8 +7,11 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+
+from .activations import CHECKPOINT_KEY, act_bits_of
 
 SCHEDULER_INTERVALS = ("epoch", "step")
 
@@ -141,3 +144,14 @@ class ClassifierModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Say so when the checkpoint was trained with quantized inputs that this model will not quantize (loaded
+        without ``ActivationQuantization`` / ``ALQCallback(act_bits=...)``: its inputs stay float)."""
+        modules = dict(self.named_modules())
+        missing = [name for name in checkpoint.get(CHECKPOINT_KEY) or {}
+                   if name not in modules or not act_bits_of(modules[name])]
+        if missing:
+            rank_zero_warn(f"the checkpoint's model was trained with quantized inputs on {missing}; loaded without "
+                           f"ActivationQuantization or ALQCallback(act_bits=...), this model computes with float "
+                           f"inputs (alq-export keeps them: load_packed / load_packed_for_inference)")

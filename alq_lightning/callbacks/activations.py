@@ -9,12 +9,10 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from ..activations import MAX_ACT_BITS, ActivationLayer, attach_activations, is_quantizable_input
+from ..activations import CHECKPOINT_KEY, MAX_ACT_BITS, ActivationLayer, attach_activations, is_quantizable_input
 from .arguments import check, is_int, is_number
 from .init import ALQInit
 from .stages import UNITS
-
-CHECKPOINT_KEY = "alq_activations"
 
 
 class ActivationQuantization(Callback):
@@ -51,6 +49,7 @@ class ActivationQuantization(Callback):
         self.per_channel, self.quantize_first = per_channel, quantize_first
         self.momentum, self.iterations = float(momentum), iterations
         self.layers: dict[str, ActivationLayer] = {}
+        self.reported: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -90,6 +89,16 @@ class ActivationQuantization(Callback):
         left = ", ".join(f"{name} ({why})" for name, why in floats.items()) or "none"
         rank_zero_info(f"activations of {len(self.layers)} layers at {self.act_bits} bits from {self.unit} "
                        f"{self.start_epoch}; inputs left in float: {left}")
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """Say which codes each quantizer took, once, after its first batch."""
+        fresh = [layer for name, layer in self.layers.items() if name not in self.reported and layer.ready]
+        if fresh:
+            self.reported.update(layer.name for layer in fresh)
+            rank_zero_info("input codes: " + ", ".join(
+                f"{layer.name} {'±1 (negative inputs seen)' if layer.signed else '{0,1} (inputs never negative)'}"
+                for layer in fresh))
 
     def _enable(self, enabled: bool) -> None:
         for layer in self.layers.values():

@@ -18,15 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..activations import CHECKPOINT_KEY
 from ..core import GroupLayout, MultiBitState, auto_layout
 from ..layers import LayerSelection, attach, resolve
 from ..models import MODEL_NAMES, build_model
 from .format import MAGIC
 from .io import restore_activations
 
-# ActivationQuantization's checkpoint key (alq_lightning.callbacks.activations), written out here so that the
-# export command does not import Lightning's callbacks; a test checks that the two agree.
-ACTIVATIONS_KEY = "alq_activations"
 _ARCHITECTURE = ("in_channels", "num_classes", "input_size")
 _CONV_STRUCTURES = ("kernelwise", "pixelwise", "channelwise")
 
@@ -121,7 +119,7 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.",
     if not tensors:
         raise ValueError(f"the checkpoint holds no multi-bit tensors under 'alq' for layers under {prefix!r}")
     attach_tensors(model, tensors)
-    quantizers = {layer[len(prefix):]: value for layer, value in (checkpoint.get(ACTIVATIONS_KEY) or {}).items()
+    quantizers = {layer[len(prefix):]: value for layer, value in (checkpoint.get(CHECKPOINT_KEY) or {}).items()
                   if layer.startswith(prefix)}
     restore_activations(model, quantizers)
     return model

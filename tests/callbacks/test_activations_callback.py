@@ -2,6 +2,9 @@
 resume, DDP, and the model without the callback."""
 from __future__ import annotations
 
+import warnings
+from functools import partial
+
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -11,6 +14,7 @@ from alq_lightning import ActivationQuantization, ALQCallback, bit_summary
 from alq_lightning.core.activations import levels
 from alq_lightning.data import SyntheticDataModule
 from alq_lightning.data.tensor_loader import TensorLoader
+from alq_lightning.module import ClassifierModule
 
 from tiny import TinyModule, build, loader, make_data, small_cnn, trainer
 
@@ -41,10 +45,13 @@ class Inputs(Callback):
             handle.remove()
 
 
-def test_inputs_are_quantized_from_the_ste_stage_on_except_the_first_layers():
+def test_inputs_are_quantized_from_the_ste_stage_on_except_the_first_layers(caplog):
     alq = schedule()
     inputs = Inputs(alq)
-    trainer([alq, inputs], alq.total_epochs).fit(build("cnn"), loader())
+    with caplog.at_level("INFO"):
+        trainer([alq, inputs], alq.total_epochs).fit(build("cnn"), loader())
+    never = "{0,1} (inputs never negative)"
+    assert caplog.text.count(f"input codes: net.3 {never}, net.6 {never}, net.10 {never}") == 1
     assert alq.activations.start_epoch == 3 and set(alq.activations.layers) == {"net.3", "net.6", "net.10"}
     for epoch, layers in inputs.seen.items():
         for name, (x, coords) in layers.items():
@@ -164,3 +171,21 @@ def test_ranks_end_with_identical_activation_coordinates(tmp_path):
         for key in ("coords", "signed", "ready"):
             assert torch.equal(rank0[name][key], rank1[name][key]), (name, key)
         assert bool(rank0[name]["ready"]) and bool((rank0[name]["coords"].view(torch.float32) > 0).all()), name
+
+
+def test_a_classifier_module_loaded_without_the_callback_says_its_inputs_are_float(tmp_path):
+    def module() -> ClassifierModule:
+        torch.manual_seed(0)
+        return ClassifierModule(small_cnn(), 4, optimizer=partial(torch.optim.Adam, lr=1e-3))
+
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
+    alq = schedule(act_start="start")
+    trainer([alq, saver], alq.total_epochs, enable_checkpointing=True).fit(module(), loader())
+    with pytest.warns(UserWarning, match=r"trained with quantized inputs on \['model.3', 'model.6', 'model.10'\]; "
+                                         r"loaded without ActivationQuantization"):
+        ClassifierModule.load_from_checkpoint(tmp_path / "last.ckpt", net=small_cnn(),
+                                              optimizer=partial(torch.optim.Adam, lr=1e-3))
+    again = schedule(act_start="start")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*trained with quantized inputs.*")
+        trainer([again], again.total_epochs).test(module(), loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)

@@ -12,7 +12,7 @@ from alq_lightning import ALQCallback
 from alq_lightning.callbacks.activations import CHECKPOINT_KEY
 from alq_lightning.models import LeNet5
 from alq_lightning.module import ClassifierModule
-from alq_lightning.packed.checkpoint import ACTIVATIONS_KEY, model_from_checkpoint, read_checkpoint
+from alq_lightning.packed.checkpoint import model_from_checkpoint, read_checkpoint
 from alq_lightning.packed.cli import export_main
 from alq_lightning.packed.inference import load_packed_for_inference
 from alq_lightning.packed.io import load_packed, read_header
@@ -40,10 +40,6 @@ def fit(tmp_path) -> tuple[ClassifierModule, ALQCallback, str]:
     path = str(tmp_path / "run.ckpt")
     trainer.save_checkpoint(path)
     return module, alq, path
-
-
-def test_the_export_command_reads_the_callbacks_checkpoint_key():
-    assert ACTIVATIONS_KEY == CHECKPOINT_KEY
 
 
 def test_a_checkpoint_with_quantized_inputs_exports_them(tmp_path):
