@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -27,7 +27,8 @@ class ActivationQuantization(Callback):
     (validate, test, predict) quantizes once the quantizers have been fitted.
 
     Args:
-        act_bits: binary bases per input (1..8).
+        act_bits: binary bases per input (1..8), or ``{layer name pattern: bases}`` (the first matching pattern
+            decides; a layer matching none keeps a float input), e.g. ``{"fc*": 3, "*": 2}``.
         start_epoch: first epoch (or step) with quantized inputs; the first training batch then sets the codes
             ({0,1} for non-negative inputs, else ±1) and the coordinates.
         per_channel: one coordinate vector per input channel instead of one per layer.
@@ -35,11 +36,15 @@ class ActivationQuantization(Callback):
         iterations: alternating refit iterations per training batch.
     """
 
-    def __init__(self, act_bits: int = 2, start_epoch: int = 0, include: Sequence[str] = ("*",),
+    def __init__(self, act_bits: int | Mapping[str, int] = 2, start_epoch: int = 0, include: Sequence[str] = ("*",),
                  exclude: Sequence[str] = (), per_channel: bool = False, quantize_first: bool = False,
                  momentum: float = 0.9, iterations: int = 2, unit: str = "epoch") -> None:
-        check("act_bits", act_bits, is_int(act_bits) and 1 <= act_bits <= MAX_ACT_BITS,
-              f"an integer in [1, {MAX_ACT_BITS}]")
+        per_layer = dict(act_bits) if isinstance(act_bits, Mapping) else {"*": act_bits}
+        valid = all(isinstance(pattern, str) and is_int(bits) and 1 <= bits <= MAX_ACT_BITS
+                    for pattern, bits in per_layer.items())
+        check("act_bits", act_bits, bool(per_layer) and valid,
+              f"an integer in [1, {MAX_ACT_BITS}] or a non-empty mapping {{layer pattern: such an integer}}")
+        self.per_layer = per_layer
         check("start_epoch", start_epoch, is_int(start_epoch) and start_epoch >= 0, "an integer >= 0")
         check("momentum", momentum, is_number(momentum) and 0 <= momentum < 1, "a number in [0, 1)")
         check("iterations", iterations, is_int(iterations) and iterations >= 1, "an integer >= 1")
@@ -72,9 +77,15 @@ class ActivationQuantization(Callback):
                     floats[name] = f"{type(module).__name__} input"
             elif first:
                 floats[name], first = "first layer's input (quantize_first=False)", False
+            elif self.bits_of(name) is None:
+                floats[name] = "no act_bits pattern matches"
             else:
                 chosen[name] = module
         return chosen, floats
+
+    def bits_of(self, name: str) -> int | None:
+        """The input bases of layer ``name``: the first matching pattern's, or None."""
+        return next((bits for pattern, bits in self.per_layer.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for callback in trainer.callbacks:  # ALQ attaches first, whatever the order of the callbacks
@@ -85,9 +96,13 @@ class ActivationQuantization(Callback):
         if not chosen:
             raise ValueError(f"ActivationQuantization found no Linear or Conv layer whose input it could quantize "
                              f"in {type(pl_module).__name__} (left in float: {floats or 'none'})")
-        self.layers = attach_activations(chosen, self.act_bits, self.per_channel, self.momentum, self.iterations)
+        self.layers = {}
+        for name, module in chosen.items():
+            self.layers |= attach_activations({name: module}, self.bits_of(name), self.per_channel, self.momentum,
+                                              self.iterations)
         left = ", ".join(f"{name} ({why})" for name, why in floats.items()) or "none"
-        rank_zero_info(f"activations of {len(self.layers)} layers at {self.act_bits} bits from {self.unit} "
+        bits = ", ".join(f"{name} {layer.act_bits}" for name, layer in self.layers.items())
+        rank_zero_info(f"inputs quantized (bits): {bits}, from {self.unit} "
                        f"{self.start_epoch}; inputs left in float: {left}")
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,

@@ -21,7 +21,7 @@ from tiny import TinyModule, build, loader, make_data, small_cnn, trainer
 
 def schedule(**kwargs) -> ALQCallback:
     return ALQCallback(0.8, max_bits=3, rounds=1, basis_epochs=1, coordinate_epochs=1, ste_epochs=2,
-                       final_coordinate_epochs=1, act_bits=2, **kwargs)
+                       final_coordinate_epochs=1, **{"act_bits": 2, **kwargs})
 
 
 class Inputs(Callback):
@@ -189,3 +189,25 @@ def test_a_classifier_module_loaded_without_the_callback_says_its_inputs_are_flo
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*trained with quantized inputs.*")
         trainer([again], again.total_epochs).test(module(), loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
+
+
+@pytest.mark.parametrize(("act_bits", "expected"), [
+    ({"net.10": 3, "net.*": 2}, {"net.3": 2, "net.6": 2, "net.10": 3}),
+    ({"net.1?": 1}, {"net.10": 1}),
+])
+def test_act_bits_per_layer_by_pattern(act_bits, expected, caplog):
+    alq = schedule(act_start="start", act_bits=act_bits)
+    module = build("cnn")
+    with caplog.at_level("INFO"):
+        trainer([alq], alq.total_epochs).fit(module, loader())
+    assert {name: layer.act_bits for name, layer in alq.activations.layers.items()} == expected
+    assert {row.name: row.act_bits for row in bit_summary(module).act_rows} == expected
+    if "net.3" not in expected:
+        assert "net.3 (no act_bits pattern matches)" in caplog.text
+
+
+@pytest.mark.parametrize("act_bits", [{}, {"fc": 0}, {"fc": 9}, {"fc": True}, {3: 2}])
+def test_bad_per_layer_act_bits_are_refused(act_bits):
+    with pytest.raises(ValueError, match=r"act_bits=.* is not allowed; expected an integer in \[1, 8\] or a non-empty "
+                                         r"mapping \{layer pattern: such an integer\}"):
+        ActivationQuantization(act_bits)
