@@ -55,10 +55,10 @@ class ALQCallback(Callback):
         pruning: ``"coordinates"`` (ALQ's bitwidth reduction, one slot at a time) or ``"groups"``
             (whole groups, ranked by loss increase per bit saved).
         per_bit: rank coordinates by loss increase per bit saved (only with ``pruning="coordinates"``).
-        act_bits: quantize the inputs of the quantized Linear/Conv layers into this many binary bases
-            (:class:`ActivationQuantization`), from ``act_start``: ``"ste"`` (the STE stage on, so that the bases
-            are found on float activations and fine-tuned with quantized ones) or ``"start"``; None keeps
-            activations float.
+        act_bits: quantize the inputs of the quantized Linear/Conv layers into this many binary bases, or
+            ``{layer pattern: bases}`` (:class:`ActivationQuantization`), from ``act_start``: ``"ste"`` (the STE
+            stage on, so that the bases are found on float activations and fine-tuned with quantized ones) or
+            ``"start"``; None keeps activations float.
         max_bits, structures, include, exclude, types, max_bits_overrides, keep_first, keep_last, beta1,
             beta2, eps, compile: see :class:`ALQInit`.
     """
@@ -93,7 +93,7 @@ class ALQCallback(Callback):
         beta2: float = 0.999,
         eps: float = 1e-8,
         compile: bool = False,
-        act_bits: int | None = None,
+        act_bits: int | Mapping[str, int] | None = None,
         act_start: str = "ste",
     ) -> None:
         check("act_start", act_start, act_start in ACT_STARTS, f"one of {ACT_STARTS}")
