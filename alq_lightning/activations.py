@@ -159,8 +159,7 @@ def attach_activations(modules: dict[str, nn.Module], act_bits: int, per_channel
             for key in ("signed", "ready"):
                 module.register_buffer(ACT_PREFIX + key, torch.zeros((), dtype=torch.bool,
                                                                      device=module.weight.device), persistent=False)
-        for handle in getattr(module, "_alq_act_handles", ()):
-            handle.remove()
+        detach_activations(module)
         layer = ActivationLayer(name, module, act_bits, per_channel, momentum, iterations)
         module._alq_act_handles = (module.register_forward_pre_hook(layer),
                                    module.register_forward_hook(layer.record_positions))
@@ -168,12 +167,11 @@ def attach_activations(modules: dict[str, nn.Module], act_bits: int, per_channel
     return layers
 
 
-def detach_activations(layers: dict[str, ActivationLayer]) -> None:
-    """Remove the hooks (the buffers stay, unused)."""
-    for layer in layers.values():
-        for handle in getattr(layer.module, "_alq_act_handles", ()):
-            handle.remove()
-        layer.module._alq_act_handles = ()
+def detach_activations(module: nn.Module) -> None:
+    """Remove ``module``'s input-quantizer hooks, if any (its buffers stay, unused)."""
+    for handle in getattr(module, "_alq_act_handles", ()):
+        handle.remove()
+    module._alq_act_handles = ()
 
 
 def is_quantizable_input(module: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from ..activations import (
     act_bits_of,
     attach_activations,
     channels_of,
+    detach_activations,
     is_quantizable_input,
 )
 from ..core import LayerBits, MultiBitState, check_coord_bits
@@ -194,9 +195,7 @@ def restore_activations(model: nn.Module, quantizers: dict[str, dict[str, Any]])
     kept = {id(layer.module) for layer in layers.values()}
     for module in model.modules():
         if id(module) not in kept and getattr(module, "_alq_act_handles", ()):
-            for handle in module._alq_act_handles:
-                handle.remove()
-            module._alq_act_handles = ()
+            detach_activations(module)
     return layers
 
 
