@@ -96,7 +96,7 @@ def test_lenet5_on_fashion_mnist_slices_then_cache_reuse(tmp_path):
 def test_quantized_inputs_through_the_app_reach_results_the_packed_file_and_wandb(tmp_path):
     """``alq.act_bits=2``: every quantized layer's input but the first at 2 bits; results.json records the BOPs
     the bit summary counts, model.alq is a version-2 file carrying the quantizers, W&B's table has the columns."""
-    results, out = run(tmp_path, ["alq.rounds=1", "alq.act_bits=2", "alq.act_start=start"])
+    results, out = run(tmp_path, ["alq.rounds=1", "alq.act_bits=2"])
     check_results(results, out, rounds=1)
     acts = results["activations"]
     assert acts["act_bits"] == {"model.conv2": 2, "model.fc1": 2, "model.fc2": 2} and acts["bops"] > 0

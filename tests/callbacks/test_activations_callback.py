@@ -46,7 +46,7 @@ class Inputs(Callback):
 
 
 def test_inputs_are_quantized_from_the_ste_stage_on_except_the_first_layers(caplog):
-    alq = schedule()
+    alq = schedule(act_start="ste")
     inputs = Inputs(alq)
     with caplog.at_level("INFO"):
         trainer([alq, inputs], alq.total_epochs).fit(build("cnn"), loader())
@@ -63,8 +63,8 @@ def test_inputs_are_quantized_from_the_ste_stage_on_except_the_first_layers(capl
                 assert distinct <= 4 and bool(torch.isin(x.unique(), levels(coords, False)).all()), (epoch, name)
 
 
-def test_act_start_at_the_beginning_and_the_summary_counts_bops():
-    alq = schedule(act_start="start")
+def test_inputs_are_quantized_from_the_first_alq_epoch_by_default_and_the_summary_counts_bops():
+    alq = schedule()
     inputs = Inputs(alq)
     module = build("cnn")
     trainer([alq, inputs], alq.total_epochs).fit(module, loader())
@@ -93,14 +93,15 @@ def final_state(alq: ALQCallback) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("step", [20, 30, 36])
 def test_resume_with_activations_ends_exactly_like_an_uninterrupted_run(tmp_path, step):
-    """8 steps per epoch; STE (and quantized inputs) from step 24: checkpoints before, at and inside it."""
+    """8 steps per epoch; STE (and, with ``act_start="ste"``, quantized inputs) from step 24: checkpoints before,
+    at and inside it."""
     saver = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
-    alq = schedule()
+    alq = schedule(act_start="ste")
     trainer([alq, saver], alq.total_epochs, enable_checkpointing=True).fit(build("cnn"), resumable_loader())
     reference = final_state(alq)
     assert set(torch.load(tmp_path / f"step={step}.ckpt", weights_only=True)["alq_activations"]) == {
         "net.3", "net.6", "net.10"}
-    alq = schedule()
+    alq = schedule(act_start="ste")
     trainer([alq], alq.total_epochs).fit(build("cnn"), resumable_loader(), ckpt_path=tmp_path / f"step={step}.ckpt")
     assert all(torch.equal(a, b) for a, b in zip(reference, final_state(alq)))
 
@@ -161,7 +162,7 @@ class SaveActivations(Callback):
 
 @pytest.mark.slow
 def test_ranks_end_with_identical_activation_coordinates(tmp_path):
-    alq = schedule(act_start="start")
+    alq = schedule()
     data = SyntheticDataModule(num_classes=4, in_channels=1, input_size=8, train_size=256, val_size=0,
                                test_size=64, batch_size=32)
     trainer([alq, SaveActivations(alq, tmp_path)], alq.total_epochs, strategy="ddp_fork", devices=2).fit(
@@ -179,13 +180,13 @@ def test_a_classifier_module_loaded_without_the_callback_says_its_inputs_are_flo
         return ClassifierModule(small_cnn(), 4, optimizer=partial(torch.optim.Adam, lr=1e-3))
 
     saver = ModelCheckpoint(dirpath=tmp_path, filename="last")
-    alq = schedule(act_start="start")
+    alq = schedule()
     trainer([alq, saver], alq.total_epochs, enable_checkpointing=True).fit(module(), loader())
     with pytest.warns(UserWarning, match=r"trained with quantized inputs on \['model.3', 'model.6', 'model.10'\]; "
                                          r"loaded without ActivationQuantization"):
         ClassifierModule.load_from_checkpoint(tmp_path / "last.ckpt", net=small_cnn(),
                                               optimizer=partial(torch.optim.Adam, lr=1e-3))
-    again = schedule(act_start="start")
+    again = schedule()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*trained with quantized inputs.*")
         trainer([again], again.total_epochs).test(module(), loader(), ckpt_path=tmp_path / "last.ckpt", verbose=False)
@@ -196,7 +197,7 @@ def test_a_classifier_module_loaded_without_the_callback_says_its_inputs_are_flo
     ({"net.1?": 1}, {"net.10": 1}),
 ])
 def test_act_bits_per_layer_by_pattern(act_bits, expected, caplog):
-    alq = schedule(act_start="start", act_bits=act_bits)
+    alq = schedule(act_bits=act_bits)
     module = build("cnn")
     with caplog.at_level("INFO"):
         trainer([alq], alq.total_epochs).fit(module, loader())
