@@ -165,8 +165,8 @@ def main() -> None:
             for target in args.targets for seed in args.seeds]
     rows = aggregate(runs)
     out.mkdir(exist_ok=True)
-    keep = ("seed", "target_bits", "test_acc", "float_test_acc", "avg_bits", "storage_bytes", "rounds",
-            "timings_s", "git_commit", "hardware")
+    keep = ("seed", "target_bits", "test_acc", "float_test_acc", "avg_bits", "storage_bytes", "activations",
+            "rounds", "timings_s", "git_commit", "hardware")
     reference = AUTHORS.get(args.experiment, [])
     verdicts = against(rows, reference)
     (out / f"{args.name}.json").write_text(json.dumps(
