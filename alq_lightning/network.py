@@ -14,6 +14,7 @@ from .buckets import BoundBucket, bind
 from .core import (
     LayerBits,
     QuadraticConfig,
+    auto_layout,
     average_bits,
     group_importance,
     quadratic_model,
@@ -250,6 +251,21 @@ class MultiBitNetwork:
         return {name: {**{key: t.detach().cpu().clone() for key, t in layer.multibit_tensors().items()},
                        "steps": torch.tensor(steps[name])}
                 for name, layer in self.layers.items()}
+
+    def structures(self) -> dict[str, str]:
+        """``{layer: structure}`` (``GroupLayout.describe``), saved beside :meth:`state_tensors`."""
+        return {name: layer.layout.describe() for name, layer in self.layers.items()}
+
+    def check_structures(self, structures: Mapping[str, str]) -> None:
+        """Refuse saved ``{layer: structure}`` that cut a layer into other groups than this network does (tensors of
+        one shape can hold differently laid-out groups: ``kernelwise`` and ``pixelwise`` of a 3×3 Conv with 9
+        input channels, or ``subchannelwise(1)`` and ``columnwise(1)`` of a square Linear)."""
+        for name, structure in structures.items():
+            layer = self.layers.get(name)
+            if layer is not None and not layer.layout.same_groups(auto_layout(layer.layout.shape, structure)):
+                raise ValueError(f"checkpoint layer {name!r} was quantized as {structure}, the model's is "
+                                 f"{layer.layout.describe()}: its groups would be read in another order. Attach it "
+                                 f"with structures={{{name!r}: {structure!r}}}")
 
     def load_state_tensors(self, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Inverse of :meth:`state_tensors`; refuses missing layers or mismatching shapes before writing.

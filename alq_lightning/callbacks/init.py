@@ -14,6 +14,7 @@ from ..summary import bit_summary
 from .arguments import check
 
 CHECKPOINT_KEY = "alq"
+STRUCTURES_KEY = "alq_structures"  # {layer: structure}; older checkpoints lack it
 _REFUSED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
 
 
@@ -23,7 +24,8 @@ class ALQInit(Callback):
     In ``setup`` the layers get fixed-shape multi-bit buffers (before DDP wraps the model and before a
     checkpoint is restored); at the start of fitting each layer is initialised from its float weight by
     structured sketching, unless a checkpoint already carried the state. The multi-bit tensors travel in
-    the checkpoint under ``"alq"``; the weights in ``state_dict`` stay dense and equal to ŵ.
+    the checkpoint under ``"alq"`` and each layer's structure under ``"alq_structures"`` (a checkpoint that lays
+    a layer's groups out otherwise is refused); the weights in ``state_dict`` stay dense and equal to ŵ.
 
     Outside every stage window the quantized weights are frozen (their gradients are dropped), while the
     module's own optimizer keeps training every other parameter. Frozen weights (``requires_grad=False`` at
@@ -138,6 +140,7 @@ class ALQInit(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.network.state_tensors()
+        checkpoint[STRUCTURES_KEY] = self.network.structures()
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         tensors = checkpoint.get(CHECKPOINT_KEY)
@@ -146,6 +149,7 @@ class ALQInit(Callback):
                 "the checkpoint holds no ALQ multi-bit state (key 'alq'); it was not written with ALQInit/"
                 "ALQCallback attached. Load its dense weights with LightningModule.load_from_checkpoint instead"
             )
+        self.network.check_structures(checkpoint.get(STRUCTURES_KEY, {}))
         self.network.load_state_tensors(tensors)
 
 

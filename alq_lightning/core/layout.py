@@ -127,6 +127,14 @@ class GroupLayout:
     def describe(self) -> str:
         return f"{self.structure}({self.subchannels})" if self.structure in LINEAR_STRUCTURES else self.structure
 
+    def same_groups(self, other: GroupLayout) -> bool:
+        """Whether ``other`` cuts a weight of the same shape into the same groups, weight for weight: equal
+        layouts, or equivalent ones such as ``kernelwise`` and ``channelwise`` of a one-input-channel Conv."""
+        if (self.shape, self.num_groups, self.group_size) != (other.shape, other.num_groups, other.group_size):
+            return False
+        index = torch.arange(math.prod(self.shape)).view(self.shape)
+        return torch.equal(self.to_groups(index), other.to_groups(index))
+
 
 _SPEC = re.compile(r"^(?P<name>[a-z]+)(?:[(:](?P<s>\d+)\)?)?$")
 

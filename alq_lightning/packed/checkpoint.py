@@ -40,18 +40,22 @@ def candidate_layouts(shape: tuple[int, ...], group_size: int) -> list[GroupLayo
     return [layout for layout in layouts if layout.group_size == group_size]
 
 
-def infer_structure(name: str, weight: torch.Tensor, state: MultiBitState) -> str:
-    """The structure under which ``state`` reconstructs the dense ``weight`` most closely (it must match)."""
+def infer_structure(name: str, weight: torch.Tensor, state: MultiBitState, saved: str | None = None) -> str:
+    """The structure under which ``state`` reconstructs the dense ``weight`` most closely (it must match); only
+    ``saved`` is tried when given."""
     errors = {}
-    for layout in candidate_layouts(tuple(weight.shape), state.group_size):
-        if layout.num_groups == state.num_groups:
+    shape = tuple(weight.shape)
+    layouts = candidate_layouts(shape, state.group_size) if saved is None else [auto_layout(shape, saved)]
+    for layout in layouts:
+        if (layout.num_groups, layout.group_size) == (state.num_groups, state.group_size):
             rebuilt = layout.from_groups(state.reconstruct()).to(weight.dtype)
             errors[layout.describe()] = float((rebuilt - weight).abs().max())
     tolerance = 1e-5 * max(1.0, float(weight.abs().max()))
     best = min(errors, key=errors.get, default=None)
     if best is None or errors[best] > tolerance:
         raise ValueError(f"the multi-bit tensors of layer {name!r} (codes {tuple(state.codes.shape)}) do not "
-                         f"reproduce its dense weight {tuple(weight.shape)} under any structure")
+                         f"reproduce its dense weight {tuple(weight.shape)} under "
+                         f"{'any structure' if saved is None else 'its saved structure ' + saved}")
     return best
 
 
@@ -114,26 +118,29 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.",
     except RuntimeError as error:
         raise ValueError(f"the checkpoint's state_dict under {prefix!r} does not fit {name} {kwargs}: "
                          f"{error}") from None
-    tensors = {layer[len(prefix):]: value for layer, value in (checkpoint.get("alq") or {}).items()
-               if layer.startswith(prefix)}
+    tensors, structures = ({layer[len(prefix):]: value for layer, value in (checkpoint.get(key) or {}).items()
+                            if layer.startswith(prefix)} for key in ("alq", "alq_structures"))
     if not tensors:
         raise ValueError(f"the checkpoint holds no multi-bit tensors under 'alq' for layers under {prefix!r}")
-    attach_tensors(model, tensors)
+    attach_tensors(model, tensors, structures)
     quantizers = {layer[len(prefix):]: value for layer, value in (checkpoint.get(CHECKPOINT_KEY) or {}).items()
                   if layer.startswith(prefix)}
     restore_activations(model, quantizers)
     return model
 
 
-def attach_tensors(model: nn.Module, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Attach multi-bit state holding ``{layer: {"codes", "coords", "mask", ...}}`` to ``model``."""
+def attach_tensors(model: nn.Module, tensors: Mapping[str, Mapping[str, torch.Tensor]],
+                   saved: Mapping[str, str] | None = None) -> None:
+    """Attach multi-bit state holding ``{layer: {"codes", "coords", "mask", ...}}`` to ``model``, each layer in
+    its ``saved`` structure (the checkpoint's ``"alq_structures"``) or, for checkpoints without, the one inferred
+    from its dense weight."""
     structures, max_bits = {}, {}
     for name, layer in tensors.items():
         target = resolve(model, name)
         if target is None:
             raise ValueError(f"multi-bit layer {name!r} of the checkpoint is not a weight parameter of the model")
         state = MultiBitState(layer["codes"], layer["coords"], layer["mask"].bool())
-        structures[name] = infer_structure(name, getattr(*target).detach(), state)
+        structures[name] = infer_structure(name, getattr(*target).detach(), state, (saved or {}).get(name))
         max_bits[name] = state.max_bits
     layers, _ = attach(model, LayerSelection(max_bits=next(iter(max_bits.values())), include=list(tensors),
                                              structures=structures, max_bits_overrides=max_bits))

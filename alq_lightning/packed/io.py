@@ -27,7 +27,7 @@ from ..activations import (
     detach_activations,
     is_quantizable_input,
 )
-from ..core import LayerBits, MultiBitState, check_coord_bits
+from ..core import LayerBits, MultiBitState, auto_layout, check_coord_bits
 from ..files import check_target, write_atomic
 from ..layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
 from ..summary import BitSummary, FloatRow, LayerRow, bit_summary
@@ -295,8 +295,9 @@ def check_model(header: dict[str, Any], model: nn.Module,
             raise ValueError(f"layer {name!r}: the model's weight is {tuple(param.shape)}, the file's {shape}")
         mask = getattr(module, buffer_prefix(attr) + "mask", None)
         structure = getattr(module, buffer_prefix(attr) + "structure", None)
-        expected = (entry["structure"], (entry["num_groups"], entry["max_bits"]))
-        if attached_must_match and isinstance(mask, torch.Tensor) and (structure, tuple(mask.shape)) != expected:
+        same = structure is not None and auto_layout(shape, structure).same_groups(auto_layout(shape, entry["structure"]))
+        expected = (entry["num_groups"], entry["max_bits"])
+        if attached_must_match and isinstance(mask, torch.Tensor) and not (same and tuple(mask.shape) == expected):
             raise ValueError(f"layer {name!r} is attached as {structure} with mask {tuple(mask.shape)}; the "
                              f"file has {entry['structure']} with {entry['num_groups']} groups x "
                              f"{entry['max_bits']} bits")

@@ -274,3 +274,34 @@ def test_ending_above_the_target_is_an_error_naming_the_unstepped_layers(target_
         alq._check_target()
     assert str(error.value) == message
 
+
+
+# Structures travel beside the tensors -----------------------------------------------------------------------
+
+def square_init(structure: str | None, seed: int = 0):
+    """ALQInit set up on a Linear(16, 16) (``structure`` or the default, subchannelwise(1)) and initialised."""
+    from alq_lightning import ALQInit
+
+    torch.manual_seed(seed)
+    init = ALQInit(max_bits=2, structures=None if structure is None else {"0": structure})
+    init.setup(SimpleNamespace(strategy=object()), nn.Sequential(nn.Linear(16, 16)), "fit")
+    init.network.initialize()
+    return init
+
+
+def test_a_checkpoint_of_another_layout_with_the_same_shapes_is_refused_before_anything_is_written():
+    """Columnwise and subchannelwise groups of a square weight have one shape; loading one as the other would
+    scramble every weight without an error."""
+    checkpoint = {}
+    square_init("columnwise(1)").on_save_checkpoint(None, None, checkpoint)
+    assert checkpoint["alq_structures"] == {"0": "columnwise(1)"}
+    target = square_init(None, seed=1)
+    before = target.network.state_tensors()
+    with pytest.raises(ValueError, match=r"checkpoint layer '0' was quantized as columnwise\(1\), the model's is "
+                                         r"subchannelwise\(1\): its groups would be read in another order"):
+        target.on_load_checkpoint(None, None, checkpoint)
+    after = target.network.state_tensors()
+    assert all(torch.equal(t, after["0"][key]) for key, t in before["0"].items())
+    again = square_init("columnwise(1)", seed=2)
+    again.on_load_checkpoint(None, None, checkpoint)
+    assert torch.equal(again.network.layers["0"].buffer("codes"), checkpoint["alq"]["0"]["codes"])

@@ -293,3 +293,19 @@ def test_auto_subchannels_chunk_size(in_features):
 @pytest.mark.parametrize("in_features,chunk", [(784, 784), (2048, 1024), (4096, 1024), (3072, 1024), (1500, 750)])
 def test_auto_subchannels_figures(in_features, chunk):
     assert auto_layout((10, in_features)).group_size == chunk
+
+
+@pytest.mark.parametrize(("shape", "first", "second", "same"), [
+    ((4, 1, 5, 5), "kernelwise", "channelwise", True),  # one input channel: a kernel is the whole filter
+    ((4, 2, 1, 2), "kernelwise", "subchannelwise(1)", True),
+    ((4, 9, 3, 3), "kernelwise", "pixelwise", False),  # both [36, 9], other weights in each group
+    ((8, 8), "subchannelwise(1)", "columnwise(1)", False),  # both [8, 8]: rows against columns
+    ((8, 8), "subchannelwise(2)", "subchannelwise(2)", True),
+    ((4, 2, 3, 3), "kernelwise", "channelwise", False),  # other group sizes
+])
+def test_same_groups_compares_which_weight_lands_where(shape, first, second, same):
+    a, b = auto_layout(shape, first), auto_layout(shape, second)
+    assert a.same_groups(b) is same and b.same_groups(a) is same
+    if same:
+        weight = torch.randn(shape)
+        assert torch.equal(a.to_groups(weight), b.to_groups(weight))
