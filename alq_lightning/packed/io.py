@@ -295,7 +295,8 @@ def check_model(header: dict[str, Any], model: nn.Module,
             raise ValueError(f"layer {name!r}: the model's weight is {tuple(param.shape)}, the file's {shape}")
         mask = getattr(module, buffer_prefix(attr) + "mask", None)
         structure = getattr(module, buffer_prefix(attr) + "structure", None)
-        same = structure is not None and auto_layout(shape, structure).same_groups(auto_layout(shape, entry["structure"]))
+        layout = auto_layout(shape, entry["structure"])
+        same = structure is not None and auto_layout(shape, structure).same_groups(layout)
         expected = (entry["num_groups"], entry["max_bits"])
         if attached_must_match and isinstance(mask, torch.Tensor) and not (same and tuple(mask.shape) == expected):
             raise ValueError(f"layer {name!r} is attached as {structure} with mask {tuple(mask.shape)}; the "
