@@ -37,12 +37,16 @@ class Probe(Callback):
             if name in self.masks:
                 assert not bool((state.mask & ~self.masks[name]).any()), f"{name}: a pruned slot came back"
             self.masks[name] = state.mask.clone()
+        if self.alq.activations is not None:  # quantized inputs from the first epoch (act_start="start")
+            for name, layer in self.alq.activations.layers.items():
+                assert layer.enabled and layer.ready and bool(torch.isfinite(layer.coords).all()), name
         self.bits[trainer.current_epoch] = network.avg_bits
 
 
+@pytest.mark.parametrize("act_bits", [None, 2], ids=["float inputs", "2-bit inputs"])
 @pytest.mark.parametrize("kind", ["mlp", "cnn", "float_parts", "transformer"])
-def test_invariants_hold_after_every_stage_and_rounds_follow_the_budget(kind):
-    alq = short(0.8)
+def test_invariants_hold_after_every_stage_and_rounds_follow_the_budget(kind, act_bits):
+    alq = short(0.8, act_bits=act_bits)
     probe = Probe(alq)
     data = loader("tokens" if kind in ("float_parts", "transformer") else "image")
     module = build(kind)
@@ -57,6 +61,8 @@ def test_invariants_hold_after_every_stage_and_rounds_follow_the_budget(kind):
         reached = probe.bits[stage.end_epoch - 1]
         assert budget - largest_slot < reached <= budget + 1e-12
     assert probe.bits[alq.total_epochs - 1] == network.avg_bits
+    if act_bits is not None:
+        assert alq.activations.layers and all(layer.act_bits == 2 for layer in alq.activations.layers.values())
 
 
 @pytest.mark.parametrize("target_bits", [0.1, 0.45, 0.9, 1.7, 2.5])
