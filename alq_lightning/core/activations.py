@@ -42,10 +42,12 @@ def refit_levels(codes: torch.Tensor, x: torch.Tensor, act_bits: int, signed: bo
     """``[C, J]``: least squares ``argmin_γ Σ_i (γᵀ e_{codes_i} - x_i)²`` per channel, for ``codes, x [C, n]``
     (a ridge keeps a channel whose elements use too few codes solvable). Signed coordinates end ``>= 0``: the
     levels of ``±γ_j`` are the same set."""
+    channels, size = x.shape[0], 1 << act_bits
     patterns = level_patterns(act_bits, signed, x.dtype, x.device)
-    mask = torch.ones(x.shape[0], act_bits, dtype=torch.bool, device=x.device)
-    coords = fit_pattern_sums(pattern_sums(codes, torch.ones_like(x), act_bits), pattern_sums(codes, x, act_bits),
-                              mask, patterns)
+    mask = torch.ones(channels, act_bits, dtype=torch.bool, device=x.device)
+    keys = codes if channels == 1 else codes + size * torch.arange(channels, device=x.device)[:, None]
+    counts = torch.bincount(keys.view(-1), minlength=channels * size).view(channels, size).to(x.dtype)
+    coords = fit_pattern_sums(counts, pattern_sums(codes, x, act_bits), mask, patterns)
     return coords.abs() if signed else coords
 
 
@@ -60,8 +62,13 @@ def uniform_levels(x: torch.Tensor, act_bits: int, signed: bool) -> torch.Tensor
 
 def quantization_error(coords: torch.Tensor, x: torch.Tensor, signed: bool) -> torch.Tensor:
     """``[C]``: ``Σ_i (x̂_i - x_i)²`` per channel with every element at its nearest level."""
-    quantized = levels(coords, signed).gather(1, nearest_levels(coords, x, signed))
-    return (quantized - x).square().sum(dim=1)
+    return _assign(coords, x, signed)[1]
+
+
+def _assign(coords: torch.Tensor, x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The nearest-level codes ``[C, n]`` of ``x`` and the error ``[C]`` of :func:`quantization_error`."""
+    codes = nearest_levels(coords, x, signed)
+    return codes, (levels(coords, signed).gather(1, codes) - x).square().sum(dim=1)
 
 
 def fit_levels(x: torch.Tensor, act_bits: int, signed: bool, coords: torch.Tensor | None = None,
@@ -70,12 +77,13 @@ def fit_levels(x: torch.Tensor, act_bits: int, signed: bool, coords: torch.Tenso
     least-squares refit, from ``coords`` (default :func:`uniform_levels`). A refit that would raise a
     channel's error (possible only through the ridge) is not taken, so the error never increases."""
     coords = uniform_levels(x, act_bits, signed) if coords is None else coords.to(x.dtype)
-    error = quantization_error(coords, x, signed)
+    codes, error = _assign(coords, x, signed)
     for _ in range(iterations):
-        refit = refit_levels(nearest_levels(coords, x, signed), x, act_bits, signed)
-        refit_error = quantization_error(refit, x, signed)
+        refit = refit_levels(codes, x, act_bits, signed)
+        refit_codes, refit_error = _assign(refit, x, signed)
         better = refit_error <= error
         coords = torch.where(better[:, None], refit, coords)
+        codes = torch.where(better[:, None], refit_codes, codes)
         error = torch.where(better, refit_error, error)
     return coords
 
