@@ -7,9 +7,10 @@ import itertools
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from alq_lightning import ALQCallback
+from alq_lightning import ALQCallback, STEFineTune
 from alq_lightning.core import fit_schedule
 from alq_lightning.data.tensor_loader import TensorLoader
 
@@ -144,3 +145,33 @@ def test_the_paper_preset_keeps_its_225_epochs_and_refuses_a_shorter_trainer():
     assert (alq.target_bits, alq.total_epochs, alq.fits_trainer) == (0.7, 215, False)
     with pytest.raises(ValueError, match=r"Trainer\(max_epochs=100\) cannot hold the ALQ schedule of 225 epochs"):
         trainer([ALQCallback.paper()], 100).fit(build("mlp"), loader())
+
+
+class QuantizedInputs(Callback):
+    """The optimizer steps (0-based) whose forward quantized every input the callback quantizes."""
+
+    def __init__(self, alq: ALQCallback) -> None:
+        self.alq, self.steps = alq, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        layers = self.alq.activations.layers.values()
+        if layers and all(layer.enabled and layer.ready for layer in layers):
+            self.steps.append(self.step)
+
+
+@pytest.mark.parametrize("act_start", ["start", "ste"])
+@pytest.mark.parametrize("fit", [{"fast_dev_run": True}, {"fast_dev_run": 5}, {"max_steps": 10},
+                                 {"max_epochs": 1, "limit_train_batches": 10}], ids=str)
+def test_quantized_inputs_start_at_their_step_of_a_short_fit(act_start, fit):
+    alq = callback(act_bits=2, act_start=act_start)
+    inputs = QuantizedInputs(alq)
+    fit = dict(fit)
+    trained = trainer([alq, inputs], fit.pop("max_epochs", None), **fit)
+    trained.fit(build("cnn"), loader(n=256, batch_size=16))
+    (ste,) = [stage for stage in alq.stages if isinstance(stage, STEFineTune)]
+    first = 0 if act_start == "start" else ste.start_epoch
+    assert alq.activations.unit == "step" and inputs.steps == list(range(first, trained.global_step))
+    assert act_start == "start" or 0 < first < trained.global_step - 1 or fit.get("fast_dev_run") is True
