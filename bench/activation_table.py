@@ -2,9 +2,9 @@
 
 Reads the studies that ``accuracy_vs_bits.py`` wrote for one experiment: ``<name>_weights_only`` (float inputs;
 ``--weights-only`` names another) and ``<name>_act<J>_start`` (``-- alq.act_bits=J alq.act_start=start``) for
-J = 1, 2, 3, and lays their seed-mean test accuracies out as one row per weight target and one column per input
-bitwidth, with the storage of the quantized layers (32-bit coordinates) and the BOPs per sample (MACs × live
-weight bases × input bases) beside the float MACs of the same layers. Writes the table between
+J = 1, 2, 3, and lays their seed-mean test accuracies out as one row per weight target that some input study ran
+and one column per input bitwidth, with the storage of the quantized layers (32-bit coordinates) and the BOPs per
+sample (MACs × live weight bases × input bases) beside the float MACs of the same layers. Writes the table between
 ``<!-- activations_<name>:begin -->`` and ``<!-- activations_<name>:end -->`` in ``bench/RESULTS.md`` and prints it.
 
     python bench/activation_table.py --name lenet5_protocol
@@ -46,9 +46,9 @@ def cell(runs: list[dict] | None) -> str:
 def table(name: str, weights_only: str, folder: Path = HERE / "results") -> str:
     """The markdown table of the studies of ``name`` (and ``weights_only``) in ``folder``."""
     studies = {0: load(folder, weights_only), **{b: load(folder, f"{name}_act{b}_start") for b in INPUT_BITS}}
-    targets = sorted({t for study in studies.values() for t in study}, reverse=True)
+    targets = sorted({t for bits, study in studies.items() if bits for t in study}, reverse=True)
     if not targets:
-        raise SystemExit(f"no study of {name!r} in {folder}")
+        raise SystemExit(f"no input study of {name!r} ({name}_act<J>_start.json) in {folder}")
     seeds = sorted({r["seed"] for study in studies.values() for runs in study.values() for r in runs})
     first = next(runs[0] for study in studies.values() for runs in study.values())
     float_acc = statistics.fmean(r["float_test_acc"] for study in studies.values() for runs in study.values()
