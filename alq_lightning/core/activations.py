@@ -46,7 +46,7 @@ def refit_levels(codes: torch.Tensor, x: torch.Tensor, act_bits: int, signed: bo
     patterns = level_patterns(act_bits, signed, x.dtype, x.device)
     mask = torch.ones(channels, act_bits, dtype=torch.bool, device=x.device)
     keys = codes if channels == 1 else codes + size * torch.arange(channels, device=x.device)[:, None]
-    counts = torch.bincount(keys.view(-1), minlength=channels * size).view(channels, size).to(x.dtype)
+    counts = torch.bincount(keys.reshape(-1), minlength=channels * size).view(channels, size).to(x.dtype)
     coords = fit_pattern_sums(counts, pattern_sums(codes, x, act_bits), mask, patterns)
     return coords.abs() if signed else coords
 

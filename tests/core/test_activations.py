@@ -72,6 +72,7 @@ def test_refit_equals_least_squares_on_the_written_out_codes(bits, signed):
         solution = torch.linalg.lstsq(design, x[c, :, None]).solution[:, 0]
         expected = solution.abs() if signed else solution
         assert torch.allclose(coords[c], expected, rtol=1e-7, atol=1e-9), c
+    assert torch.equal(refit_levels(codes.T.contiguous().T, x, bits, signed), coords), "strided codes count alike"
 
 
 @pytest.mark.parametrize(("bits", "signed"), CASES)
