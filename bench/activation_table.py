@@ -49,19 +49,17 @@ def table(name: str, weights_only: str, folder: Path = HERE / "results") -> str:
     targets = sorted({t for bits, study in studies.items() if bits for t in study}, reverse=True)
     if not targets:
         raise SystemExit(f"no input study of {name!r} ({name}_act<J>_start.json) in {folder}")
-    seeds = sorted({r["seed"] for study in studies.values() for runs in study.values() for r in runs})
-    first = next(runs[0] for study in studies.values() for runs in study.values())
-    float_acc = statistics.fmean(r["float_test_acc"] for study in studies.values() for runs in study.values()
-                                 for r in runs)
-    macs = next((r["activations"]["macs"] for study in studies.values() for runs in study.values() for r in runs
-                 if r.get("activations")), None)
+    every = [r for study in studies.values() for runs in study.values() for r in runs]
+    seeds = sorted({r["seed"] for r in every})
+    float_acc = statistics.fmean(r["float_test_acc"] for r in every)
+    macs = next((r["activations"]["macs"] for r in every if r.get("activations")), None)
     float_inputs = "float inputs" + (f" ({macs / 1e6:.1f} M MACs)" if macs else "")
     lines = [f"Test accuracy (%) and, in brackets, millions of binary operations per sample in the layers with "
              f"quantized inputs (every quantized layer but the first), against their float multiply-accumulates "
              f"(MACs); storage of the quantized layers with 32-bit coordinates; seeds {', '.join(map(str, seeds))}.",
              "", f"| weights | storage | {float_inputs} | " + " | ".join(f"{b}-bit inputs" for b in INPUT_BITS)
              + " |", "|---|---|---|" + "---|" * len(INPUT_BITS),
-             f"| float32 | {first['storage_bytes']['float32'] / 1024:.1f} KiB | {100 * float_acc:.2f} % |"
+             f"| float32 | {every[0]['storage_bytes']['float32'] / 1024:.1f} KiB | {100 * float_acc:.2f} % |"
              + " — |" * len(INPUT_BITS)]
     for target in targets:
         runs = [r for study in studies.values() for r in study.get(target, [])]

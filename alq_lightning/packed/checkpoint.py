@@ -118,13 +118,12 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.",
     except RuntimeError as error:
         raise ValueError(f"the checkpoint's state_dict under {prefix!r} does not fit {name} {kwargs}: "
                          f"{error}") from None
-    tensors, structures = ({layer[len(prefix):]: value for layer, value in (checkpoint.get(key) or {}).items()
-                            if layer.startswith(prefix)} for key in ("alq", "alq_structures"))
+    tensors, structures, quantizers = (
+        {layer[len(prefix):]: value for layer, value in (checkpoint.get(key) or {}).items() if layer.startswith(prefix)}
+        for key in ("alq", "alq_structures", CHECKPOINT_KEY))
     if not tensors:
         raise ValueError(f"the checkpoint holds no multi-bit tensors under 'alq' for layers under {prefix!r}")
     attach_tensors(model, tensors, structures)
-    quantizers = {layer[len(prefix):]: value for layer, value in (checkpoint.get(CHECKPOINT_KEY) or {}).items()
-                  if layer.startswith(prefix)}
     restore_activations(model, quantizers)
     return model
 
