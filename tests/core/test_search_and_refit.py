@@ -17,6 +17,7 @@ from alq_lightning.core import (
     update_stats,
 )
 from alq_lightning.core.multibit import row_blocks
+from alq_lightning.core.steps import FEW_BOUNDS
 
 from step_oracles import (
     CONFIG,
@@ -163,6 +164,19 @@ def test_count_below_equals_sorted_search(seed, num_groups, num_bounds, group_si
     assert got.dtype == torch.int64
     assert torch.equal(got, (bounds[:, None, :] < target[:, :, None]).sum(dim=2))
     assert torch.equal(got, torch.searchsorted(bounds, target))
+
+
+@pytest.mark.parametrize("num_bounds", range(FEW_BOUNDS + 3))
+def test_count_below_compares_few_bounds_and_halves_many_alike(num_bounds):
+    """Both searches (every bound compared, up to ``FEW_BOUNDS``; halving beyond) count strictly-below bounds,
+    ties and infinities included."""
+    gen = torch.Generator().manual_seed(num_bounds)
+    bounds = torch.randint(-4, 5, (3, num_bounds), generator=gen).to(F64).sort(dim=1).values / 4
+    target = torch.cat([torch.randint(-20, 21, (3, 60), generator=gen).to(F64) / 8,
+                        torch.tensor([[-torch.inf, torch.inf]], dtype=F64).expand(3, 2)], dim=1)
+    got = count_below(bounds, target)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, (bounds[:, None, :] < target[:, :, None]).sum(dim=2))
 
 
 def test_nearest_patterns_hand_cases():
