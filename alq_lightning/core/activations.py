@@ -61,6 +61,7 @@ def _per_code(codes: torch.Tensor, x: torch.Tensor, act_bits: int) -> tuple[torc
 
 
 def _solve(counts: torch.Tensor, sums: torch.Tensor, act_bits: int, signed: bool) -> torch.Tensor:
+    """``[C, J]``: the least-squares coordinates of per-code ``counts, sums [C, 2^J]`` (:func:`refit_levels`)."""
     patterns = level_patterns(act_bits, signed, sums.dtype, sums.device)
     mask = torch.ones(sums.shape[0], act_bits, dtype=torch.bool, device=sums.device)
     coords = fit_pattern_sums(counts, sums, mask, patterns)

@@ -105,6 +105,22 @@ def test_the_alternating_fit_never_raises_the_error_and_ends_at_a_fixed_point(bi
         assert torch.allclose(levels(coords[c:c + 1], signed), levels(expected[None], signed), atol=1e-7), c
 
 
+@pytest.mark.parametrize(("bits", "signed"), CASES)
+@pytest.mark.parametrize("start", ["uniform", "random"])
+def test_each_iteration_refits_the_nearest_codes_unless_that_raises_the_error(bits, signed, start):
+    """``fit_levels`` is, iteration by iteration, :func:`nearest_levels` then :func:`refit_levels` (both checked
+    against brute force above), the refit kept per channel where it does not raise the error."""
+    x = data(signed, n=50, seed=bits + 10)
+    g = torch.Generator().manual_seed(bits)
+    first = uniform_levels(x, bits, signed) if start == "uniform" else torch.rand(3, bits, generator=g).double()
+    coords = first
+    for iterations in range(1, 4):
+        refit = refit_levels(nearest_levels(coords, x, signed), x, bits, signed)
+        better = quantization_error(refit, x, signed) <= quantization_error(coords, x, signed)
+        coords = torch.where(better[:, None], refit, coords)
+        assert torch.equal(fit_levels(x, bits, signed, coords=first, iterations=iterations), coords)
+
+
 def test_one_signed_bit_fits_the_mean_absolute_value():
     """With one ±1 basis the optimum is ``γ = mean |x|`` (signs of ``x``), reached in one refit."""
     x = data(True)
