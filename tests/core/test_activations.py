@@ -121,6 +121,16 @@ def test_each_iteration_refits_the_nearest_codes_unless_that_raises_the_error(bi
         assert torch.equal(fit_levels(x, bits, signed, coords=first, iterations=iterations), coords)
 
 
+@pytest.mark.parametrize(("bits", "signed"), CASES)
+def test_coordinates_that_quantize_exactly_are_kept(bits, signed):
+    """Inputs all at one level of the coordinates: the refit (which rounds, and for signed codes spreads the
+    value over the bases) would raise the error from exactly 0, so the coordinates stay as they are."""
+    coords = torch.tensor([[0.75] + [0.0] * (bits - 1)], dtype=torch.float64)
+    x = torch.full((1, 20), 0.75, dtype=torch.float64)
+    assert torch.equal(fit_levels(x, bits, signed, coords=coords, iterations=3), coords)
+    assert quantization_error(coords, x, signed).item() == 0
+
+
 def test_one_signed_bit_fits_the_mean_absolute_value():
     """With one ±1 basis the optimum is ``γ = mean |x|`` (signs of ``x``), reached in one refit."""
     x = data(True)
