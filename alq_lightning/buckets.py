@@ -39,7 +39,7 @@ class BoundBucket:
         self.layers = list(layers)
         first = self.layers[0]
         bits, dtype, device = bucket_key(first)
-        storage = first.module.get_buffer(first.buffer_name("coords")).dtype
+        storage = first.stored("coords").dtype
         sizes = [(layer.layout.num_groups, layer.layout.group_size) for layer in self.layers]
         groups, weights = sum(g for g, _ in sizes), sum(g * n for g, n in sizes)
         self.spans, g0, w0 = [], 0, 0
@@ -61,8 +61,8 @@ class BoundBucket:
                 else:
                     whole = self.storage[key]
                     view = whole[flat].view(g, n) if key in _WEIGHT_KEYS else whole[rows]
-                    view.copy_(layer.module.get_buffer(layer.buffer_name(key)))
-                layer.module.register_buffer(layer.buffer_name(key), view, persistent=False)
+                    view.copy_(layer.stored(key))
+                layer.store(key, view)
                 views[key] = view
             self.registered.append(views)
         state = {key: t.view(dtype) if key in _FLOATBUFFER_KEYS else t for key, t in self.storage.items()}
@@ -102,7 +102,7 @@ class BoundBucket:
 
     def is_bound(self) -> bool:
         """Whether every layer's buffers are still this bucket's views."""
-        return all(layer.module._buffers.get(layer.buffer_name(key)) is view
+        return all(layer.stored(key) is view
                    for layer, views in zip(self.layers, self.registered) for key, view in views.items())
 
     def names(self) -> list[str]:
@@ -111,9 +111,10 @@ class BoundBucket:
     def gather(self) -> frozenset[str]:
         """Copy the weights' gradients into :attr:`grad` (zeros for layers without one), clear them from the
         weights and return the names of the layers that had one."""
-        have = [i for i, layer in enumerate(self.layers) if layer.param.grad is not None]
+        grads = [layer.local_grad() for layer in self.layers]
+        have = [i for i, grad in enumerate(grads) if grad is not None]
         if have:
-            torch._foreach_copy_([self.grad_views[i] for i in have], [self.layers[i].param.grad for i in have])
+            torch._foreach_copy_([self.grad_views[i] for i in have], [grads[i] for i in have])
         if len(have) < len(self.layers):
             missing = sorted(set(range(len(self.layers))) - set(have))
             torch._foreach_zero_([self.grad_views[i] for i in missing])
@@ -151,7 +152,8 @@ class BoundBucket:
         chosen = [i for i, layer in enumerate(self.layers) if layer.name in names]
         if chosen:
             with torch.no_grad():
-                torch._foreach_copy_([self.layers[i].param for i in chosen], [self.weight_views[i] for i in chosen])
+                torch._foreach_copy_([self.layers[i].local_param() for i in chosen],
+                                     [self.weight_views[i] for i in chosen])
 
     def steps(self) -> dict[str, tuple[int, int]]:
         """Per layer ``(weight steps, coordinate steps)`` (reads the device)."""

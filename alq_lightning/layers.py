@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .core import AmsgradStats, GroupLayout, LayerBits, MultiBitState, auto_layout, check_max_bits, greedy_init
 
@@ -41,6 +42,14 @@ _FLOATBUFFER_KEYS = frozenset(BUFFER_KEYS) - {"codes", "mask"}
 _STORAGE = {torch.float32: torch.int32, torch.float64: torch.int64}
 _VIEWED_AS = {storage: dtype for dtype, storage in _STORAGE.items()}
 _EXPLICIT = ("matched by exclude", "first layer kept in float", "last layer kept in float")
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, or the local shard of a ``DTensor`` (a view of it, outside autograd)."""
+    if isinstance(tensor, DTensor):
+        with torch.no_grad():
+            return tensor.to_local()
+    return tensor
 
 
 def layer_name(module_name: str, attr: str) -> str:
@@ -86,10 +95,28 @@ class QuantizedLayer:
     def buffer_name(self, key: str) -> str:
         return buffer_prefix(self.attr) + key
 
+    def stored(self, key: str) -> torch.Tensor:
+        """The multi-bit tensor ``key`` as stored (float ones in their integer storage): a module buffer."""
+        return self.module._buffers.get(self.buffer_name(key))
+
+    def store(self, key: str, tensor: torch.Tensor) -> None:
+        """Hold ``tensor`` (in its storage dtype) as the multi-bit tensor ``key``: a non-persistent module buffer."""
+        self.module.register_buffer(self.buffer_name(key), tensor, persistent=False)
+
     def buffer(self, key: str) -> torch.Tensor:
         """The multi-bit tensor ``key``; float ones as a float view of their integer storage."""
-        stored = getattr(self.module, self.buffer_name(key))
+        stored = self.stored(key)
         return stored.view(_VIEWED_AS[stored.dtype]) if key in _FLOATBUFFER_KEYS else stored
+
+    def local_param(self) -> torch.Tensor:
+        """The part of the parameter this process holds: the whole of it, or a sharded one's local shard (a view
+        that writes into the shard)."""
+        return local(self.param)
+
+    def local_grad(self) -> torch.Tensor | None:
+        """The gradient of :meth:`local_param`, or None."""
+        grad = self.param.grad
+        return None if grad is None else local(grad)
 
     @property
     def state(self) -> MultiBitState:
@@ -109,11 +136,11 @@ class QuantizedLayer:
 
     def grad_groups(self) -> torch.Tensor | None:
         """``[G, n]`` gradient of the parameter in group layout (float32 at least), or None."""
-        grad = self.param.grad
+        grad = self.local_grad()
         return None if grad is None else self.layout.to_groups(grad.to(self.buffer("coords").dtype))
 
     def weight_groups(self) -> torch.Tensor:
-        return self.layout.to_groups(self.param.detach().to(self.buffer("coords").dtype))
+        return self.layout.to_groups(self.local_param().detach().to(self.buffer("coords").dtype))
 
     def initialize(self) -> None:
         """Structured sketching of the current float weight (see :meth:`load_state`)."""
@@ -140,11 +167,11 @@ class QuantizedLayer:
         stored = torch.zeros(rows, self.layout.group_size, dtype=coords.dtype, device=coords.device)
         if latent is not None:
             stored.copy_(latent)
-        self.module.register_buffer(self.buffer_name("latent"), stored.view(_STORAGE[coords.dtype]), persistent=False)
+        self.store("latent", stored.view(_STORAGE[coords.dtype]))
 
     def write_weight(self) -> None:
         """Copy the reconstruction ŵ into the dense parameter."""
-        param = self.param
+        param = self.local_param()
         with torch.no_grad():
             param.copy_(self.layout.from_groups(self.state.reconstruct()).to(param.dtype))
 
@@ -285,6 +312,19 @@ def _first_match(overrides: Mapping[str, object], candidate: Candidate):
     return next((value for pattern, value in overrides.items() if candidate.matches(pattern)), None)
 
 
+def zeroed_tensors(layout: GroupLayout, max_bits: int, dtype: torch.dtype,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """Fresh multi-bit tensors of ``layout`` as stored (:data:`BUFFER_KEYS`): codes all ones (``[G, n]`` uint8),
+    the rest zero, float ones in the integer storage of float64 for a float64 ``dtype``, of float32 otherwise."""
+    storage = _STORAGE[torch.float64 if dtype == torch.float64 else torch.float32]
+    shapes = dict.fromkeys(("codes", "weight_m", "weight_v", "weight_vmax"), (layout.num_groups, layout.group_size))
+    shapes["latent"] = (0, layout.group_size)
+    shapes.update(dict.fromkeys(("coords", "mask", "coord_m", "coord_v", "coord_vmax"), (layout.num_groups, max_bits)))
+    return {key: torch.full(shapes[key], 2**max_bits - 1 if key == "codes" else 0,
+                            dtype={"codes": torch.uint8, "mask": torch.bool}.get(key, storage), device=device)
+            for key in BUFFER_KEYS}
+
+
 def attach(model: nn.Module, selection: LayerSelection) -> tuple[dict[str, QuantizedLayer], dict[str, str]]:
     """Register zeroed multi-bit buffers on the selected parameters (idempotent); return the layers and the
     float candidates with the reason each stays float.
@@ -296,19 +336,11 @@ def attach(model: nn.Module, selection: LayerSelection) -> tuple[dict[str, Quant
     for name, (candidate, layout, max_bits) in chosen.items():
         module, param = candidate.module, candidate.param
         layer = QuantizedLayer(name, module, layout, candidate.attr, candidate.module_name)
-        storage = _STORAGE[torch.float64 if param.dtype == torch.float64 else torch.float32]
-        shapes = dict.fromkeys(("codes", "weight_m", "weight_v", "weight_vmax"), (layout.num_groups, layout.group_size))
-        shapes["latent"] = (0, layout.group_size)
-        shapes.update(dict.fromkeys(("coords", "mask", "coord_m", "coord_v", "coord_vmax"),
-                                    (layout.num_groups, max_bits)))
-        for key in BUFFER_KEYS:
-            kind = {"codes": torch.uint8, "mask": torch.bool}.get(key, storage)
+        for key, fresh in zeroed_tensors(layout, max_bits, param.dtype, param.device).items():
             existing = getattr(module, layer.buffer_name(key), None)
-            if existing is not None and tuple(existing.shape) == shapes[key] and existing.dtype == kind:
+            if existing is not None and existing.shape == fresh.shape and existing.dtype == fresh.dtype:
                 continue
-            fill = 2**max_bits - 1 if key == "codes" else 0
-            module.register_buffer(layer.buffer_name(key),
-                                   torch.full(shapes[key], fill, dtype=kind, device=param.device), persistent=False)
+            layer.store(key, fresh)
         setattr(module, layer.buffer_name("structure"), layout.describe())
         layers[name] = layer
     return layers, left_float

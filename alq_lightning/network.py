@@ -24,7 +24,9 @@ from .core import (
     slot_importance,
 )
 from .core.bucket import coordinate_step, observe, weight_domain_step
+from .core.prune import select_layers
 from .layers import QuantizedLayer
+from .summary import BitSummary, bit_summary
 
 STEPS: dict[str, Callable] = {
     "basis": lambda bucket, grad, update, lr, config, block, out: weight_domain_step(
@@ -214,6 +216,15 @@ class MultiBitNetwork:
         return {name: quadratic_model(layer.coord_stats, steps[name], lr, self.config)
                 for name, layer in self.layers.items() if steps[name] > 0}
 
+    def _select(self, scores: Mapping[str, torch.Tensor], bits: Mapping[str, torch.Tensor],
+                bits_to_remove: float) -> dict[str, torch.Tensor]:
+        """The budgeted choice over ``{layer: tensor}`` scores (:func:`~alq_lightning.core.prune.select_layers`)."""
+        return select_layers(scores, bits, bits_to_remove)
+
+    def summary(self, model: nn.Module, coord_bits: int = 32) -> BitSummary:
+        """:func:`~alq_lightning.bit_summary` of ``model``, which holds these layers."""
+        return bit_summary(model, coord_bits)
+
     def prune_slots(self, bits_to_remove: float, lr: float, per_bit: bool = False) -> int:
         """Clear the least important live slots worth at least ``bits_to_remove`` bits; returns bits removed.
 
@@ -222,7 +233,7 @@ class MultiBitNetwork:
         models = self._models(lr)
         importance = {name: slot_importance(self.layers[name].state, *model) for name, model in models.items()}
         sizes = {name: self.layers[name].layout.group_size for name in models}
-        return self.clear_slots(select_slots(importance, sizes, bits_to_remove, per_bit))
+        return self.clear_slots(select_slots(importance, sizes, bits_to_remove, per_bit, select=self._select))
 
     def prune_groups(self, bits_to_remove: float, lr: float) -> int:
         """Clear whole groups, least loss increase per bit first; returns bits removed (layers as above)."""
@@ -230,7 +241,7 @@ class MultiBitNetwork:
         importance = {name: group_importance(self.layers[name].state, *model) for name, model in models.items()}
         live_bits = {name: self.layers[name].state.bits_per_group() * self.layers[name].layout.group_size
                      for name in models}
-        chosen = select_groups(importance, live_bits, bits_to_remove)
+        chosen = select_groups(importance, live_bits, bits_to_remove, select=self._select)
         return self.clear_slots({name: groups[:, None] & self.layers[name].state.mask
                                  for name, groups in chosen.items()})
 

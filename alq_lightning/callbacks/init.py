@@ -5,17 +5,18 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..core import QuadraticConfig
 from ..layers import LayerSelection, attach
 from ..network import MultiBitNetwork
-from ..summary import bit_summary
+from ..sharded import attach_network
 from .arguments import check
 
 CHECKPOINT_KEY = "alq"
 STRUCTURES_KEY = "alq_structures"  # {layer: structure}; older checkpoints lack it
-_REFUSED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel")
+_REFUSED_STRATEGIES = ("FSDP", "DeepSpeed")
 
 
 class ALQInit(Callback):
@@ -73,6 +74,7 @@ class ALQInit(Callback):
         )
         self.config = QuadraticConfig(beta1, beta2, eps)
         self.network: MultiBitNetwork | None = None
+        self.sharded = False
         self.initialized = False
         self.stages: list[Any] = []
 
@@ -84,10 +86,15 @@ class ALQInit(Callback):
         name = type(trainer.strategy).__name__
         if any(refused in name for refused in _REFUSED_STRATEGIES):
             raise ValueError(
-                f"strategy {name} shards parameters, which ALQ's per-group state cannot follow; "
-                f"use strategy='ddp' (or 'ddp_spawn'/'ddp_fork') or a single device"
+                f"strategy {name} is not supported by ALQ; to shard the model use ModelParallelStrategy and apply "
+                f"torch.distributed.fsdp.fully_shard in configure_model (FSDP2), or strategy='ddp' if it fits a device"
             )
         if self.network is not None and self.network.belongs_to(pl_module):
+            return
+        self.sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+        if self.sharded:  # configure_model shards the weights after setup: attach in on_fit_start
+            self.network = None
+            self.initialized = False
             return
         if self.network is not None:
             rank_zero_info(f"ALQ sets up afresh for a new {type(pl_module).__name__}: the state of the earlier "
@@ -106,10 +113,15 @@ class ALQInit(Callback):
         rank_zero_info(f"ALQ quantizes {len(layers)} layers; left in float: {floats}")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.network is None and self.sharded:
+            self.network = attach_network(pl_module, self.selection, self.config, self.compile)
+            for stage in self.stages:
+                stage.setup(trainer, pl_module, "fit")
         if not self.initialized:
             self.network.initialize()
             self.initialized = True
-            rank_zero_info(f"ALQ initialised at {self.network.avg_bits:.3f} average bits\n{bit_summary(pl_module)}")
+            rank_zero_info(f"ALQ initialised at {self.network.avg_bits:.3f} average bits\n"
+                           f"{self.network.summary(pl_module)}")
 
     def register(self, stage: Any) -> None:
         """Stages register themselves so that gradients are dropped only when none of them is active."""
@@ -121,7 +133,7 @@ class ALQInit(Callback):
             self.network.drop_grads()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        summary = bit_summary(pl_module)
+        summary = self.network.summary(pl_module)
         metrics = {"alq/avg_bits": summary.avg_bits, "alq/storage_bytes": float(summary.storage_bytes),
                    "alq/model_bytes": float(summary.model_bytes)}
         metrics.update({f"alq/{row.name}/bits": row.avg_bits for row in summary.rows})

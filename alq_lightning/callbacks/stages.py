@@ -191,6 +191,8 @@ class BitwidthReduction(ALQStage):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if self.network is None:  # a sharded model attaches at fit start, which sets the stages up again
+            return
         max_bits = max(layer.state.max_bits for layer in self.network.layers.values())
         check("target_bits", self.target_bits, self.target_bits < max_bits, f"a number in (0, max_bits={max_bits})")
 

@@ -7,7 +7,7 @@ reach the requested saving.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -48,9 +48,14 @@ def select_budget(scores: torch.Tensor, bits: torch.Tensor, bits_to_remove: floa
     return selected
 
 
-def _select(
+Selector = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], float], dict[str, torch.Tensor]]
+"""``(scores, bits, bits_to_remove) -> {name: bool}`` over ``{name: tensor}`` scores and bits of one shape each."""
+
+
+def select_layers(
     scores: Mapping[str, torch.Tensor], bits: Mapping[str, torch.Tensor], bits_to_remove: float
 ) -> dict[str, torch.Tensor]:
+    """:func:`select_budget` over the entries of every layer, ordered by (layer name, flat index)."""
     names = sorted(scores)
     flat_scores = torch.cat([scores[name].reshape(-1).double() for name in names])
     flat_bits = torch.cat([bits[name].reshape(-1).double() for name in names])
@@ -64,29 +69,32 @@ def select_slots(
     group_sizes: Mapping[str, int],
     bits_to_remove: float,
     per_bit: bool = False,
+    select: Selector = select_layers,
 ) -> dict[str, torch.Tensor]:
     """Slots to prune across layers: ``{name: [G, K] importance}`` -> ``{name: [G, K] bool}``.
 
     A slot of a group of ``n`` weights saves ``n`` bits. ``per_bit`` ranks by ``Δℓ / n`` instead of ``Δℓ``.
-    The result does not depend on the mapping's order.
+    The result does not depend on the mapping's order. ``select`` makes the budgeted choice (:func:`select_layers`;
+    a sharded model passes one over every process's slots).
     """
     bits = {name: torch.full_like(score, float(group_sizes[name])) for name, score in importance.items()}
     scores = {name: score / bits[name] if per_bit else score for name, score in importance.items()}
-    return _select(scores, bits, bits_to_remove)
+    return select(scores, bits, bits_to_remove)
 
 
 def select_groups(
     importance: Mapping[str, torch.Tensor],
     live_bits: Mapping[str, torch.Tensor],
     bits_to_remove: float,
+    select: Selector = select_layers,
 ) -> dict[str, torch.Tensor]:
     """Whole groups to prune, ranked by loss increase per bit saved.
 
     ``importance {name: [G]}`` from :func:`group_importance`, ``live_bits {name: [G]}`` = ``I_g · n``
-    -> ``{name: [G] bool}``.
+    -> ``{name: [G] bool}``; ``select`` as in :func:`select_slots`.
     """
     scores = {
         name: torch.where(live_bits[name] > 0, score / live_bits[name].clamp(min=1), torch.inf)
         for name, score in importance.items()
     }
-    return _select(scores, live_bits, bits_to_remove)
+    return select(scores, live_bits, bits_to_remove)

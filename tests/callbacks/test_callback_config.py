@@ -92,13 +92,13 @@ def test_max_epochs_too_small_says_what_to_set():
 
 
 @pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy])
-def test_sharding_strategies_are_refused(strategy):
+def test_other_sharding_strategies_are_refused_naming_fsdp2(strategy):
     class FakeTrainer:
         pass
 
     fake = FakeTrainer()
     fake.strategy = strategy.__new__(strategy)
-    with pytest.raises(ValueError, match=r"shards parameters.*strategy='ddp'"):
+    with pytest.raises(ValueError, match=r"not supported.*ModelParallelStrategy.*fully_shard.*strategy='ddp'"):
         ALQInit().setup(fake, build("cnn"), "fit")
 
 

@@ -1,0 +1,173 @@
+"""ALQ on a model sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``, dim 0 of every weight split over a
+1-D device mesh, as Lightning's ``ModelParallelStrategy`` applies it in ``configure_model``).
+
+Each process holds the multi-bit state of its own rows of each weight only, as rank-local tensors on the layer
+(not module buffers: FSDP2 neither shards nor gathers those): a layer of ``R`` rows is split as ``torch.chunk``
+splits it (``ceil(R / world)`` rows per process, the last ones fewer), and every group lies within one row block
+(the row-local layouts: ``subchannelwise``, ``kernelwise``, ``pixelwise``, ``channelwise``), so the local groups are
+a contiguous run of the layer's groups, from ``group_offset`` on. Steps run on the local shard and its local
+gradient. Decisions are global and equal the single-process ones: whether a step is skipped (a non-finite gradient
+on any process), the bits counted, and the slots pruned (:func:`~alq_lightning.core.sharded.select_budget_sharded`
+over global slot indices, a few reductions of bucket counts instead of gathering the scores).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard
+
+from .activations import act_bits_of, positions_of
+from .core import GroupLayout, LayerBits, QuadraticConfig, auto_layout, check_coord_bits
+from .core.sharded import select_budget_sharded
+from .layers import LayerSelection, QuantizedLayer, float_remainder, zeroed_tensors
+from .network import MultiBitNetwork
+from .summary import BitSummary, FloatRow, LayerRow
+
+
+@dataclass
+class ShardedLayer(QuantizedLayer):
+    """A quantized parameter sharded on dim 0: ``layout`` covers the local rows, ``full_layout`` the whole weight,
+    whose groups ``group_offset`` .. ``group_offset + layout.num_groups`` are local; the multi-bit tensors live in
+    ``tensors`` (rank-local)."""
+
+    full_layout: GroupLayout | None = None
+    group_offset: int = 0
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def stored(self, key: str) -> torch.Tensor:
+        return self.tensors.get(key)
+
+    def store(self, key: str, tensor: torch.Tensor) -> None:
+        self.tensors[key] = tensor
+
+
+def row_chunk(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """``(first row, row count)`` of ``rank`` when ``torch.chunk`` splits ``rows`` over ``world`` (FSDP2's split)."""
+    size = math.ceil(rows / world)
+    first = min(rank * size, rows)
+    return first, min(size, rows - first)
+
+
+def attach_sharded(model: nn.Module, selection: LayerSelection) -> tuple[dict[str, ShardedLayer], dict[str, str]]:
+    """Zeroed rank-local multi-bit state on the selected parameters of a ``fully_shard``-ed ``model``; returns the
+    layers and the float candidates with the reason each stays float.
+
+    Refuses a parameter that is not a ``DTensor`` sharded on dim 0 of a 1-D mesh, a layout whose groups span rows
+    (``columnwise``) and a layer with fewer rows than processes.
+    """
+    chosen, left_float = selection.select(model)
+    layers = {}
+    for name, (candidate, layout, max_bits) in chosen.items():
+        param = candidate.param
+        if not isinstance(param, DTensor) or param.device_mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+            placement = tuple(param.placements) if isinstance(param, DTensor) else "not a DTensor"
+            raise ValueError(f"layer {name!r} is not sharded on dim 0 over one mesh dimension ({placement}): apply "
+                             f"torch.distributed.fsdp.fully_shard to its module (data parallel only) in "
+                             f"configure_model, or leave it in float (exclude=[{name!r}])")
+        if layout.structure == "columnwise":
+            raise ValueError(f"layer {name!r}: structure {layout.describe()} puts a column in a group, but FSDP2 "
+                             f"shards rows, so its groups would straddle shards; use a row-local structure "
+                             f"(structures={{{name!r}: 'subchannelwise'}}) or leave it in float (exclude=[{name!r}])")
+        world, rank = param.device_mesh.size(), param.device_mesh.get_local_rank()
+        if world != dist.get_world_size():
+            raise ValueError(f"layer {name!r} is sharded over {world} of the {dist.get_world_size()} processes: ALQ "
+                             f"shards over data parallelism alone; use ModelParallelStrategy(data_parallel_size="
+                             f"{dist.get_world_size()}, tensor_parallel_size=1) and fully_shard over its mesh")
+        rows = layout.shape[0]
+        first, count = row_chunk(rows, world, rank)
+        local = param.to_local()
+        if rows < world or local.shape[0] != count:
+            raise ValueError(f"layer {name!r} has {rows} rows over {world} processes, this one holds "
+                             f"{local.shape[0]} (expected {count}): every process needs whole rows of its own; "
+                             f"leave it in float (exclude=[{name!r}])")
+        local_layout = auto_layout(local.shape, layout.describe())
+        layer = ShardedLayer(name, candidate.module, local_layout, candidate.attr, candidate.module_name,
+                             full_layout=layout, group_offset=first * (layout.num_groups // rows))
+        layer.tensors.update(zeroed_tensors(local_layout, max_bits, param.dtype, local.device))
+        layers[name] = layer
+    return layers, left_float
+
+
+class ShardedNetwork(MultiBitNetwork):
+    """:class:`~alq_lightning.network.MultiBitNetwork` over :class:`ShardedLayer` s: local steps, global decisions
+    (see the module docstring). ``group``: the process group of the shards' mesh."""
+
+    def __init__(self, layers: Mapping[str, ShardedLayer], float_layers: Mapping[str, str],
+                 config: QuadraticConfig | None = None, compile: bool = False,
+                 group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(layers, float_layers, config, compile)
+        self.group = group
+
+    def _sum(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+        dist.all_reduce(tensor, op=op, group=self.group)
+        return tensor
+
+    @property
+    def numel(self) -> int:
+        return sum(layer.full_layout.numel for layer in self.layers.values())
+
+    def layer_bits(self) -> dict[str, LayerBits]:
+        """Bits of the whole layers: live slots summed over the processes (one reduction)."""
+        layers = list(self.layers.values())
+        live = self._sum(torch.stack([layer.buffer("mask").sum().long() for layer in layers]).cpu()).tolist()
+        return {layer.name: LayerBits(layer.full_layout.numel, layer.full_layout.num_groups,
+                                      layer.full_layout.group_size, layer.state.max_bits, slots)
+                for layer, slots in zip(layers, live)}
+
+    def _updates(self, names: frozenset[str]) -> list[torch.Tensor]:
+        """As :meth:`MultiBitNetwork._updates`, a step skipped on every process when a gradient anywhere is not
+        finite."""
+        buckets = self.bound()
+        finite = torch.stack([bucket.grad.abs().amax() < torch.inf for bucket in buckets]).all().long()
+        finite = self._sum(finite, dist.ReduceOp.MIN).bool()
+        skipped = (~finite).long()
+        self._skipped = skipped if self._skipped is None else self._skipped.add_(skipped)
+        return [bucket.update_mask(names) & finite for bucket in buckets]
+
+    def _select(self, scores: Mapping[str, torch.Tensor], bits: Mapping[str, torch.Tensor],
+                bits_to_remove: float) -> dict[str, torch.Tensor]:
+        """The global selection of :func:`~alq_lightning.core.prune.select_budget` over the layers' entries in
+        (layer name, global flat index) order, for the local ``{layer: [G] or [G, K]}`` scores."""
+        names = sorted(scores)
+        start, indices = 0, []
+        for name in names:
+            layer, local = self.layers[name], scores[name]
+            per_group = local.shape[1] if local.dim() == 2 else 1
+            first = start + layer.group_offset * per_group
+            indices.append(torch.arange(first, first + local.numel(), device=local.device))
+            start += layer.full_layout.num_groups * per_group
+        chosen = select_budget_sharded(torch.cat([scores[name].reshape(-1).double() for name in names]),
+                                       torch.cat([bits[name].reshape(-1).double() for name in names]),
+                                       torch.cat(indices), bits_to_remove, self._sum)
+        sizes = [scores[name].numel() for name in names]
+        return {name: part.view_as(scores[name]) for name, part in zip(names, chosen.split(sizes))}
+
+    def summary(self, model: nn.Module, coord_bits: int = 32) -> BitSummary:
+        """The whole model's :func:`~alq_lightning.bit_summary` (every process gets the same)."""
+        check_coord_bits(coord_bits)
+        bits = self.layer_bits()
+        rows = tuple(LayerRow(name, layer.full_layout.shape, layer.full_layout.describe(), bits[name], coord_bits,
+                              *((act_bits_of(layer.module), positions_of(layer.module)) if layer.attr == "weight"
+                                else ()))
+                     for name, layer in self.layers.items())
+        floats = tuple(FloatRow(key, tuple(tensor.shape), tensor.dtype)
+                       for key, tensor in float_remainder(model, self.layers).items())
+        return BitSummary(rows, coord_bits, floats)
+
+
+def attach_network(model: nn.Module, selection: LayerSelection, config: QuadraticConfig | None = None,
+                   compile: bool = False) -> ShardedNetwork:
+    """:func:`attach_sharded` on ``model`` and the :class:`ShardedNetwork` over its layers (the process group of
+    their mesh)."""
+    layers, float_layers = attach_sharded(model, selection)
+    group = next(iter(layers.values())).param.device_mesh.get_group()
+    floats = ", ".join(f"{n} ({why})" for n, why in float_layers.items()) or "none"
+    rank_zero_info(f"ALQ quantizes {len(layers)} sharded layers over {dist.get_world_size(group)} processes; left in "
+             f"float: {floats}")
+    return ShardedNetwork(layers, float_layers, config, compile, group)

@@ -1,0 +1,92 @@
+"""Jobs the FSDP2 tests run in two spawned CPU processes (gloo), and the modules they shard.
+
+A job sets the variables Lightning's environment reads (so the strategy launches nothing), builds the module with
+the seed, fits it under ``ModelParallelStrategy`` and saves what each rank holds to ``<directory>/rank<r>.pt``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.utils.data import DataLoader, DistributedSampler
+
+from alq_lightning import ALQCallback
+
+from tiny import TinyModule, TinyTransformer, loader, mlp
+
+
+def plain_cnn() -> nn.Module:
+    """Conv (channelwise), grouped Conv (kernelwise), Conv of 16 inputs (pixelwise), Linear; no batch statistics,
+    which a rank would take over its half of the batch."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 2), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1, groups=2), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 4),
+    )
+
+
+NETS = {"mlp": mlp, "cnn": plain_cnn, "transformer": TinyTransformer}
+DATA = {"mlp": "image", "cnn": "image", "transformer": "tokens"}
+
+
+class ShardedModule(TinyModule):
+    """:class:`TinyModule` that shards every child of ``net`` holding parameters, then ``net``, in
+    ``configure_model`` (once)."""
+
+    def configure_model(self) -> None:
+        if isinstance(self.net, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for child in self.net.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child, mesh=mesh)
+        fully_shard(self.net, mesh=mesh)
+
+
+def build(kind: str, sharded: bool, seed: int = 0) -> TinyModule:
+    torch.manual_seed(seed)
+    return (ShardedModule if sharded else TinyModule)(NETS[kind]())
+
+
+class SaveState(Callback):
+    """At the end of the fit, saves ``{layer: state tensors}``, each layer's group offset and whole weights."""
+
+    def __init__(self, alq: ALQCallback, path: Path) -> None:
+        self.alq, self.path = alq, path
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        network = self.alq.network
+        weights = {name: layer.param.full_tensor() if hasattr(layer.param, "full_tensor") else layer.param.detach()
+                   for name, layer in network.layers.items()}
+        offsets = {name: getattr(layer, "group_offset", 0) for name, layer in network.layers.items()}
+        torch.save({"state": network.state_tensors(), "offsets": offsets, "weights": weights,
+                    "avg_bits": network.avg_bits}, self.path)
+
+
+def fit(kind: str, alq_options: dict, path: Path, sharded: bool, world: int = 1, **trainer_options) -> None:
+    """Fit ``kind`` under ALQ with the full batch of 32 split over ``world`` ranks; save the state to ``path``."""
+    alq = ALQCallback(**alq_options)
+    options = dict(accelerator="cpu", devices=world, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, deterministic=True)
+    if sharded:
+        options["strategy"] = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    options.update(trainer_options)
+    trainer = L.Trainer(callbacks=[alq, SaveState(alq, path)], max_epochs=alq.total_epochs, **options)
+    data = loader(DATA[kind], batch_size=32 // world)
+    if sharded:  # rank r takes samples r, r + world, ...: the ranks' batches of a step make the single batch
+        sampler = DistributedSampler(data.dataset, world, int(os.environ["LOCAL_RANK"]), shuffle=False)
+        data = DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler)
+    trainer.fit(build(kind, sharded), data)
+
+
+def sharded_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path) -> None:
+    """The body of one spawned process."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    fit(kind, alq_options, directory / f"rank{rank}.pt", sharded=True, world=world)
