@@ -13,8 +13,9 @@ over global slot indices, a few reductions of bucket counts instead of gathering
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,11 +24,14 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
 from .activations import act_bits_of, positions_of
-from .core import GroupLayout, LayerBits, QuadraticConfig, auto_layout, check_coord_bits
+from .core import GroupLayout, LayerBits, MultiBitState, QuadraticConfig, auto_layout, check_coord_bits
 from .core.sharded import select_budget_sharded
 from .layers import LayerSelection, QuantizedLayer, float_remainder, zeroed_tensors
 from .network import MultiBitNetwork
 from .summary import BitSummary, FloatRow, LayerRow
+
+SHARDS = "_alq_shards"  # on a module: {parameter name: ShardedLayer}
+T = TypeVar("T")
 
 
 @dataclass
@@ -45,6 +49,46 @@ class ShardedLayer(QuantizedLayer):
 
     def store(self, key: str, tensor: torch.Tensor) -> None:
         self.tensors[key] = tensor
+
+
+def sharded_layers(model: nn.Module) -> dict[str, ShardedLayer]:
+    """The :class:`ShardedLayer` s attached to ``model``'s parameters, by layer name, in registration order."""
+    layers = {}
+    for module in model.modules():
+        shards = module.__dict__.get(SHARDS, {})
+        for attr, _ in module.named_parameters(recurse=False):
+            if attr in shards:
+                layers[shards[attr].name] = shards[attr]
+    return layers
+
+
+def export_gathered(model: nn.Module, layers: Mapping[str, ShardedLayer],
+                    write: Callable[[dict[str, tuple[GroupLayout, MultiBitState, torch.dtype]],
+                                     dict[str, torch.Tensor]], T]) -> T:
+    """Gather every layer's whole state and the whole float remainder onto rank 0, which calls ``write(layers,
+    remainder)`` (``{layer: (layout, state, weight dtype)}``, ``{state_dict key: tensor}``); every process returns
+    its result. Collective: every process calls it."""
+    group = next(iter(layers.values())).param.device_mesh.get_group()
+    first = dist.get_rank(group) == 0
+    records = {}
+    for name, layer in layers.items():
+        state = layer.state
+        parts = [None] * dist.get_world_size(group) if first else None
+        dist.gather_object((state.codes.cpu(), state.coords.cpu(), state.mask.cpu()), parts,
+                           dst=dist.get_global_rank(group, 0), group=group)
+        if first:  # ranks hold ascending runs of groups
+            records[name] = (layer.full_layout, MultiBitState(*(torch.cat(part) for part in zip(*parts))),
+                             layer.param.dtype)
+    remainder = {key: tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor.cpu()
+                 for key, tensor in float_remainder(model, layers).items()}
+    try:
+        result = [write(records, remainder) if first else None]
+    except (ValueError, RuntimeError, OSError) as error:  # every process raises it, none waits for rank 0
+        result = [error]
+    dist.broadcast_object_list(result, src=dist.get_global_rank(group, 0), group=group)
+    if isinstance(result[0], Exception):
+        raise result[0]
+    return result[0]
 
 
 def row_chunk(rows: int, world: int, rank: int) -> tuple[int, int]:
@@ -90,6 +134,8 @@ def attach_sharded(model: nn.Module, selection: LayerSelection) -> tuple[dict[st
         layer = ShardedLayer(name, candidate.module, local_layout, candidate.attr, candidate.module_name,
                              full_layout=layout, group_offset=first * (layout.num_groups // rows))
         layer.tensors.update(zeroed_tensors(local_layout, max_bits, param.dtype, local.device))
+        shards = candidate.module.__dict__.setdefault(SHARDS, {})
+        shards[candidate.attr] = layer
         layers[name] = layer
     return layers, left_float
 

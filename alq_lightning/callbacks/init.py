@@ -17,6 +17,9 @@ from .arguments import check
 CHECKPOINT_KEY = "alq"
 STRUCTURES_KEY = "alq_structures"  # {layer: structure}; older checkpoints lack it
 _REFUSED_STRATEGIES = ("FSDP", "DeepSpeed")
+_SHARDED_CHECKPOINTS = ("ALQ does not checkpoint its state under ModelParallelStrategy yet (each process holds the "
+                        "state of its own shard); fit with Trainer(enable_checkpointing=False) and export the model "
+                        "with export_packed")
 
 
 class ALQInit(Callback):
@@ -93,6 +96,8 @@ class ALQInit(Callback):
             return
         self.sharded = isinstance(trainer.strategy, ModelParallelStrategy)
         if self.sharded:  # configure_model shards the weights after setup: attach in on_fit_start
+            if trainer.checkpoint_callbacks:
+                raise ValueError(_SHARDED_CHECKPOINTS)
             self.network = None
             self.initialized = False
             return
@@ -151,6 +156,8 @@ class ALQInit(Callback):
             self.network.load_scalars(state_dict)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.sharded:
+            raise ValueError(_SHARDED_CHECKPOINTS)
         checkpoint[CHECKPOINT_KEY] = self.network.state_tensors()
         checkpoint[STRUCTURES_KEY] = self.network.structures()
 

@@ -27,9 +27,10 @@ from ..activations import (
     detach_activations,
     is_quantizable_input,
 )
-from ..core import LayerBits, MultiBitState, auto_layout, check_coord_bits
+from ..core import GroupLayout, LayerBits, MultiBitState, auto_layout, average_bits, check_coord_bits
 from ..files import check_target, write_atomic
 from ..layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
+from ..sharded import export_gathered, sharded_layers
 from ..summary import BitSummary, FloatRow, LayerRow, bit_summary
 from .format import (
     ACTIVATIONS_VERSION,
@@ -84,52 +85,71 @@ class PackedFile:
 
 def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 32) -> ExportReport:
     """Write the multi-bit layers and float remainder of ``model`` to ``path`` (atomically) in the layout of
-    :mod:`alq_lightning.packed.format`."""
+    :mod:`alq_lightning.packed.format`.
+
+    A model sharded by FSDP2 (``fully_shard``, its state attached by ALQ) needs the call on every process: the state
+    and the float remainder are gathered onto rank 0, which writes the file a single process writes from the same
+    weights; every process returns the report."""
     path = check_target(path)
+    check_coord_bits(coord_bits)
+    shards = sharded_layers(model)
+    if shards:
+        return export_gathered(model, shards, lambda records, floats: write_packed(
+            path, coord_bits, records, floats, activation_entries(model)))
+    bit_summary(model, coord_bits)  # refuses a model without multi-bit layers
+    layers = find_layers(model)
+    return write_packed(path, coord_bits, {name: (layer.layout, layer.state, layer.param.dtype)
+                                           for name, layer in layers.items()},
+                        float_remainder(model, layers), activation_entries(model))
+
+
+def write_packed(path: Path, coord_bits: int, layers: dict[str, tuple[GroupLayout, MultiBitState, torch.dtype]],
+                 remainder: dict[str, torch.Tensor], quantizers: dict[str, dict[str, Any]]) -> ExportReport:
+    """Write ``{layer: (layout, state, weight dtype)}``, the float ``remainder`` and the input ``quantizers``
+    (:func:`activation_entries`) to ``path``."""
     coord_dtype = COORD_DTYPES[check_coord_bits(coord_bits)]
-    summary = bit_summary(model, coord_bits)
-    quantizers = activation_entries(model)
-    chunks, layers, offset = [], [], 0
-    for name, layer in find_layers(model).items():
+    chunks, entries, offset, bits = [], [], 0, []
+    for name, (layout, state, weight_dtype) in layers.items():
         try:
-            parts = encode_layer(layer.state, coord_dtype)
+            parts = encode_layer(state, coord_dtype)
         except ValueError as error:
             raise ValueError(f"layer {name!r}: {error}") from None
-        entry = {"name": name, "structure": layer.layout.describe(), "shape": list(layer.layout.shape),
-                 "weight_dtype": dtype_name(layer.param.dtype), "num_groups": layer.layout.num_groups,
-                 "group_size": layer.layout.group_size, "max_bits": layer.state.max_bits,
-                 "live_slots": layer.bits.live_slots}
+        bits.append(LayerBits.of(state.mask, layout.group_size))
+        entry = {"name": name, "structure": layout.describe(), "shape": list(layout.shape),
+                 "weight_dtype": dtype_name(weight_dtype), "num_groups": layout.num_groups,
+                 "group_size": layout.group_size, "max_bits": state.max_bits, "live_slots": bits[-1].live_slots}
         for key, part in zip(LAYER_SECTIONS, parts):
             chunks.append(tensor_bytes(part))
             entry[key] = {"offset": offset, "length": len(chunks[-1])}
             offset += len(chunks[-1])
         if name in quantizers:
             entry["activations"] = quantizers.pop(name)
-        layers.append(entry)
+        entries.append(entry)
     if quantizers:
         raise ValueError(f"the input of layer {next(iter(quantizers))!r} is quantized but its weight is not: a packed "
                          f"file holds activation quantizers only beside quantized weights")
     quantized_bytes = offset
-    if quantized_bytes != summary.storage_bytes:
-        raise RuntimeError(f"packed layers take {quantized_bytes} bytes, the accounting says {summary.storage_bytes}")
+    storage_bytes = sum(layer.storage_bytes(coord_bits) for layer in bits)
+    if quantized_bytes != storage_bytes:
+        raise RuntimeError(f"packed layers take {quantized_bytes} bytes, the accounting says {storage_bytes}")
     floats = []
-    for key, tensor in float_remainder(model, [entry["name"] for entry in layers]).items():
+    for key, tensor in remainder.items():
         chunks.append(tensor_bytes(tensor))
         floats.append({"name": key, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape),
                        "offset": offset, "length": len(chunks[-1])})
         offset += len(chunks[-1])
     header = {"coord_bits": coord_bits, "coord_dtype": dtype_name(coord_dtype), "quantized_bytes": quantized_bytes,
-              "float_bytes": offset - quantized_bytes, "layers": layers, "float": floats}
+              "float_bytes": offset - quantized_bytes, "layers": entries, "float": floats}
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     total = PREAMBLE.size + len(text) + offset + CHECKSUM_BYTES
-    version = ACTIVATIONS_VERSION if any("activations" in entry for entry in layers) else 1
+    version = ACTIVATIONS_VERSION if any("activations" in entry for entry in entries) else 1
     chunks[:0] = [PREAMBLE.pack(MAGIC, version, len(text), total), text]
     digest = hashlib.sha256()
     for chunk in chunks:
         digest.update(chunk)
     chunks.append(digest.digest())
     write_atomic(path, lambda handle: handle.writelines(chunks))
-    return ExportReport(str(path), coord_bits, summary.avg_bits, quantized_bytes, offset - quantized_bytes,
+    return ExportReport(str(path), coord_bits, average_bits(bits), quantized_bytes, offset - quantized_bytes,
                         PREAMBLE.size + len(text), CHECKSUM_BYTES, total, os.path.getsize(path))
 
 

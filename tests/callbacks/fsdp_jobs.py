@@ -14,9 +14,10 @@ from lightning.pytorch import Callback
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
-from alq_lightning import ALQCallback
+from alq_lightning import ALQCallback, export_packed
 
 from tiny import TinyModule, TinyTransformer, loader, mlp
 
@@ -54,7 +55,8 @@ def build(kind: str, sharded: bool, seed: int = 0) -> TinyModule:
 
 
 class SaveState(Callback):
-    """At the end of the fit, saves ``{layer: state tensors}``, each layer's group offset and whole weights."""
+    """At the end of the fit, exports the model to ``<path without rank digits>.alq`` and saves ``{layer: state
+    tensors}``, each layer's group offset, whole weights and whole ``state_dict``."""
 
     def __init__(self, alq: ALQCallback, path: Path) -> None:
         self.alq, self.path = alq, path
@@ -64,8 +66,11 @@ class SaveState(Callback):
         weights = {name: layer.param.full_tensor() if hasattr(layer.param, "full_tensor") else layer.param.detach()
                    for name, layer in network.layers.items()}
         offsets = {name: getattr(layer, "group_offset", 0) for name, layer in network.layers.items()}
-        torch.save({"state": network.state_tensors(), "offsets": offsets, "weights": weights,
-                    "avg_bits": network.avg_bits}, self.path)
+        model = {key: value.full_tensor() if isinstance(value, DTensor) else value
+                 for key, value in pl_module.state_dict().items()}
+        report = export_packed(pl_module, self.path.parent / f"{self.path.stem.rstrip('0123456789')}.alq")
+        torch.save({"state": network.state_tensors(), "offsets": offsets, "weights": weights, "model": model,
+                    "avg_bits": network.avg_bits, "file_bytes": report.file_bytes}, self.path)
 
 
 def fit(kind: str, alq_options: dict, path: Path, sharded: bool, world: int = 1, **trainer_options) -> None:
@@ -90,3 +95,30 @@ def sharded_job(rank: int, world: int, port: int, kind: str, alq_options: dict, 
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     fit(kind, alq_options, directory / f"rank{rank}.pt", sharded=True, world=world)
+
+
+def refusal_job(rank: int, world: int, port: int, directory: Path) -> None:
+    """Attach ALQ to models FSDP2 cannot serve row by row; saves each error message to ``directory``."""
+    import torch.distributed as dist
+
+    from alq_lightning.layers import LayerSelection
+    from alq_lightning.sharded import attach_sharded
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cases = {
+        "columnwise": (nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4)), {"structures": {"1": "columnwise"}}, True),
+        "too_few_rows": (nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 1)), {}, True),
+        "not_sharded": (nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 4)), {}, False),
+    }
+    messages = {}
+    for case, (net, options, shard) in cases.items():
+        if shard:
+            for child in net:
+                fully_shard(child)
+        try:
+            attach_sharded(net, LayerSelection(max_bits=2, **options))
+            messages[case] = None
+        except ValueError as error:
+            messages[case] = str(error)
+    torch.save(messages, directory / f"refusals{rank}.pt")
+    dist.destroy_process_group()

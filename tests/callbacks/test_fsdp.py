@@ -2,12 +2,17 @@
 of the same seed and batches: masks and codes exactly, coordinates and weights within float rounding."""
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fsdp_jobs import fit, sharded_job
+from fsdp_jobs import build, fit, refusal_job, sharded_job
+
+from alq_lightning import export_packed
+from alq_lightning.layers import LayerSelection, attach
+from alq_lightning.network import MultiBitNetwork
 
 SCHEDULE = dict(target_bits=0.8, max_bits=3, rounds=2, basis_epochs=1, coordinate_epochs=1, ste_epochs=1,
                 final_coordinate_epochs=1)
@@ -52,3 +57,29 @@ def test_sharded_fit_equals_single_process_fit(tmp_path, kind):
             torch.testing.assert_close(whole(ranks, name, key), state[key], rtol=1e-4, atol=1e-4, msg=f"{name}.{key}")
         for saved in ranks:
             torch.testing.assert_close(saved["weights"][name], single["weights"][name], rtol=1e-4, atol=1e-4)
+    copy = unsharded_copy(kind, ranks, options["exclude"])
+    assert export_packed(copy, tmp_path / "copy.alq").file_bytes == ranks[0]["file_bytes"] == ranks[1]["file_bytes"]
+    assert (tmp_path / "copy.alq").read_bytes() == (tmp_path / "rank.alq").read_bytes()
+
+
+def unsharded_copy(kind: str, ranks: list[dict], exclude: list[str]):
+    """A single-process model holding the sharded fit's whole weights and multi-bit state."""
+    model = build(kind, sharded=False)
+    model.load_state_dict(ranks[0]["model"])
+    layers, float_layers = attach(model, LayerSelection(max_bits=SCHEDULE["max_bits"], exclude=exclude))
+    network = MultiBitNetwork(layers, float_layers)
+    network.load_state_tensors({name: {key: ranks[0]["state"][name]["steps"] if key == "steps" else
+                                       whole(ranks, name, key) for key in ranks[0]["state"][name]}
+                                for name in layers})
+    for name, layer in layers.items():  # ŵ of the whole state is the weight the shards held
+        assert torch.equal(layer.param.detach(), ranks[0]["weights"][name]), name
+    return model
+
+
+def test_layers_fsdp2_cannot_serve_by_rows_are_refused_by_name(tmp_path):
+    mp.spawn(refusal_job, args=(2, free_port(), tmp_path), nprocs=2)
+    for rank in range(2):
+        messages = torch.load(tmp_path / f"refusals{rank}.pt")
+        assert re.search(r"layer .1.: structure columnwise\(1\).*straddle.*.subchannelwise.", messages["columnwise"])
+        assert re.search(r"layer '1' has 1 rows over 2 processes.*exclude=\['1'\]", messages["too_few_rows"])
+        assert re.search(r"layer '0' is not sharded on dim 0.*fully_shard", messages["not_sharded"])
