@@ -13,7 +13,7 @@ over global slot indices, a few reductions of bucket counts instead of gathering
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -62,6 +62,19 @@ def sharded_layers(model: nn.Module) -> dict[str, ShardedLayer]:
     return layers
 
 
+def gather_groups(layer: ShardedLayer, tensors: Mapping[str, torch.Tensor],
+                  group: dist.ProcessGroup) -> dict[str, torch.Tensor] | None:
+    """``{key: [G_local, ...] tensor}`` of every process -> ``{key: [G, ...]}`` of the whole layer on the group's first
+    process (on CPU), None on the others. Collective."""
+    first = dist.get_rank(group) == 0
+    parts = [None] * dist.get_world_size(group) if first else None
+    dist.gather_object({key: tensor.detach().cpu() for key, tensor in tensors.items()}, parts,
+                       dst=dist.get_global_rank(group, 0), group=group)
+    if not first:
+        return None
+    return {key: torch.cat([part[key] for part in parts]) for key in tensors}  # ascending runs of groups
+
+
 def export_gathered(model: nn.Module, layers: Mapping[str, ShardedLayer],
                     write: Callable[[dict[str, tuple[GroupLayout, MultiBitState, torch.dtype]],
                                      dict[str, torch.Tensor]], T]) -> T:
@@ -72,13 +85,10 @@ def export_gathered(model: nn.Module, layers: Mapping[str, ShardedLayer],
     first = dist.get_rank(group) == 0
     records = {}
     for name, layer in layers.items():
-        state = layer.state
-        parts = [None] * dist.get_world_size(group) if first else None
-        dist.gather_object((state.codes.cpu(), state.coords.cpu(), state.mask.cpu()), parts,
-                           dst=dist.get_global_rank(group, 0), group=group)
-        if first:  # ranks hold ascending runs of groups
-            records[name] = (layer.full_layout, MultiBitState(*(torch.cat(part) for part in zip(*parts))),
-                             layer.param.dtype)
+        state = gather_groups(layer, {"codes": layer.state.codes, "coords": layer.state.coords,
+                                      "mask": layer.state.mask}, group)
+        if first:
+            records[name] = (layer.full_layout, MultiBitState(**state), layer.param.dtype)
     remainder = {key: tensor.full_tensor().cpu() if isinstance(tensor, DTensor) else tensor.cpu()
                  for key, tensor in float_remainder(model, layers).items()}
     try:
@@ -194,6 +204,35 @@ class ShardedNetwork(MultiBitNetwork):
         sizes = [scores[name].numel() for name in names]
         return {name: part.view_as(scores[name]) for name, part in zip(names, chosen.split(sizes))}
 
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The whole model's :meth:`MultiBitNetwork.state_tensors` on the first process, ``{}`` on the others (it
+        saves the checkpoint). Collective."""
+        local = super().state_tensors()
+        whole = {}
+        for name, tensors in local.items():
+            layer = self.layers[name]
+            groups = {key: tensor for key, tensor in tensors.items() if key != "steps"}
+            if groups["latent"].numel() == 0:
+                groups.pop("latent")
+            gathered = gather_groups(layer, groups, self.group)
+            if gathered is not None:
+                gathered.setdefault("latent", tensors["latent"].new_zeros(0, layer.layout.group_size))
+                whole[name] = {**gathered, "steps": tensors["steps"]}
+        return whole
+
+    def load_state_tensors(self, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Load each process's groups of the whole model's state (:meth:`state_tensors`, or a single process's)."""
+        local = {}
+        for name, saved in tensors.items():
+            layer = self.layers.get(name)
+            if layer is None:
+                local[name] = saved
+                continue
+            rows = slice(layer.group_offset, layer.group_offset + layer.layout.num_groups)
+            local[name] = {key: tensor if key == "steps" or (key == "latent" and tensor.numel() == 0) else tensor[rows]
+                           for key, tensor in saved.items()}
+        super().load_state_tensors(local)
+
     def summary(self, model: nn.Module, coord_bits: int = 32) -> BitSummary:
         """The whole model's :func:`~alq_lightning.bit_summary` (every process gets the same)."""
         check_coord_bits(coord_bits)
@@ -205,6 +244,30 @@ class ShardedNetwork(MultiBitNetwork):
         floats = tuple(FloatRow(key, tuple(tensor.shape), tensor.dtype)
                        for key, tensor in float_remainder(model, self.layers).items())
         return BitSummary(rows, coord_bits, floats)
+
+
+def hold_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], layers: Mapping[str, ShardedLayer]) -> None:
+    """Give each optimizer its (never used) state for the quantized weights it holds: one step with zero gradients of
+    those weights alone at learning rate 0, which leaves every parameter as it is. The quantized weights take no
+    optimizer step under ALQ, so they would have no state, while ``torch.distributed.checkpoint`` loads an optimizer
+    into the state of every parameter: a sharded checkpoint's optimizer state must cover them."""
+    quantized = {id(layer.param) for layer in layers.values()}
+    for optimizer in optimizers:
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if id(p) in quantized and p not in optimizer.state]
+        if not params:
+            continue
+        grads = {p: p.grad for group in optimizer.param_groups for p in group["params"]}
+        for p in grads:
+            p.grad = torch.zeros_like(p) if id(p) in quantized and p not in optimizer.state else None
+        rates = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = torch.zeros_like(group["lr"]) if isinstance(group["lr"], torch.Tensor) else 0.0
+        optimizer.step()
+        for group, rate in zip(optimizer.param_groups, rates):
+            group["lr"] = rate
+        for p, grad in grads.items():
+            p.grad = grad
 
 
 def attach_network(model: nn.Module, selection: LayerSelection, config: QuadraticConfig | None = None,

@@ -11,15 +11,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from ..core import QuadraticConfig
 from ..layers import LayerSelection, attach
 from ..network import MultiBitNetwork
-from ..sharded import attach_network
+from ..sharded import attach_network, hold_optimizer_state
 from .arguments import check
 
 CHECKPOINT_KEY = "alq"
 STRUCTURES_KEY = "alq_structures"  # {layer: structure}; older checkpoints lack it
 _REFUSED_STRATEGIES = ("FSDP", "DeepSpeed")
-_SHARDED_CHECKPOINTS = ("ALQ does not checkpoint its state under ModelParallelStrategy yet (each process holds the "
-                        "state of its own shard); fit with Trainer(enable_checkpointing=False) and export the model "
-                        "with export_packed")
 
 
 class ALQInit(Callback):
@@ -96,8 +93,6 @@ class ALQInit(Callback):
             return
         self.sharded = isinstance(trainer.strategy, ModelParallelStrategy)
         if self.sharded:  # configure_model shards the weights after setup: attach in on_fit_start
-            if trainer.checkpoint_callbacks:
-                raise ValueError(_SHARDED_CHECKPOINTS)
             self.network = None
             self.initialized = False
             return
@@ -134,6 +129,8 @@ class ALQInit(Callback):
             self.stages.append(stage)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        if self.sharded:  # after a resume has loaded the optimizers, before the first checkpoint
+            hold_optimizer_state(trainer.optimizers, self.network.layers)
         if not any(stage.active(trainer) for stage in self.stages):
             self.network.drop_grads()
 
@@ -156,8 +153,6 @@ class ALQInit(Callback):
             self.network.load_scalars(state_dict)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.sharded:
-            raise ValueError(_SHARDED_CHECKPOINTS)
         checkpoint[CHECKPOINT_KEY] = self.network.state_tensors()
         checkpoint[STRUCTURES_KEY] = self.network.structures()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -18,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from alq_lightning import ALQCallback, export_packed
+from alq_lightning.network import MultiBitNetwork
 
 from tiny import TinyModule, TinyTransformer, loader, mlp
 
@@ -56,7 +58,8 @@ def build(kind: str, sharded: bool, seed: int = 0) -> TinyModule:
 
 class SaveState(Callback):
     """At the end of the fit, exports the model to ``<path without rank digits>.alq`` and saves ``{layer: state
-    tensors}``, each layer's group offset, whole weights and whole ``state_dict``."""
+    tensors}`` (this process's, and the whole model's as checkpoints take it), each layer's group offset, whole
+    weights and whole ``state_dict``."""
 
     def __init__(self, alq: ALQCallback, path: Path) -> None:
         self.alq, self.path = alq, path
@@ -69,24 +72,27 @@ class SaveState(Callback):
         model = {key: value.full_tensor() if isinstance(value, DTensor) else value
                  for key, value in pl_module.state_dict().items()}
         report = export_packed(pl_module, self.path.parent / f"{self.path.stem.rstrip('0123456789')}.alq")
-        torch.save({"state": network.state_tensors(), "offsets": offsets, "weights": weights, "model": model,
+        torch.save({"state": MultiBitNetwork.state_tensors(network), "gathered": network.state_tensors(),
+                    "offsets": offsets, "weights": weights, "model": model,
                     "avg_bits": network.avg_bits, "file_bytes": report.file_bytes}, self.path)
 
 
-def fit(kind: str, alq_options: dict, path: Path, sharded: bool, world: int = 1, **trainer_options) -> None:
-    """Fit ``kind`` under ALQ with the full batch of 32 split over ``world`` ranks; save the state to ``path``."""
+def fit(kind: str, alq_options: dict, path: Path, sharded: bool, world: int = 1, callbacks=(), ckpt_path=None,
+        **trainer_options) -> None:
+    """Fit ``kind`` under ALQ with the full batch of 32 split over ``world`` ranks (from ``ckpt_path`` if given); save
+    the state to ``path``."""
     alq = ALQCallback(**alq_options)
     options = dict(accelerator="cpu", devices=world, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, deterministic=True)
     if sharded:
         options["strategy"] = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
     options.update(trainer_options)
-    trainer = L.Trainer(callbacks=[alq, SaveState(alq, path)], max_epochs=alq.total_epochs, **options)
+    trainer = L.Trainer(callbacks=[alq, SaveState(alq, path), *callbacks], max_epochs=alq.total_epochs, **options)
     data = loader(DATA[kind], batch_size=32 // world)
     if sharded:  # rank r takes samples r, r + world, ...: the ranks' batches of a step make the single batch
         sampler = DistributedSampler(data.dataset, world, int(os.environ["LOCAL_RANK"]), shuffle=False)
         data = DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler)
-    trainer.fit(build(kind, sharded), data)
+    trainer.fit(build(kind, sharded), data, ckpt_path=ckpt_path)
 
 
 def sharded_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path) -> None:
@@ -95,6 +101,18 @@ def sharded_job(rank: int, world: int, port: int, kind: str, alq_options: dict, 
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     fit(kind, alq_options, directory / f"rank{rank}.pt", sharded=True, world=world)
+
+
+def resume_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path) -> None:
+    """A sharded fit that checkpoints every epoch (``directory/ckpt``), then the same fit resumed from epoch 3's."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    every_epoch = ModelCheckpoint(directory / "ckpt", "{epoch}", save_top_k=-1, every_n_epochs=1)
+    fit(kind, alq_options, directory / f"full{rank}.pt", sharded=True, world=world, callbacks=[every_epoch],
+        enable_checkpointing=True)
+    fit(kind, alq_options, directory / f"resumed{rank}.pt", sharded=True, world=world,
+        ckpt_path=directory / "ckpt" / "epoch=3.ckpt")
 
 
 def refusal_job(rank: int, world: int, port: int, directory: Path) -> None:

@@ -8,7 +8,8 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from fsdp_jobs import build, fit, refusal_job, sharded_job
+from fsdp_jobs import build, fit, refusal_job, resume_job, sharded_job
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from alq_lightning import export_packed
 from alq_lightning.layers import LayerSelection, attach
@@ -46,7 +47,10 @@ def test_sharded_fit_equals_single_process_fit(tmp_path, kind):
     assert set(ranks[0]["state"]) == set(ranks[1]["state"]) == set(single["state"])
     assert any(not bool(state["mask"].all()) for state in single["state"].values()), "pruning must have happened"
     assert ranks[0]["avg_bits"] == ranks[1]["avg_bits"] == single["avg_bits"]
+    assert ranks[1]["gathered"] == {}, "the first process saves the checkpoint"
     for name, state in single["state"].items():
+        for key, tensor in ranks[0]["gathered"][name].items():
+            assert torch.equal(tensor, ranks[0]["state"][name][key] if key == "steps" else whole(ranks, name, key))
         for key in ("codes", "mask"):
             assert torch.equal(whole(ranks, name, key), state[key]), f"{name}.{key}"
         # The gradient is the mean of two half-batch float32 sums (the Conv backward picks its reduction per batch
@@ -83,3 +87,40 @@ def test_layers_fsdp2_cannot_serve_by_rows_are_refused_by_name(tmp_path):
         assert re.search(r"layer .1.: structure columnwise\(1\).*straddle.*.subchannelwise.", messages["columnwise"])
         assert re.search(r"layer '1' has 1 rows over 2 processes.*exclude=\['1'\]", messages["too_few_rows"])
         assert re.search(r"layer '0' is not sharded on dim 0.*fully_shard", messages["not_sharded"])
+
+
+@pytest.mark.slow
+def test_resume_from_a_sharded_checkpoint_is_exact_and_its_consolidation_resumes_in_one_process(tmp_path):
+    """The ALQ state travels in the checkpoint's metadata, gathered whole onto the first process."""
+    options = dict(SCHEDULE, exclude=[])
+    mp.spawn(resume_job, args=(2, free_port(), "mlp", options, tmp_path), nprocs=2)
+    for rank in range(2):
+        full, resumed = (torch.load(tmp_path / f"{run}{rank}.pt", weights_only=True) for run in ("full", "resumed"))
+        assert full["avg_bits"] == resumed["avg_bits"]
+        for name, state in full["state"].items():
+            for key, tensor in state.items():
+                assert torch.equal(resumed["state"][name][key], tensor), f"rank {rank}: {name}.{key}"
+        for key, tensor in full["model"].items():
+            assert torch.equal(resumed["model"][key], tensor), f"rank {rank}: {key}"
+    consolidated = tmp_path / "epoch3.ckpt"
+    consolidate(tmp_path / "ckpt" / "epoch=3.ckpt", consolidated)
+    fit("mlp", options, tmp_path / "single.pt", sharded=False, ckpt_path=consolidated)
+    single = torch.load(tmp_path / "single.pt", weights_only=True)
+    ranks = [torch.load(tmp_path / f"full{rank}.pt", weights_only=True) for rank in range(2)]
+    for name, state in single["state"].items():
+        for key in ("codes", "mask"):
+            assert torch.equal(whole(ranks, name, key), state[key]), f"{name}.{key}"
+        # as in the fit test: half-batch against full-batch gradient sums, over the last 4 epochs
+        torch.testing.assert_close(whole(ranks, name, "coords"), state["coords"], rtol=1e-4, atol=1e-4)
+
+
+def consolidate(folder, output) -> None:
+    """One file from a Trainer's sharded checkpoint: torch's consolidation of the model and optimizer shards, plus the
+    rest from ``meta.pt``, optimizers listed as Lightning lists them. (Lightning's ``consolidate_checkpoint`` reads
+    ``"model"``, which only Fabric writes.)"""
+    dcp_to_torch_save(folder, output)
+    checkpoint = torch.load(output, weights_only=True)
+    checkpoint.update(torch.load(folder / "meta.pt", weights_only=True))
+    count = sum(key.startswith("optimizer_") for key in checkpoint)
+    checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{index}") for index in range(count)]
+    torch.save(checkpoint, output)
