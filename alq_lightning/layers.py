@@ -41,6 +41,7 @@ BUFFER_KEYS = ("codes", "coords", "mask", "weight_m", "weight_v", "weight_vmax",
 _FLOATBUFFER_KEYS = frozenset(BUFFER_KEYS) - {"codes", "mask"}
 _STORAGE = {torch.float32: torch.int32, torch.float64: torch.int64}
 _VIEWED_AS = {storage: dtype for dtype, storage in _STORAGE.items()}
+SHARDS = "_alq_shards"  # on a module of a sharded model: {parameter name: its sharded layer}
 _EXPLICIT = ("matched by exclude", "first layer kept in float", "last layer kept in float")
 
 
@@ -355,6 +356,18 @@ def find_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
             if isinstance(getattr(module, buffer_prefix(attr) + "mask", None), torch.Tensor) and structure:
                 name = layer_name(module_name, attr)
                 layers[name] = QuantizedLayer(name, module, auto_layout(param.shape, structure), attr, module_name)
+    return layers
+
+
+def sharded_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
+    """The sharded layers (:class:`~alq_lightning.sharded.ShardedLayer`) attached to the parameters of a model sharded
+    by FSDP2, by layer name, in registration order (none for another model)."""
+    layers = {}
+    for module in model.modules():
+        shards = module.__dict__.get(SHARDS, {})
+        for attr, _ in module.named_parameters(recurse=False):
+            if attr in shards:
+                layers[shards[attr].name] = shards[attr]
     return layers
 
 

@@ -26,7 +26,6 @@ from .core import (
 from .core.bucket import coordinate_step, observe, weight_domain_step
 from .core.prune import select_layers
 from .layers import QuantizedLayer
-from .summary import BitSummary, bit_summary
 
 STEPS: dict[str, Callable] = {
     "basis": lambda bucket, grad, update, lr, config, block, out: weight_domain_step(
@@ -220,10 +219,6 @@ class MultiBitNetwork:
                 bits_to_remove: float) -> dict[str, torch.Tensor]:
         """The budgeted choice over ``{layer: tensor}`` scores (:func:`~alq_lightning.core.prune.select_layers`)."""
         return select_layers(scores, bits, bits_to_remove)
-
-    def summary(self, model: nn.Module, coord_bits: int = 32) -> BitSummary:
-        """:func:`~alq_lightning.bit_summary` of ``model``, which holds these layers."""
-        return bit_summary(model, coord_bits)
 
     def prune_slots(self, bits_to_remove: float, lr: float, per_bit: bool = False) -> int:
         """Clear the least important live slots worth at least ``bits_to_remove`` bits; returns bits removed.

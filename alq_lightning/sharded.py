@@ -23,14 +23,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
-from .activations import act_bits_of, positions_of
-from .core import GroupLayout, LayerBits, MultiBitState, QuadraticConfig, auto_layout, check_coord_bits
+from .core import GroupLayout, LayerBits, MultiBitState, QuadraticConfig, auto_layout
 from .core.sharded import select_budget_sharded
-from .layers import LayerSelection, QuantizedLayer, float_remainder, zeroed_tensors
+from .layers import SHARDS, LayerSelection, QuantizedLayer, float_remainder, zeroed_tensors
 from .network import MultiBitNetwork
-from .summary import BitSummary, FloatRow, LayerRow
 
-SHARDS = "_alq_shards"  # on a module: {parameter name: ShardedLayer}
 T = TypeVar("T")
 
 
@@ -49,17 +46,6 @@ class ShardedLayer(QuantizedLayer):
 
     def store(self, key: str, tensor: torch.Tensor) -> None:
         self.tensors[key] = tensor
-
-
-def sharded_layers(model: nn.Module) -> dict[str, ShardedLayer]:
-    """The :class:`ShardedLayer` s attached to ``model``'s parameters, by layer name, in registration order."""
-    layers = {}
-    for module in model.modules():
-        shards = module.__dict__.get(SHARDS, {})
-        for attr, _ in module.named_parameters(recurse=False):
-            if attr in shards:
-                layers[shards[attr].name] = shards[attr]
-    return layers
 
 
 def gather_groups(layer: ShardedLayer, tensors: Mapping[str, torch.Tensor],
@@ -171,7 +157,7 @@ class ShardedNetwork(MultiBitNetwork):
     def layer_bits(self) -> dict[str, LayerBits]:
         """Bits of the whole layers: live slots summed over the processes (one reduction)."""
         layers = list(self.layers.values())
-        live = self._sum(torch.stack([layer.buffer("mask").sum().long() for layer in layers]).cpu()).tolist()
+        live = self._sum(torch.stack([layer.buffer("mask").sum().long().cpu() for layer in layers])).tolist()
         return {layer.name: LayerBits(layer.full_layout.numel, layer.full_layout.num_groups,
                                       layer.full_layout.group_size, layer.state.max_bits, slots)
                 for layer, slots in zip(layers, live)}
@@ -233,17 +219,6 @@ class ShardedNetwork(MultiBitNetwork):
                            for key, tensor in saved.items()}
         super().load_state_tensors(local)
 
-    def summary(self, model: nn.Module, coord_bits: int = 32) -> BitSummary:
-        """The whole model's :func:`~alq_lightning.bit_summary` (every process gets the same)."""
-        check_coord_bits(coord_bits)
-        bits = self.layer_bits()
-        rows = tuple(LayerRow(name, layer.full_layout.shape, layer.full_layout.describe(), bits[name], coord_bits,
-                              *((act_bits_of(layer.module), positions_of(layer.module)) if layer.attr == "weight"
-                                else ()))
-                     for name, layer in self.layers.items())
-        floats = tuple(FloatRow(key, tuple(tensor.shape), tensor.dtype)
-                       for key, tensor in float_remainder(model, self.layers).items())
-        return BitSummary(rows, coord_bits, floats)
 
 
 def hold_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], layers: Mapping[str, ShardedLayer]) -> None:

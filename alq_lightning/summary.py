@@ -7,15 +7,17 @@ counted at its own dtype's bits — exactly what :func:`~alq_lightning.export_pa
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .activations import act_bits_of, positions_of
 from .core import LayerBits, average_bits, check_coord_bits
-from .layers import find_layers, float_remainder
+from .layers import QuantizedLayer, find_layers, float_remainder, sharded_layers
 
 
 @dataclass(frozen=True)
@@ -217,11 +219,32 @@ class BitSummary:
         return table
 
 
+def summarize_sharded(model: nn.Module, layers: Mapping[str, QuantizedLayer], coord_bits: int = 32) -> BitSummary:
+    """:func:`~alq_lightning.bit_summary` of a sharded ``model`` whose layers are ``layers``: the whole model's,
+    every process gets the same (one reduction of live slots). Collective."""
+    check_coord_bits(coord_bits)
+    group = next(iter(layers.values())).param.device_mesh.get_group()
+    live = torch.stack([layer.buffer("mask").sum().long().cpu() for layer in layers.values()])
+    dist.all_reduce(live, group=group)
+    rows = tuple(LayerRow(name, layer.full_layout.shape, layer.full_layout.describe(),
+                          LayerBits(layer.full_layout.numel, layer.full_layout.num_groups, layer.full_layout.group_size,
+                                    layer.state.max_bits, slots), coord_bits,
+                          *((act_bits_of(layer.module), positions_of(layer.module)) if layer.attr == "weight" else ()))
+                 for (name, layer), slots in zip(layers.items(), live.tolist()))
+    floats = tuple(FloatRow(key, tuple(tensor.shape), tensor.dtype)
+                   for key, tensor in float_remainder(model, layers).items())
+    return BitSummary(rows, coord_bits, floats)
+
+
 def bit_summary(model: nn.Module, coord_bits: int = 32) -> BitSummary:
-    """Summarise every multi-bit layer of ``model`` (coordinates counted at ``coord_bits``: 16 or 32)."""
+    """Summarise every multi-bit layer of ``model`` (coordinates counted at ``coord_bits``: 16 or 32); a model sharded
+    by FSDP2 is summarised whole, a call on every process."""
     check_coord_bits(coord_bits)
     layers = find_layers(model)
     if not layers:
+        shards = sharded_layers(model)
+        if shards:
+            return summarize_sharded(model, shards, coord_bits)
         raise ValueError(f"{type(model).__name__} has no multi-bit layer; attach ALQ first (ALQInit/ALQCallback)")
     rows = tuple(
         LayerRow(name, layer.layout.shape, layer.layout.describe(), layer.bits, coord_bits,

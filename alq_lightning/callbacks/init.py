@@ -12,6 +12,7 @@ from ..core import QuadraticConfig
 from ..layers import LayerSelection, attach
 from ..network import MultiBitNetwork
 from ..sharded import attach_network, hold_optimizer_state
+from ..summary import bit_summary
 from .arguments import check
 
 CHECKPOINT_KEY = "alq"
@@ -27,6 +28,9 @@ class ALQInit(Callback):
     structured sketching, unless a checkpoint already carried the state. The multi-bit tensors travel in
     the checkpoint under ``"alq"`` and each layer's structure under ``"alq_structures"`` (a checkpoint that lays
     a layer's groups out otherwise is refused); the weights in ``state_dict`` stay dense and equal to ŵ.
+
+    Under ``ModelParallelStrategy`` (FSDP2: ``fully_shard`` in ``configure_model``, which runs after ``setup``) each
+    process holds the state of its own weight shard, attached at the start of fitting (:mod:`alq_lightning.sharded`).
 
     Outside every stage window the quantized weights are frozen (their gradients are dropped), while the
     module's own optimizer keeps training every other parameter. Frozen weights (``requires_grad=False`` at
@@ -91,17 +95,16 @@ class ALQInit(Callback):
             )
         if self.network is not None and self.network.belongs_to(pl_module):
             return
-        self.sharded = isinstance(trainer.strategy, ModelParallelStrategy)
-        if self.sharded:  # configure_model shards the weights after setup: attach in on_fit_start
-            self.network = None
-            self.initialized = False
-            return
         if self.network is not None:
             rank_zero_info(f"ALQ sets up afresh for a new {type(pl_module).__name__}: the state of the earlier "
                            f"model stays with it")
             self.initialized = False
             for stage in self.stages:
                 stage.reset()
+        self.sharded = isinstance(trainer.strategy, ModelParallelStrategy)
+        if self.sharded:  # configure_model shards the weights after setup: attach in on_fit_start
+            self.network = None
+            return
         layers, float_layers = attach(pl_module, self.selection)
         self.network = MultiBitNetwork(layers, float_layers, self.config, compile=self.compile)
         ignored = [".".join(filter(None, (q.module_name, q.buffer_name(key))))
@@ -120,8 +123,7 @@ class ALQInit(Callback):
         if not self.initialized:
             self.network.initialize()
             self.initialized = True
-            rank_zero_info(f"ALQ initialised at {self.network.avg_bits:.3f} average bits\n"
-                           f"{self.network.summary(pl_module)}")
+            rank_zero_info(f"ALQ initialised at {self.network.avg_bits:.3f} average bits\n{bit_summary(pl_module)}")
 
     def register(self, stage: Any) -> None:
         """Stages register themselves so that gradients are dropped only when none of them is active."""
@@ -135,7 +137,7 @@ class ALQInit(Callback):
             self.network.drop_grads()
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        summary = self.network.summary(pl_module)
+        summary = bit_summary(pl_module)
         metrics = {"alq/avg_bits": summary.avg_bits, "alq/storage_bytes": float(summary.storage_bytes),
                    "alq/model_bytes": float(summary.model_bytes)}
         metrics.update({f"alq/{row.name}/bits": row.avg_bits for row in summary.rows})

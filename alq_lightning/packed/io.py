@@ -29,8 +29,8 @@ from ..activations import (
 )
 from ..core import GroupLayout, LayerBits, MultiBitState, auto_layout, average_bits, check_coord_bits
 from ..files import check_target, write_atomic
-from ..layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
-from ..sharded import export_gathered, sharded_layers
+from ..layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve, sharded_layers
+from ..sharded import export_gathered
 from ..summary import BitSummary, FloatRow, LayerRow, bit_summary
 from .format import (
     ACTIVATIONS_VERSION,
