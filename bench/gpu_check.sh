@@ -2,7 +2,8 @@
 # GPU checks in one command, for a machine with a CUDA card and PyTorch + Lightning + torchmetrics + pytest already
 # installed (nothing is downloaded). Writes everything into $OUT (default bench/results/gpu):
 #   device.txt            card, driver-visible memory, torch and CUDA versions
-#   gpu_tests.log         pytest -m gpu (bucket steps vs CPU, no host syncs, CUDA-graph replay, Lightning fits)
+#   gpu_tests.log         pytest -m gpu (bucket steps vs CPU, no host syncs, CUDA-graph replay, Lightning fits,
+#                         the FSDP2 path on the card)
 #   train_step_cuda.json  whole training steps, ALQ (eager / compiled) vs float Adam, batch 128
 #   core_cuda.json        the core benchmark on the card
 #   stages*.json          LeNet5 on Fashion-MNIST through Lightning, eager and compiled (needs the IDX files in
@@ -26,7 +27,7 @@ print(f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_process
 EOF
 cat "$out/device.txt" || exit 1
 
-"$python" -m pytest -q -p no:cacheprovider -m gpu -rs tests/callbacks/test_gpu.py tests/core 2>&1 \
+"$python" -m pytest -q -p no:cacheprovider -m gpu -rs tests/callbacks/test_gpu.py tests/callbacks/test_fsdp.py tests/core 2>&1 \
   | tee "$out/gpu_tests.log" || status=1
 
 "$python" bench/bench_train_step.py --device cuda --models lenet5 vgg_small resnet20 resnet18 \

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -88,6 +89,9 @@ class ActivationQuantization(Callback):
         return next((bits for pattern, bits in self.per_layer.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            raise ValueError("multi-bit inputs (act_bits) are not served under ModelParallelStrategy (FSDP2) yet; "
+                             "quantize the inputs under strategy='ddp' or on one device, or leave act_bits unset")
         for callback in trainer.callbacks:  # ALQ attaches first, whatever the order of the callbacks
             init = callback if isinstance(callback, ALQInit) else getattr(callback, "init", None)
             if isinstance(init, ALQInit):

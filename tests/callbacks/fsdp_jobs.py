@@ -89,7 +89,7 @@ def fit(kind: str, alq_options: dict, path: Path, sharded: bool, world: int = 1,
     options.update(trainer_options)
     trainer = L.Trainer(callbacks=[alq, SaveState(alq, path), *callbacks], max_epochs=alq.total_epochs, **options)
     data = loader(DATA[kind], batch_size=32 // world)
-    if sharded:  # rank r takes samples r, r + world, ...: the ranks' batches of a step make the single batch
+    if sharded and world > 1:  # rank r takes samples r, r + world, ...: the ranks' batches make the single batch
         sampler = DistributedSampler(data.dataset, world, int(os.environ["LOCAL_RANK"]), shuffle=False)
         data = DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler)
     trainer.fit(build(kind, sharded), data, ckpt_path=ckpt_path)

@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from fsdp_jobs import build, fit, refusal_job, resume_job, sharded_job
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from alq_lightning import export_packed
+from alq_lightning import ActivationQuantization, export_packed
 from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.network import MultiBitNetwork
 
@@ -114,6 +115,26 @@ def test_resume_from_a_sharded_checkpoint_is_exact_and_its_consolidation_resumes
         torch.testing.assert_close(whole(ranks, name, "coords"), state["coords"], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+def test_sharded_fit_on_one_gpu_equals_the_plain_fit(tmp_path, kind):
+    """The sharded path on CUDA (DTensor weights, state on the card, reductions over NCCL) with one process: the same
+    state as the plain fit of the same batches."""
+    options = dict(SCHEDULE, exclude=["net.position"] if kind == "transformer" else [])
+    fit(kind, options, tmp_path / "single.pt", sharded=False, accelerator="gpu")
+    fit(kind, options, tmp_path / "rank0.pt", sharded=True, accelerator="gpu")
+    single, sharded = (torch.load(tmp_path / name, weights_only=True) for name in ("single.pt", "rank0.pt"))
+    assert sharded["avg_bits"] == single["avg_bits"]
+    for name, state in single["state"].items():
+        for key in ("codes", "mask"):
+            assert torch.equal(sharded["state"][name][key].cpu(), state[key].cpu()), f"{name}.{key}"
+        # one process: the same gradients up to the kernels cuBLAS/cuDNN pick for the sharded module's all-gathered
+        # weights; seen equal or within rounding
+        torch.testing.assert_close(sharded["state"][name]["coords"].cpu(), state["coords"].cpu(), rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "rank.alq").stat().st_size == (tmp_path / "single.alq").stat().st_size
+
+
 def consolidate(folder, output) -> None:
     """One file from a Trainer's sharded checkpoint: torch's consolidation of the model and optimizer shards, plus the
     rest from ``meta.pt``, optimizers listed as Lightning lists them. (Lightning's ``consolidate_checkpoint`` reads
@@ -124,3 +145,13 @@ def consolidate(folder, output) -> None:
     count = sum(key.startswith("optimizer_") for key in checkpoint)
     checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{index}") for index in range(count)]
     torch.save(checkpoint, output)
+
+
+def test_multibit_inputs_are_refused_under_fsdp2():
+    class FakeTrainer:
+        callbacks: list = []
+
+    fake = FakeTrainer()
+    fake.strategy = ModelParallelStrategy.__new__(ModelParallelStrategy)
+    with pytest.raises(ValueError, match=r"act_bits.*not served under ModelParallelStrategy.*strategy='ddp'"):
+        ActivationQuantization(act_bits=2).setup(fake, build("mlp", sharded=True), "fit")
