@@ -361,13 +361,13 @@ def find_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
 
 def sharded_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     """The sharded layers (:class:`~alq_lightning.sharded.ShardedLayer`) attached to the parameters of a model sharded
-    by FSDP2, by layer name, in registration order (none for another model)."""
+    by FSDP2, by layer name within ``model``, in registration order (none for another model)."""
     layers = {}
-    for module in model.modules():
+    for module_name, module in model.named_modules():
         shards = module.__dict__.get(SHARDS, {})
         for attr, _ in module.named_parameters(recurse=False):
             if attr in shards:
-                layers[shards[attr].name] = shards[attr]
+                layers[layer_name(module_name, attr)] = shards[attr]
     return layers
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics.classification import MulticlassAccuracy
 
 from .activations import CHECKPOINT_KEY, act_bits_of
@@ -144,6 +145,17 @@ class ClassifierModule(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval}}
+
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (data parallel only): shard every module of ``net`` holding parameters,
+        innermost first, then ``net``, with FSDP2's ``fully_shard`` (once); nothing under another strategy."""
+        if self.device_mesh is None or isinstance(self.model, FSDPModule):
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for module in reversed(list(self.model.modules())):
+            if module is not self.model and any(True for _ in module.parameters(recurse=False)):
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Say so when the checkpoint was trained with quantized inputs that this model will not quantize (loaded

@@ -48,10 +48,9 @@ class ShardedLayer(QuantizedLayer):
         self.tensors[key] = tensor
 
 
-def gather_groups(layer: ShardedLayer, tensors: Mapping[str, torch.Tensor],
-                  group: dist.ProcessGroup) -> dict[str, torch.Tensor] | None:
-    """``{key: [G_local, ...] tensor}`` of every process -> ``{key: [G, ...]}`` of the whole layer on the group's first
-    process (on CPU), None on the others. Collective."""
+def gather_groups(tensors: Mapping[str, torch.Tensor], group: dist.ProcessGroup) -> dict[str, torch.Tensor] | None:
+    """``{key: [G_local, ...] tensor}`` of a layer on every process -> ``{key: [G, ...]}`` of the whole layer on the
+    group's first process (on CPU), None on the others. Collective."""
     first = dist.get_rank(group) == 0
     parts = [None] * dist.get_world_size(group) if first else None
     dist.gather_object({key: tensor.detach().cpu() for key, tensor in tensors.items()}, parts,
@@ -71,7 +70,7 @@ def export_gathered(model: nn.Module, layers: Mapping[str, ShardedLayer],
     first = dist.get_rank(group) == 0
     records = {}
     for name, layer in layers.items():
-        state = gather_groups(layer, {"codes": layer.state.codes, "coords": layer.state.coords,
+        state = gather_groups({"codes": layer.state.codes, "coords": layer.state.coords,
                                       "mask": layer.state.mask}, group)
         if first:
             records[name] = (layer.full_layout, MultiBitState(**state), layer.param.dtype)
@@ -98,8 +97,8 @@ def attach_sharded(model: nn.Module, selection: LayerSelection) -> tuple[dict[st
     """Zeroed rank-local multi-bit state on the selected parameters of a ``fully_shard``-ed ``model``; returns the
     layers and the float candidates with the reason each stays float.
 
-    Refuses a parameter that is not a ``DTensor`` sharded on dim 0 of a 1-D mesh, a layout whose groups span rows
-    (``columnwise``) and a layer with fewer rows than processes.
+    Refuses a parameter that is not a ``DTensor`` sharded on dim 0 of a 1-D mesh of every process, a layout whose
+    groups span rows (``columnwise``) and a layer that leaves a process without rows.
     """
     chosen, left_float = selection.select(model)
     layers = {}
@@ -122,10 +121,13 @@ def attach_sharded(model: nn.Module, selection: LayerSelection) -> tuple[dict[st
         rows = layout.shape[0]
         first, count = row_chunk(rows, world, rank)
         local = param.to_local()
-        if rows < world or local.shape[0] != count:
-            raise ValueError(f"layer {name!r} has {rows} rows over {world} processes, this one holds "
-                             f"{local.shape[0]} (expected {count}): every process needs whole rows of its own; "
-                             f"leave it in float (exclude=[{name!r}])")
+        split = [row_chunk(rows, world, r)[1] for r in range(world)]
+        if 0 in split:
+            raise ValueError(f"layer {name!r} has {rows} rows, split over {world} processes as {split}: every "
+                             f"process needs rows of its own; leave it in float (exclude=[{name!r}])")
+        if local.shape[0] != count:
+            raise ValueError(f"layer {name!r}: this process holds {local.shape[0]} of its {rows} rows, FSDP2's split "
+                             f"gives it {count}; shard it with fully_shard's default placement (Shard(0))")
         local_layout = auto_layout(local.shape, layout.describe())
         layer = ShardedLayer(name, candidate.module, local_layout, candidate.attr, candidate.module_name,
                              full_layout=layout, group_offset=first * (layout.num_groups // rows))
@@ -200,7 +202,7 @@ class ShardedNetwork(MultiBitNetwork):
             groups = {key: tensor for key, tensor in tensors.items() if key != "steps"}
             if groups["latent"].numel() == 0:
                 groups.pop("latent")
-            gathered = gather_groups(layer, groups, self.group)
+            gathered = gather_groups(groups, self.group)
             if gathered is not None:
                 gathered.setdefault("latent", tensors["latent"].new_zeros(0, layer.layout.group_size))
                 whole[name] = {**gathered, "steps": tensors["steps"]}

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from alq_lightning.app.builders import make_trainer
 from alq_lightning.app.common import TARGET, ConfigError, to_container
@@ -132,8 +133,9 @@ def obtain_float_weights(cfg: DictConfig, network: nn.Module, module: LightningM
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start
-    if trainer.is_global_zero:
+    state = get_model_state_dict(network, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer.is_global_zero:  # whole weights (gathered from every process when FSDP2 shards them)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"state_dict": network.state_dict(), "key": cache_key(cfg, shape)}
+        payload = {"state_dict": state, "key": cache_key(cfg, shape)}
         write_atomic(path, lambda handle: torch.save(payload, handle))
     return {"source": "trained", "path": str(path), "seconds": seconds}

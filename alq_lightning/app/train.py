@@ -17,6 +17,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -156,9 +157,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "hardware": hardware(),
             "logger": ", ".join(type(logger).__name__ for logger in loggers) or None,
         }
-        if trainer.is_global_zero:
+        if trainer.is_global_zero or isinstance(trainer.strategy, ModelParallelStrategy):  # FSDP2: every process
             run_dir.mkdir(parents=True, exist_ok=True)
             packed = export_packed(model.network, run_dir / cfg.paths.packed_file)
+        if trainer.is_global_zero:
             results["packed_file"] = {"name": Path(packed.path).name, "bytes": packed.file_bytes,
                                       "avg_bits": packed.avg_bits}
             say(summary)

@@ -79,6 +79,7 @@ class ALQInit(Callback):
         self.config = QuadraticConfig(beta1, beta2, eps)
         self.network: MultiBitNetwork | None = None
         self.sharded = False
+        self.held = False  # the optimizers hold state for the sharded quantized weights
         self.initialized = False
         self.stages: list[Any] = []
 
@@ -116,6 +117,7 @@ class ALQInit(Callback):
         rank_zero_info(f"ALQ quantizes {len(layers)} layers; left in float: {floats}")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.held = False
         if self.network is None and self.sharded:
             self.network = attach_network(pl_module, self.selection, self.config, self.compile)
             for stage in self.stages:
@@ -131,8 +133,9 @@ class ALQInit(Callback):
             self.stages.append(stage)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        if self.sharded:  # after a resume has loaded the optimizers, before the first checkpoint
+        if self.sharded and not self.held:  # after a resume has loaded the optimizers, before the first checkpoint
             hold_optimizer_state(trainer.optimizers, self.network.layers)
+            self.held = True
         if not any(stage.active(trainer) for stage in self.stages):
             self.network.drop_grads()
 

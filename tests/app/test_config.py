@@ -55,7 +55,7 @@ def _offline(monkeypatch, tmp_path):
 def test_every_group_has_its_options():
     assert set(options("data")) == {"fashion_mnist", "mnist", "cifar10", "imagenet", "synthetic"}
     assert set(options("model")) == {"lenet5", "vgg_small", "resnet20", "resnet18", "resnet34", "vit_tiny"}
-    assert set(options("trainer")) == {"cpu", "gpu", "ddp"}
+    assert set(options("trainer")) == {"cpu", "gpu", "ddp", "fsdp2"}
     assert set(options("logger")) == {"wandb", "csv", "many_loggers", "none"}
     assert set(options("alq")) == {"default", "paper"}
     assert {"default", "none", "model_checkpoint"} <= set(options("callbacks"))

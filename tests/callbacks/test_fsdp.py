@@ -86,7 +86,8 @@ def test_layers_fsdp2_cannot_serve_by_rows_are_refused_by_name(tmp_path):
     for rank in range(2):
         messages = torch.load(tmp_path / f"refusals{rank}.pt")
         assert re.search(r"layer .1.: structure columnwise\(1\).*straddle.*.subchannelwise.", messages["columnwise"])
-        assert re.search(r"layer '1' has 1 rows over 2 processes.*exclude=\['1'\]", messages["too_few_rows"])
+        assert re.search(r"layer '1' has 1 rows, split over 2 processes as \[1, 0\].*exclude=\['1'\]",
+                         messages["too_few_rows"])
         assert re.search(r"layer '0' is not sharded on dim 0.*fully_shard", messages["not_sharded"])
 
 
