@@ -89,15 +89,22 @@ def bucket_step(kind: str, bucket: Bucket, grad: torch.Tensor, update: torch.Ten
         observe(bucket, grad, update, CONFIG, block=block)
 
 
-def assert_bucket_equals(bucket: Bucket, expected: Bucket, coords_rtol: float = 0.0) -> None:
-    """Every tensor bit for bit, except the per-group sums of second moments (summation order), to 1e-6, and the
-    coordinates to ``coords_rtol``."""
+def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int) -> None:
+    """Equal within ``ulps`` units in the last place of the largest magnitude (sums that cancel have no relative
+    precision of their own); ``ulps=0`` is bit-for-bit equality."""
+    scale = ulps * torch.finfo(expected.dtype).eps
+    torch.testing.assert_close(actual, expected, rtol=scale, atol=scale * float(expected.abs().max()))
+
+
+def assert_bucket_equals(bucket: Bucket, expected: Bucket, coords_rtol: float = 0.0, sums_ulps: int = 0) -> None:
+    """Every tensor bit for bit, except the per-group sums of second moments (summation order), to 1e-6, the
+    coordinates to ``coords_rtol`` and the per-group sums of first moments to ``sums_ulps``."""
     for key in ("codes", "mask", "weight_steps", "coord_steps", "latent"):
         assert torch.equal(getattr(bucket, key), getattr(expected, key)), key
     torch.testing.assert_close(bucket.coords, expected.coords, rtol=coords_rtol, atol=0)
     for key in ("m", "v", "vmax"):
         assert torch.equal(getattr(bucket.weight_stats, key), getattr(expected.weight_stats, key)), key
-    assert torch.equal(bucket.coord_stats.m, expected.coord_stats.m)
+    assert_within_ulps(bucket.coord_stats.m, expected.coord_stats.m, sums_ulps)
     for key in ("v", "vmax"):
         torch.testing.assert_close(getattr(bucket.coord_stats, key), getattr(expected.coord_stats, key),
                                    rtol=1e-6, atol=0)
@@ -156,7 +163,10 @@ def test_float64_buckets_follow_the_float64_layers():
     for part in parts:
         dense_step("basis", part)
     assert bucket.coords.dtype == torch.float64
-    assert_bucket_equals(bucket, bucket_of(parts))
+    # The bucket solves all groups' refits and sums their first moments in one batched call, the layers one batch
+    # each: MKL picks its float64 kernels by batch size and CPU (another path on AMD), so a coordinate or a
+    # moment sum may differ in its last bits. Codes, masks and weight statistics stay exact.
+    assert_bucket_equals(bucket, bucket_of(parts), coords_rtol=4 * torch.finfo(torch.float64).eps, sums_ulps=4)
 
 
 def test_nearest_patterns_is_the_brute_force_nearest_with_ties_to_the_smaller_value():
