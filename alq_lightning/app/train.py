@@ -44,7 +44,7 @@ from alq_lightning.app import (
     summarize_bits,
     to_container,
     trainer_arguments,
-    write_results,
+    write_results_then_export,
 )
 
 say = rank_zero_only(print)
@@ -158,15 +158,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         }
         if trainer.is_global_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
-            packed = export_packed(model.network, run_dir / cfg.paths.packed_file)
-            results["packed_file"] = {"name": Path(packed.path).name, "bytes": packed.file_bytes,
-                                      "avg_bits": packed.avg_bits}
             say(summary)
+            # results.json first: a failed export raises ExportError, with the failure recorded in results.json
+            packed = write_results_then_export(results, results_path,
+                                               lambda: export_packed(model.network, run_dir / cfg.paths.packed_file))
             publish(loggers, summary, results, save_plots(results, run_dir), Path(packed.path))
-            path = write_results(results, results_path)
             say(f"float test acc {float_acc:.4f}; ALQ test acc {test_acc:.4f}, {cfg.optimized_metric} "
                 f"{results['optimized_metric']['value']:.4f} at {summary.avg_bits:.4f} bits "
-                f"(target {callback.target_bits:g}); results in {path}")
+                f"(target {callback.target_bits:g}); results in {results_path}")
         failed = False
         return results
     finally:

@@ -6,10 +6,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ..activations import CHECKPOINT_KEY, MAX_ACT_BITS, ActivationLayer, attach_activations, is_quantizable_input
+from ..activations import (
+    CHECKPOINT_KEY,
+    MAX_ACT_BITS,
+    ActivationLayer,
+    attach_activations,
+    detach_activations,
+    find_bypassed,
+    is_quantizable_input,
+)
 from .arguments import check, is_int, is_number
 from .init import ALQInit
 from .stages import UNITS
@@ -22,9 +31,12 @@ class ActivationQuantization(Callback):
     With an :class:`ALQInit` (or ``ALQCallback``) in the Trainer the layers are those whose weights ALQ
     quantizes; alone, every Linear and Conv matched by ``include``/``exclude`` (patterns over module names).
     The first layer's input (the raw image or embedding) stays float unless ``quantize_first``; the inputs of
-    other modules (embeddings, attention) stay float. The coordinates travel in checkpoints under
-    ``"alq_activations"``; a model loaded without this callback computes with float activations. Evaluation
-    (validate, test, predict) quantizes once the quantizers have been fitted.
+    other modules (embeddings, attention) stay float, and so does the input of a Linear whose weight is read
+    without calling it (the ``out_proj`` of ``nn.MultiheadAttention``): the log names them. A quantizer that no
+    training batch fitted (its hook never ran) by the end of the first epoch with quantized inputs, by the end of
+    the fit, or at an evaluation outside a fit is detached, named in a warning and not counted. The coordinates
+    travel in checkpoints under ``"alq_activations"``; a model loaded without this callback computes with float
+    activations. Evaluation (validate, test, predict) quantizes the input of each fitted quantizer.
 
     Args:
         act_bits: binary bases per input (1..8), or ``{layer name pattern: bases}`` (the first matching pattern
@@ -55,6 +67,8 @@ class ActivationQuantization(Callback):
         self.momentum, self.iterations = float(momentum), iterations
         self.layers: dict[str, ActivationLayer] = {}
         self.reported: set[str] = set()
+        self.dropped: dict[str, str] = {}  # layers detached because no training batch fitted them: why
+        self.started = False  # whether a training batch of this fit ran with quantized inputs
 
     @property
     def state_key(self) -> str:
@@ -71,10 +85,15 @@ class ActivationQuantization(Callback):
                      if any(fnmatch.fnmatchcase(name, p) for p in self.include)
                      and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)}
         chosen, floats, first = {}, {}, not self.quantize_first
+        bypassed = find_bypassed(pl_module)
         for name, module in named.items():
             if not is_quantizable_input(module):
                 if inits:
                     floats[name] = f"{type(module).__name__} input"
+            elif id(module) in bypassed:
+                floats[name] = bypassed[id(module)]
+            elif name in self.dropped:
+                floats[name] = self.dropped[name]
             elif first:
                 floats[name], first = "first layer's input (quantize_first=False)", False
             elif self.bits_of(name) is None:
@@ -92,8 +111,10 @@ class ActivationQuantization(Callback):
             init = callback if isinstance(callback, ALQInit) else getattr(callback, "init", None)
             if isinstance(init, ALQInit):
                 init.setup(trainer, pl_module, stage)
+        if stage == TrainerFn.FITTING:
+            self.dropped, self.started = {}, False
         chosen, floats = self.select(trainer, pl_module)
-        if not chosen:
+        if not chosen and not self.dropped:  # after a fit that dropped every quantizer, evaluation runs in float
             raise ValueError(f"ActivationQuantization found no Linear or Conv layer whose input it could quantize "
                              f"in {type(pl_module).__name__} (left in float: {floats or 'none'})")
         self.layers = {}
@@ -101,7 +122,7 @@ class ActivationQuantization(Callback):
             self.layers |= attach_activations({name: module}, self.bits_of(name), self.per_channel, self.momentum,
                                               self.iterations)
         left = ", ".join(f"{name} ({why})" for name, why in floats.items()) or "none"
-        bits = ", ".join(f"{name} {layer.act_bits}" for name, layer in self.layers.items())
+        bits = ", ".join(f"{name} {layer.act_bits}" for name, layer in self.layers.items()) or "none"
         rank_zero_info(f"inputs quantized (bits): {bits}, from {self.unit} "
                        f"{self.start_epoch}; inputs left in float: {left}")
 
@@ -121,12 +142,37 @@ class ActivationQuantization(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         position = trainer.current_epoch if self.unit == "epoch" else trainer.global_step
-        self._enable(position >= self.start_epoch)
+        on = position >= self.start_epoch
+        self.started |= on
+        self._enable(on)
 
-    def _enable_fitted(self, *args: Any) -> None:
-        self._enable(all(layer.ready for layer in self.layers.values()))
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.started:
+            self._drop_unfitted(f"no training batch of epoch {trainer.current_epoch} with quantized inputs reached its "
+                                f"input hook (its weight is read without calling the module, or the module is unused)")
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        why = ("no training batch with quantized inputs reached its input hook" if self.started else
+               f"the fit ended before its inputs were quantized (from {self.unit} {self.start_epoch} on)")
+        self._drop_unfitted(why)
+
+    def _enable_fitted(self, trainer: Trainer | None = None, *args: Any) -> None:
+        """Evaluation quantizes the input of each fitted quantizer; outside a fit, unfitted ones are dropped."""
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            self._drop_unfitted("not fitted: no training batch has reached it, and no checkpoint holds it")
+        for layer in self.layers.values():
+            layer.enabled = layer.ready
 
     on_validation_start = on_test_start = on_predict_start = _enable_fitted
+
+    def _drop_unfitted(self, why: str) -> None:
+        """Detach the quantizers that no training batch fitted, name them in a warning, and stop counting them."""
+        unfitted = [name for name, layer in self.layers.items() if not layer.ready]
+        for name in unfitted:
+            detach_activations(self.layers.pop(name).module)
+            self.dropped[name] = why
+        if unfitted:
+            rank_zero_warn(f"the inputs of {unfitted} stay float and are not counted: {why}")
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {name: layer.tensors() for name, layer in self.layers.items()}

@@ -298,6 +298,8 @@ class ALQCallback(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Say so when the fit ended before the schedule did (the model may not be at ``target_bits``)."""
+        if self.activations is not None:
+            self.activations.on_train_end(trainer, pl_module)
         if self.position(trainer) < self.total_epochs or self.network.avg_bits > self.target_bits + 1e-9:
             rank_zero_warn(
                 f"the fit ended at epoch {trainer.current_epoch}, step {trainer.global_step}, before the ALQ schedule "

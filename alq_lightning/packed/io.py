@@ -21,10 +21,10 @@ from torch import nn
 from ..activations import (
     ACT_PREFIX,
     ActivationLayer,
-    act_bits_of,
     attach_activations,
     channels_of,
     detach_activations,
+    has_input_quantizer,
     is_quantizable_input,
 )
 from ..core import LayerBits, MultiBitState, auto_layout, check_coord_bits
@@ -139,8 +139,7 @@ def activation_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
     layer whose quantizer is not fitted yet or holds a coordinate that is not finite."""
     entries = {}
     for name, module in model.named_modules():
-        act_bits = act_bits_of(module)
-        if not act_bits:
+        if not has_input_quantizer(module):
             continue
         coords = getattr(module, ACT_PREFIX + "coords").view(torch.float32)
         if not bool(getattr(module, ACT_PREFIX + "ready")):
@@ -149,7 +148,7 @@ def activation_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
         if not coords.isfinite().all():
             raise ValueError(f"the input quantizer of layer {name!r} has a coordinate that is not finite")
         # float32 -> Python float (exact) -> JSON's shortest round-trip decimal -> the same float32 on reading
-        entries[name] = {"act_bits": act_bits, "signed": bool(getattr(module, ACT_PREFIX + "signed")),
+        entries[name] = {"act_bits": coords.shape[1], "signed": bool(getattr(module, ACT_PREFIX + "signed")),
                          "coords": coords.detach().cpu().reshape(-1).tolist()}
     return entries
 
