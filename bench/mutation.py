@@ -59,15 +59,20 @@ class Package:
 
 
 PACKAGES = {
+    # core/*.py: the math (multibit, steps, prune, bucket, activations, bitwise, ...), each with a tests/core file
     "core": Package(("alq_lightning/core/*.py",), ("tests/core",), 90.0),
+    # the file format, packed and bitwise inference, and bit_summary (tests/packed/test_summary.py)
     "packed": Package(
         ("alq_lightning/packed/*.py", "alq_lightning/summary.py"),
         ("tests/packed",),
         85.0,
     ),
+    # the Lightning callbacks and the torch-level modules under them: quantized layers and their selection
+    # (tests/test_selection.py), the network and its buckets, the input quantizers
     "callbacks": Package(
-        ("alq_lightning/callbacks/*.py", "alq_lightning/network.py", "alq_lightning/layers.py"),
-        ("tests/callbacks",),
+        ("alq_lightning/callbacks/*.py", "alq_lightning/network.py", "alq_lightning/layers.py",
+         "alq_lightning/buckets.py", "alq_lightning/activations.py"),
+        ("tests/callbacks", "tests/test_selection.py"),
         80.0,
     ),
 }
