@@ -4,6 +4,8 @@ own refit by ``1 - momentum``; evaluation and no-grad forwards leave them alone;
 choice of codes) are averaged over the ranks."""
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -126,7 +128,8 @@ def test_through_lightning_each_training_batch_of_every_epoch_refits_the_levels(
 def _rank(rank: int, store: str, inputs: dict, results: str) -> None:
     """One rank: quantizers on ``inputs[name][rank]``'s batches, every coordinate saved after each batch."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         modules = {name: nn.Linear(6, 3) for name in inputs}
@@ -148,8 +151,14 @@ def test_two_ranks_average_their_refits_and_agree_on_the_codes(tmp_path):
     negative input (``"mixed"``): the codes are ±1 on both, since the other rank sees some."""
     inputs = {"mixed": [[x.abs() for x in batches(3, seed=1)], batches(3, seed=2)],
               "relu": [[x.relu() for x in batches(3, seed=3)], [2 * x.relu() for x in batches(3, seed=4)]]}
-    mp.start_processes(_rank, args=(str(tmp_path / "store"), inputs, str(tmp_path / "rank")), nprocs=2,
-                       start_method="fork")
+    args = (str(tmp_path / "store"), inputs, str(tmp_path / "rank"))
+    other = mp.get_context("fork").Process(target=_rank, args=(1, *args))
+    other.start()
+    try:
+        _rank(0, *args)  # in this process, so that a mutation run sees this test reach the averaging
+    finally:
+        other.join(timeout=60)
+    assert other.exitcode == 0
     results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     for name, signed in (("mixed", True), ("relu", False)):
         per_rank = inputs[name]
