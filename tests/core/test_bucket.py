@@ -1,6 +1,7 @@
 """Flat buckets (``core/bucket.py``): the per-layer steps of ``core/steps.py``, group for group, in a fixed number
 of ops; masked groups untouched; no host synchronisation."""
 import copy
+import functools
 import itertools
 
 import pytest
@@ -215,3 +216,22 @@ def test_a_step_launches_the_same_ops_for_any_number_of_layers_and_never_reads_t
     many = dispatched(count, kind, [(3, 5), (7, 9), (1, 1), (2, 64), (16, 3), (5, 25), (4, 128), (9, 16)])
     assert few.ops == many.ops
     assert few.syncs == 0 and few.total > 0
+
+
+@pytest.mark.parametrize(("kind", "block"), list(itertools.product(("basis", "ste", "coordinate"), (None, 8))))
+def test_each_layer_of_one_shape_gets_its_own_reconstruction(kind, block):
+    """Two layers of one shape (their views interchangeable) and a third: the ŵ a step writes to ``out`` is, layer
+    by layer, the per-layer step's reconstruction (to the rounding of a refit solved in another batch), and the
+    bucket's own :meth:`Bucket.reconstruct` exactly."""
+    parts = layers(3, shapes=[(4, 8), (4, 8), (3, 5)])
+    bucket = bucket_of(parts)
+    grad = torch.cat([p.grad.reshape(-1) for p in parts])
+    out = torch.full((bucket.numel,), float("nan"))
+    step = coordinate_step if kind == "coordinate" else functools.partial(weight_domain_step, ste=kind == "ste")
+    step(bucket, grad, torch.ones(bucket.num_groups, dtype=torch.bool), LR, CONFIG, block=block, out=out)
+    for part in parts:
+        dense_step(kind, part)
+    assert torch.equal(out, bucket.reconstruct(block=block))
+    expected = torch.cat([part.state.reconstruct().reshape(-1) for part in parts])
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(out[:32], out[32:64])
