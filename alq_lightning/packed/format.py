@@ -98,6 +98,12 @@ def parse_dtype(name: str) -> torch.dtype:
     return dtype
 
 
+def takes_dtype(model_dtype: torch.dtype, file_dtype: torch.dtype) -> bool:
+    """Whether a model tensor of ``model_dtype`` can take a stored tensor of ``file_dtype``: floating point from
+    floating point (any width; the values are checked where they are rounded), anything else from its own dtype."""
+    return model_dtype == file_dtype or (model_dtype.is_floating_point and file_dtype.is_floating_point)
+
+
 def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     """Bool tensor of any shape (read row-major) -> ``[ceil(numel / 8)]`` uint8, bit ``i % 8`` of byte ``i // 8``
     (:func:`alq_lightning.core.bitwise.pack_bits`, the layout bitwise execution reads)."""
