@@ -207,6 +207,12 @@ class ALQCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._fit(trainer)
+        alone = next((callback for callback in trainer.callbacks if isinstance(callback, ALQStage)), None)
+        if alone is not None:  # whatever the order of the callbacks: a stage alone attaches nothing
+            raise ValueError(f"{type(alone).__name__} would step the layers of {self.state_key} beside that "
+                             f"callback's own stages: use stages with one ALQInit, or {type(self).__name__} alone")
+        if self.activations is not None:
+            self.activations.check_alone(trainer)
         self._each("setup", trainer, pl_module, stage)
 
     def _fit(self, trainer: Trainer) -> None:

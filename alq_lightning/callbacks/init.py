@@ -87,6 +87,8 @@ class ALQInit(Callback):
                 f"strategy {name} shards parameters, which ALQ's per-group state cannot follow; "
                 f"use strategy='ddp' (or 'ddp_spawn'/'ddp_fork') or a single device"
             )
+        refuse_twice(trainer, ALQInit, "init", "ALQ's multi-bit state",
+                     "ALQCallback brings its own ALQInit; stages used alone share one ALQInit")
         if self.network is not None and self.network.belongs_to(pl_module):
             return
         if self.network is not None:
@@ -153,15 +155,34 @@ class ALQInit(Callback):
         self.network.load_state_tensors(tensors)
 
 
+def held(trainer: Trainer, kind: type, attr: str) -> dict[int, tuple[Any, Callback]]:
+    """``{id(part): (part, holder)}`` for each ``kind`` object in ``trainer.callbacks``, a callback itself or its
+    attribute ``attr`` (ALQCallback's ``init`` and ``activations``, a stage's bound ``init``), with the first
+    callback that holds it."""
+    found = {}
+    for callback in trainer.callbacks:
+        part = callback if isinstance(callback, kind) else getattr(callback, attr, None)
+        if isinstance(part, kind):
+            found.setdefault(id(part), (part, callback))
+    return found
+
+
+def refuse_twice(trainer: Trainer, kind: type, attr: str, what: str, hint: str) -> None:
+    """ValueError naming the callbacks when ``trainer`` holds more than one ``kind`` (:func:`held`): each would
+    attach ``what`` to the model on its own."""
+    found = held(trainer, kind, attr)
+    if len(found) > 1:
+        names = " and ".join(holder.state_key for _, holder in found.values())
+        raise ValueError(f"Trainer(callbacks=...) holds {len(found)} callbacks that each attach {what} to the model: "
+                         f"{names}; keep one ({hint})")
+
+
 def find_init(trainer: Trainer, owner: object) -> ALQInit:
     """The ``ALQInit`` callback of ``trainer`` (exactly one), or a clear error naming ``owner``."""
-    found = [cb for cb in trainer.callbacks if isinstance(cb, ALQInit)]
-    found += [cb.init for cb in trainer.callbacks if isinstance(getattr(cb, "init", None), ALQInit)]
-    found = list({id(init): init for init in found}.values())  # a stage set up already points at its ALQInit
+    found = held(trainer, ALQInit, "init")  # a stage set up already points at its ALQInit
     if len(found) != 1:
-        raise ValueError(
-            f"{type(owner).__name__} needs exactly one ALQInit (or ALQCallback) in Trainer(callbacks=...), "
-            f"found {len(found)}"
-        )
-    return found[0]
+        names = " and ".join(holder.state_key for _, holder in found.values())
+        raise ValueError(f"{type(owner).__name__} needs exactly one ALQInit (or ALQCallback) in "
+                         f"Trainer(callbacks=...), found {len(found)}" + (f": {names}" if names else ""))
+    return next(iter(found.values()))[0]
 

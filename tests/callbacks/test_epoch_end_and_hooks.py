@@ -173,8 +173,8 @@ def two_layers(seed: int = 0) -> ALQInit:
     """Two Linear(32, 32) layers ("0" and "2"), 3 slots, initialised at 3.0 bits (2048 weights, 6144 bits)."""
     torch.manual_seed(seed)
     init = ALQInit(max_bits=3)
-    init.setup(SimpleNamespace(strategy=object()), nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)),
-               "fit")
+    init.setup(SimpleNamespace(strategy=object(), callbacks=[]),
+               nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)), "fit")
     init.network.initialize()
     assert (init.network.binary_bits, init.network.numel) == (6144, 2048)
     return init

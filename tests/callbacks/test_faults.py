@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from alq_lightning import ALQCallback, ALQInit, BasisRefit, CoordinateRefit, bit_summary
+from alq_lightning import ActivationQuantization, ALQCallback, ALQInit, BasisRefit, CoordinateRefit, bit_summary
 from alq_lightning.network import MultiBitNetwork
 
 from tiny import TinyModule, build, loader, trainer
@@ -360,3 +360,45 @@ def test_stages_used_alone_share_one_alq_init():
     trainer([init, basis, coordinate], 2).fit(build("mlp"), loader())
     assert basis.init is coordinate.init is init
     assert set(init.network.weight_steps.values()) == {8} and set(init.network.coord_steps.values()) == {16}
+
+
+# 7. Callbacks that would attach twice -----------------------------------------------------------------------
+
+SHORT = "ALQCallback{'target_bits': 0.8, 'total_epochs': 5}"
+STATE = "Trainer(callbacks=...) holds 2 callbacks that each attach ALQ's multi-bit state to the model: {}; keep one " \
+        "(ALQCallback brings its own ALQInit; stages used alone share one ALQInit)"
+INPUTS = "Trainer(callbacks=...) holds 2 callbacks that each attach input quantizers to the model: {}; keep one " \
+         "(ALQCallback(act_bits=...) brings its own ActivationQuantization)"
+BESIDE = f"BasisRefit would step the layers of {SHORT} beside that callback's own stages: use stages with one " \
+         f"ALQInit, or ALQCallback alone"
+TWICE = {
+    "two ALQCallbacks": (lambda: [short(), short(0.5)], STATE.format(
+        f"{SHORT} and ALQCallback{{'target_bits': 0.5, 'total_epochs': 5}}")),
+    "ALQInit, then ALQCallback": (lambda: [ALQInit(), short()], STATE.format(f"ALQInit{{'max_bits': 6}} and {SHORT}")),
+    "ALQCallback, then ALQInit": (lambda: [short(), ALQInit()], STATE.format(f"{SHORT} and ALQInit{{'max_bits': 6}}")),
+    "two ALQInits": (lambda: [ALQInit(2), ALQInit(3), BasisRefit(0, 1)],
+                     STATE.format("ALQInit{'max_bits': 2} and ALQInit{'max_bits': 3}")),
+    "stage, then two ALQInits": (lambda: [BasisRefit(0, 1), ALQInit(2), ALQInit(3)],
+                                 "BasisRefit needs exactly one ALQInit (or ALQCallback) in Trainer(callbacks=...), "
+                                 "found 2: ALQInit{'max_bits': 2} and ALQInit{'max_bits': 3}"),
+    "input quantizers twice": (lambda: [short(act_bits=2), ActivationQuantization(3)], INPUTS.format(
+        "ALQCallback{'target_bits': 0.8, 'total_epochs': 5, 'act_bits': 2} and "
+        "ActivationQuantization{'act_bits': 3, 'start_epoch': 0}")),
+    "stage, then ALQCallback": (lambda: [BasisRefit(0, 1), short()], BESIDE),
+    "ALQCallback, then stage": (lambda: [short(), BasisRefit(0, 1)], BESIDE),
+}
+
+
+@pytest.mark.parametrize("callbacks,message", TWICE.values(), ids=TWICE)
+def test_callbacks_that_would_attach_twice_are_refused_before_the_model_changes(callbacks, message):
+    """Each callback alone would attach its own multi-bit state (or input quantizers, or step the layers beside
+    the pipeline's own stages): refused at setup, naming both, before either touches the model (two
+    ALQCallbacks used to end in ``torch.cat(): expected a non-empty list of Tensors`` at 2.5 bits)."""
+    module = build("mlp")
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        trainer(callbacks(), 5).fit(module, loader())
+    assert str(error.value) == message
+    assert list(module.named_buffers()) == []
+    assert all(torch.equal(value, before[key]) for key, value in module.state_dict().items())
+    assert not any(getattr(m, "_alq_act_handles", ()) for m in module.modules())
