@@ -10,7 +10,7 @@ from torch import nn
 from alq_lightning import ActivationQuantization, ALQCallback, ALQInit, BasisRefit, CoordinateRefit, bit_summary
 from alq_lightning.network import MultiBitNetwork
 
-from tiny import TinyModule, build, loader, trainer
+from tiny import TinyModule, build, loader, mlp, trainer
 
 TARGET = 0.8
 
@@ -402,3 +402,65 @@ def test_callbacks_that_would_attach_twice_are_refused_before_the_model_changes(
     assert list(module.named_buffers()) == []
     assert all(torch.equal(value, before[key]) for key, value in module.state_dict().items())
     assert not any(getattr(m, "_alq_act_handles", ()) for m in module.modules())
+
+
+# 8. Weights without values ----------------------------------------------------------------------------------
+
+def on_meta() -> nn.Module:
+    with torch.device("meta"):
+        return mlp()
+
+
+class MaterialisedInPlace(TinyModule):
+    """Built on the meta device and materialised in place in ``configure_model`` (Lightning's pattern for models
+    too big to build twice); with ``rebuild``, ``configure_model`` builds new modules instead."""
+
+    def __init__(self, rebuild: bool = False) -> None:
+        super().__init__(on_meta())
+        self.rebuild = rebuild
+
+    def configure_model(self) -> None:
+        torch.manual_seed(0)
+        if self.rebuild:
+            self.net = mlp()
+            return
+        self.net.to_empty(device="cpu")
+        for module in self.net.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+
+
+def test_weights_on_the_meta_device_are_named_at_setup():
+    """torch's "Cannot copy out of meta tensor" came from Lightning moving the attached model. ALQ now refuses at
+    setup, naming the tensors and when it needs values; Lightning's teardown, moving the model to the CPU, still
+    raises torch's error over it, with ALQ's as the error it was handling."""
+    alq = short()
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor") as error:
+        trainer([alq], alq.total_epochs).fit(TinyModule(on_meta()), loader())
+    assert isinstance(error.value.__context__, ValueError)
+    assert str(error.value.__context__) == (
+        "TinyModule has 4 parameters or buffers on the meta device, without values: net.1.weight, net.1.bias, "
+        "net.3.weight, net.3.bias. ALQ initialises from the weights at the start of the fit, after "
+        "LightningModule.configure_model: materialise them before Trainer.fit, or in place in configure_model "
+        "(to_empty(device=...), then initialise them)")
+    assert alq.network is None
+
+
+def test_weights_materialised_in_place_by_configure_model_are_quantized():
+    """The multi-bit buffers attached on the meta device are materialised with the weights and written from them
+    at the start of the fit: the run reaches the target as a model built on the CPU does."""
+    alq = short()
+    module = MaterialisedInPlace()
+    fit(module, alq)
+    assert_quantized(alq)
+    assert all(not tensor.is_meta and bool(tensor.isfinite().all()) for tensor in module.state_dict().values())
+
+
+def test_layers_replaced_by_configure_model_are_refused_at_the_start_of_the_fit():
+    alq = short()
+    with pytest.raises(ValueError) as error:
+        fit(MaterialisedInPlace(rebuild=True), alq)
+    assert str(error.value) == (
+        "the layers ALQ attached to in setup (net.1, net.3) are no longer modules of MaterialisedInPlace: "
+        "LightningModule.configure_model replaced them. Materialise weights built on the meta device in place there "
+        "(to_empty(device=...), then initialise them), or build the model before Trainer.fit")
