@@ -29,7 +29,7 @@ from ..activations import (
 )
 from ..core import LayerBits, MultiBitState, auto_layout, check_coord_bits
 from ..files import check_target, write_atomic
-from ..layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
+from ..layers import LayerSelection, attach, buffer_prefix, find_layers, first_non_finite, float_remainder, resolve
 from ..summary import BitSummary, FloatRow, LayerRow, bit_summary
 from .format import (
     ACTIVATIONS_VERSION,
@@ -88,6 +88,9 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
     :mod:`alq_lightning.packed.format`."""
     path = check_target(path)
     coord_dtype = COORD_DTYPES[check_coord_bits(coord_bits)]
+    broken = first_non_finite(model)
+    if broken is not None:
+        raise ValueError(f"{broken} of the model is not finite: a packed file holds only finite weights")
     summary = bit_summary(model, coord_bits)
     quantizers = activation_entries(model)
     chunks, layers, offset = [], [], 0

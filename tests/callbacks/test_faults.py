@@ -312,7 +312,7 @@ class ManualOptimization(TinyModule):
 
 
 class NaNLossAt(TinyModule):
-    """The loss is NaN at one step: that step's gradients are skipped, the run goes on."""
+    """The loss is NaN at step 5: ALQ skips that step's update; the float parameters' optimizer (Adam) does not."""
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
@@ -323,7 +323,7 @@ class NaNLossAt(TinyModule):
 def test_setups_that_work_reach_the_target(case):
     torch.manual_seed(0)
     module = {"bias_free": lambda: TinyModule(NoBias()), "manual": ManualOptimization,
-              "accumulate": lambda: build("mlp"), "nan_loss": lambda: NaNLossAt(build("mlp").net)}[case]()
+              "accumulate": lambda: build("mlp"), "nan_loss": lambda: NaNLossAt(NoBias())}[case]()
     alq = short()
     kwargs = {"accumulate_grad_batches": 2} if case == "accumulate" else {}
     if case == "nan_loss":
@@ -332,6 +332,47 @@ def test_setups_that_work_reach_the_target(case):
     else:
         fit(module, alq, **kwargs)
     assert_quantized(alq)
+
+
+def test_a_nan_loss_that_reaches_float_parameters_stops_the_fit_naming_the_first():
+    """Adam turns the biases NaN at step 5; ALQ would skip every later update and "complete" at the target with a
+    NaN model. The epoch end that counts the skipped updates stops the fit instead."""
+    torch.manual_seed(0)
+    alq = short()
+    with pytest.warns(UserWarning, match="skipped 3 ALQ update"), pytest.raises(RuntimeError) as error:
+        fit(NaNLossAt(build("mlp").net), alq)
+    assert str(error.value) == (
+        "parameter 'net.1.bias' is not finite at epoch 0, step 8, after 3 ALQ update(s) of this epoch were skipped "
+        "for a non-finite gradient (every later one would be): a non-finite loss or update has reached the model; "
+        "lower the learning rate, clip gradients, or find where the loss stops being finite")
+
+
+class SpareScale(TinyModule):
+    """Holds a float parameter outside the loss (no gradient, so no ALQ update is skipped for it)."""
+
+    def __init__(self) -> None:
+        super().__init__(build("mlp").net)
+        self.spare = nn.Parameter(torch.ones(3))
+
+
+class BreakSpare(L.Callback):
+    """Makes ``spare`` NaN as the last epoch starts, as a broken update would."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 4:
+            pl_module.spare.data[1] = float("nan")
+
+
+def test_a_schedule_ending_on_a_parameter_that_is_not_finite_is_not_reported_complete(caplog):
+    alq = short()
+    assert alq.total_epochs == 5
+    with caplog.at_level("INFO"), pytest.raises(RuntimeError) as error:
+        trainer([alq, BreakSpare()], 5).fit(SpareScale(), loader())
+    assert str(error.value) == (
+        "parameter 'spare' is not finite at epoch 4, step 40, at the end of the ALQ schedule, which a model that is "
+        "not finite does not complete: a non-finite loss or update has reached the model; lower the learning rate, "
+        "clip gradients, or find where the loss stops being finite")
+    assert "ALQ schedule complete" not in caplog.text
 
 
 # 6. The target is a contract; stages used alone -----------------------------------------------------------
