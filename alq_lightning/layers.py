@@ -326,6 +326,20 @@ def find_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
     return layers
 
 
+def first_non_finite(model: nn.Module) -> str | None:
+    """``"parameter '<name>'"`` or ``"coordinates of layer '<name>'"``: the first floating-point parameter of
+    ``model`` (a quantized weight holds ŵ) or multi-bit coordinates holding a value that is not finite; None when
+    all are finite. Reads the device once."""
+    tensors = {f"parameter {name!r}": param.detach() for name, param in model.named_parameters()
+               if param.is_floating_point()}
+    tensors |= {f"coordinates of layer {name!r}": layer.state.coords for name, layer in find_layers(model).items()}
+    if not tensors:
+        return None
+    flags = [tensor.isfinite().all() for tensor in tensors.values()]
+    finite = torch.stack([flag.to(flags[0].device) for flag in flags]).tolist()
+    return next((name for name, ok in zip(tensors, finite) if not ok), None)
+
+
 def resolve(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
     """``(module, attr)`` of the parameter that layer ``name`` of ``model`` names, or None."""
     modules = dict(model.named_modules())

@@ -20,7 +20,7 @@ from ..activations import (
     is_quantizable_input,
 )
 from .arguments import check, is_int, is_number
-from .init import ALQInit
+from .init import ALQInit, refuse_twice
 from .stages import UNITS
 
 
@@ -106,7 +106,13 @@ class ActivationQuantization(Callback):
         """The input bases of layer ``name``: the first matching pattern's, or None."""
         return next((bits for pattern, bits in self.per_layer.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
+    def check_alone(self, trainer: Trainer) -> None:
+        """Refuse a Trainer holding another ActivationQuantization (as a callback or inside an ALQCallback)."""
+        refuse_twice(trainer, ActivationQuantization, "activations", "input quantizers",
+                     "ALQCallback(act_bits=...) brings its own ActivationQuantization")
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.check_alone(trainer)
         for callback in trainer.callbacks:  # ALQ attaches first, whatever the order of the callbacks
             init = callback if isinstance(callback, ALQInit) else getattr(callback, "init", None)
             if isinstance(init, ALQInit):

@@ -12,7 +12,7 @@ from ..network import MultiBitNetwork
 from .activations import ActivationQuantization
 from .arguments import check, is_int
 from .init import CHECKPOINT_KEY, ALQInit
-from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
+from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune, check_finite
 
 PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}
 ACT_STARTS = ("ste", "start")
@@ -207,6 +207,12 @@ class ALQCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._fit(trainer)
+        alone = next((callback for callback in trainer.callbacks if isinstance(callback, ALQStage)), None)
+        if alone is not None:  # whatever the order of the callbacks: a stage alone attaches nothing
+            raise ValueError(f"{type(alone).__name__} would step the layers of {self.state_key} beside that "
+                             f"callback's own stages: use stages with one ALQInit, or {type(self).__name__} alone")
+        if self.activations is not None:
+            self.activations.check_alone(trainer)
         self._each("setup", trainer, pl_module, stage)
 
     def _fit(self, trainer: Trainer) -> None:
@@ -291,6 +297,8 @@ class ALQCallback(Callback):
     def _complete(self, trainer: Trainer) -> None:
         if trainer.should_stop:
             return
+        check_finite(trainer, trainer.lightning_module, "at the end of the ALQ schedule, which a model that is not "
+                                                        "finite does not complete")
         self._check_target()
         rank_zero_info(f"ALQ schedule complete after {self.total_epochs} {self.unit}s at "
                        f"{self.network.avg_bits:.4f} average bits; stopping the fit")

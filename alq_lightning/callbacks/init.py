@@ -6,6 +6,7 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ..core import QuadraticConfig
 from ..layers import LayerSelection, attach
@@ -87,6 +88,9 @@ class ALQInit(Callback):
                 f"strategy {name} shards parameters, which ALQ's per-group state cannot follow; "
                 f"use strategy='ddp' (or 'ddp_spawn'/'ddp_fork') or a single device"
             )
+        refuse_twice(trainer, ALQInit, "init", "ALQ's multi-bit state",
+                     "ALQCallback brings its own ALQInit; stages used alone share one ALQInit")
+        check_materialised(pl_module)
         if self.network is not None and self.network.belongs_to(pl_module):
             return
         if self.network is not None:
@@ -106,6 +110,11 @@ class ALQInit(Callback):
         rank_zero_info(f"ALQ quantizes {len(layers)} layers; left in float: {floats}")
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.network.belongs_to(pl_module):
+            raise ValueError(f"the layers ALQ attached to in setup ({', '.join(self.network.layers)}) are no longer "
+                             f"modules of {type(pl_module).__name__}: LightningModule.configure_model replaced them. "
+                             f"Materialise weights built on the meta device in place there (to_empty(device=...), "
+                             f"then initialise them), or build the model before Trainer.fit")
         if not self.initialized:
             self.network.initialize()
             self.initialized = True
@@ -153,15 +162,48 @@ class ALQInit(Callback):
         self.network.load_state_tensors(tensors)
 
 
+def held(trainer: Trainer, kind: type, attr: str) -> dict[int, tuple[Any, Callback]]:
+    """``{id(part): (part, holder)}`` for each ``kind`` object in ``trainer.callbacks``, a callback itself or its
+    attribute ``attr`` (ALQCallback's ``init`` and ``activations``, a stage's bound ``init``), with the first
+    callback that holds it."""
+    found = {}
+    for callback in trainer.callbacks:
+        part = callback if isinstance(callback, kind) else getattr(callback, attr, None)
+        if isinstance(part, kind):
+            found.setdefault(id(part), (part, callback))
+    return found
+
+
+def refuse_twice(trainer: Trainer, kind: type, attr: str, what: str, hint: str) -> None:
+    """ValueError naming the callbacks when ``trainer`` holds more than one ``kind`` (:func:`held`): each would
+    attach ``what`` to the model on its own."""
+    found = held(trainer, kind, attr)
+    if len(found) > 1:
+        names = " and ".join(holder.state_key for _, holder in found.values())
+        raise ValueError(f"Trainer(callbacks=...) holds {len(found)} callbacks that each attach {what} to the model: "
+                         f"{names}; keep one ({hint})")
+
+
+def check_materialised(pl_module: LightningModule) -> None:
+    """ValueError naming the parameters and buffers of ``pl_module`` on the meta device (shapes without values)
+    unless its ``configure_model``, which Lightning runs after the callbacks' ``setup`` and before ALQ initialises
+    from the weights at the start of the fit, may materialise them."""
+    meta = [name for name, tensor in (*pl_module.named_parameters(), *pl_module.named_buffers()) if tensor.is_meta]
+    if meta and not is_overridden("configure_model", pl_module):
+        more = f" and {len(meta) - 4} more" if len(meta) > 4 else ""
+        raise ValueError(
+            f"{type(pl_module).__name__} has {len(meta)} parameters or buffers on the meta device, without values: "
+            f"{', '.join(meta[:4])}{more}. ALQ initialises from the weights at the start of the fit, after "
+            f"LightningModule.configure_model: materialise them before Trainer.fit, or in place in configure_model "
+            f"(to_empty(device=...), then initialise them)")
+
+
 def find_init(trainer: Trainer, owner: object) -> ALQInit:
     """The ``ALQInit`` callback of ``trainer`` (exactly one), or a clear error naming ``owner``."""
-    found = [cb for cb in trainer.callbacks if isinstance(cb, ALQInit)]
-    found += [cb.init for cb in trainer.callbacks if isinstance(getattr(cb, "init", None), ALQInit)]
-    found = list({id(init): init for init in found}.values())  # a stage set up already points at its ALQInit
+    found = held(trainer, ALQInit, "init")  # a stage set up already points at its ALQInit
     if len(found) != 1:
-        raise ValueError(
-            f"{type(owner).__name__} needs exactly one ALQInit (or ALQCallback) in Trainer(callbacks=...), "
-            f"found {len(found)}"
-        )
-    return found[0]
+        names = " and ".join(holder.state_key for _, holder in found.values())
+        raise ValueError(f"{type(owner).__name__} needs exactly one ALQInit (or ALQCallback) in "
+                         f"Trainer(callbacks=...), found {len(found)}" + (f": {names}" if names else ""))
+    return next(iter(found.values()))[0]
 

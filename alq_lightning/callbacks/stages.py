@@ -21,11 +21,22 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ..core import step_budget
+from ..layers import first_non_finite
 from ..network import MultiBitNetwork
 from .arguments import check, is_int, is_number
 from .init import ALQInit, find_init
 
 UNITS = ("epoch", "step")
+
+
+def check_finite(trainer: Trainer, pl_module: LightningModule, when: str) -> None:
+    """RuntimeError naming the first parameter or multi-bit coordinates of ``pl_module`` that is not finite, with the
+    epoch and step (reads the device: for epoch ends and the end of the schedule, not for steps)."""
+    broken = first_non_finite(pl_module)
+    if broken is not None:
+        raise RuntimeError(f"{broken} is not finite at epoch {trainer.current_epoch}, step {trainer.global_step}, "
+                           f"{when}: a non-finite loss or update has reached the model; lower the learning rate, clip "
+                           f"gradients, or find where the loss stops being finite")
 
 
 class ALQStage(Callback, ABC):
@@ -108,6 +119,8 @@ class ALQStage(Callback, ABC):
         if skipped:
             rank_zero_warn(f"{type(self).__name__}: skipped {skipped} ALQ update(s) in epoch {trainer.current_epoch}: "
                            f"a quantized weight's gradient was not finite")
+            check_finite(trainer, pl_module, f"after {skipped} ALQ update(s) of this epoch were skipped for a "
+                                             f"non-finite gradient (every later one would be)")
 
     @abstractmethod
     def apply(self, trainer: Trainer, names: frozenset[str]) -> None:

@@ -29,7 +29,7 @@ from ..activations import (
 )
 from ..core import LayerBits, MultiBitState, auto_layout, check_coord_bits
 from ..files import check_target, write_atomic
-from ..layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve
+from ..layers import LayerSelection, attach, buffer_prefix, find_layers, first_non_finite, float_remainder, resolve
 from ..summary import BitSummary, FloatRow, LayerRow, bit_summary
 from .format import (
     ACTIVATIONS_VERSION,
@@ -44,6 +44,7 @@ from .format import (
     dtype_name,
     encode_layer,
     parse_dtype,
+    takes_dtype,
     tensor_bytes,
 )
 
@@ -87,6 +88,9 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
     :mod:`alq_lightning.packed.format`."""
     path = check_target(path)
     coord_dtype = COORD_DTYPES[check_coord_bits(coord_bits)]
+    broken = first_non_finite(model)
+    if broken is not None:
+        raise ValueError(f"{broken} of the model is not finite: a packed file holds only finite weights")
     summary = bit_summary(model, coord_bits)
     quantizers = activation_entries(model)
     chunks, layers, offset = [], [], 0
@@ -211,8 +215,18 @@ def file_quantizers(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def float_tensors_for(packed: PackedFile, remainder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The file's float tensors that the model's ``remainder`` takes (files written before shared weights
-    were stored once also hold those weights' other names, which their layer already gives)."""
-    return {key: tensor for key, tensor in float_tensors(packed).items() if key in remainder}
+    were stored once also hold those weights' other names, which their layer already gives); ValueError naming a
+    tensor with a finite value that the model's narrower dtype would hold as ``inf``."""
+    tensors = {key: tensor for key, tensor in float_tensors(packed).items() if key in remainder}
+    for key, tensor in tensors.items():
+        dtype = remainder[key].dtype
+        if tensor.is_floating_point() and dtype != tensor.dtype:
+            lost = tensor.isfinite() & ~tensor.to(dtype).isfinite()
+            if lost.any():
+                raise ValueError(f"tensor {key!r} holds {tensor[lost][0].item():g} in the file "
+                                 f"({dtype_name(tensor.dtype)}), which the model's {dtype_name(dtype)} cannot hold "
+                                 f"(it would load as inf)")
+    return tensors
 
 
 def _read_preamble(path: Path, data: bytes) -> tuple[int, int, int]:
@@ -314,6 +328,10 @@ def check_model(header: dict[str, Any], model: nn.Module,
         if tuple(tensor.shape) != tuple(stored[key]["shape"]):
             raise ValueError(f"tensor {key!r} is {tuple(tensor.shape)} in the model, {tuple(stored[key]['shape'])} "
                              f"in the file")
+        if not takes_dtype(tensor.dtype, parse_dtype(stored[key]["dtype"])):
+            raise ValueError(f"tensor {key!r} is {dtype_name(tensor.dtype)} in the model, {stored[key]['dtype']} in "
+                             f"the file: a floating-point tensor takes floating-point values only, any other tensor "
+                             f"its own dtype only")
     shared = set(model.state_dict()) - set(remainder)
     unknown = [key for key in stored if key not in remainder and key not in shared]
     if unknown:

@@ -253,7 +253,8 @@ def test_a_fit_shorter_than_the_schedule_is_refused(max_epochs):
 def test_an_unbounded_fit_or_an_evaluation_is_not_refused(max_epochs, stage):
     alq = short()
     module = build("mlp")
-    alq.setup(SimpleNamespace(max_epochs=max_epochs, max_steps=-1, fast_dev_run=0, strategy=object()), module, stage)
+    alq.setup(SimpleNamespace(max_epochs=max_epochs, max_steps=-1, fast_dev_run=0, strategy=object(),
+                              callbacks=[]), module, stage)
     assert list(alq.network.layers) == ["net.1", "net.3"]
 
 
