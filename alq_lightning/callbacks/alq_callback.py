@@ -16,6 +16,7 @@ from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, Gr
 
 PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}
 ACT_STARTS = ("ste", "start")
+LIGHTNING_MAX_EPOCHS = 1000  # what Lightning sets when neither max_epochs nor max_steps is given
 DEV_SCHEDULE = {"rounds": 1, "basis_epochs": 1, "coordinate_epochs": 1, "pruning_epochs": 1, "ste_epochs": 1,
                 "final_coordinate_epochs": 1}
 
@@ -38,8 +39,10 @@ class ALQCallback(Callback):
     When none of ``rounds``, ``basis_epochs``, ``coordinate_epochs``, ``pruning_epochs``, ``ste_epochs`` and
     ``final_coordinate_epochs`` is given, the schedule fits the Trainer: the paper's 225 epochs (5 × (20 + 10 +
     1) + 50 + 20) when ``max_epochs`` holds them (Lightning's default 1000 does), else the paper's proportions
-    scaled into ``max_epochs - start_epoch`` (:func:`~alq_lightning.core.fit_schedule`), logged at setup. Given
-    ones are kept as they are, the others take the paper's values, and a Trainer too short for them is refused.
+    scaled into ``max_epochs - start_epoch`` (:func:`~alq_lightning.core.fit_schedule`). Given ones are kept as
+    they are, the others take the paper's values, and a Trainer too short for them is refused. The schedule is
+    logged at setup; under Lightning's default ``max_epochs`` the fit takes the schedule's length. Each stage is
+    named in the log as it starts and in the progress bar (:meth:`progress`) with the average bits.
     A fitted schedule that finds fewer than 2 epochs (``max_epochs=1``, or only ``max_steps``) is laid over the
     fit's optimizer steps instead (:attr:`unit` ``"step"``). Under ``fast_dev_run=n`` every stage runs for one
     step whatever the schedule (stages share a step when ``n < 5``), ending at ``target_bits``. A fit that ends
@@ -118,6 +121,7 @@ class ALQCallback(Callback):
         self.rates = (lr, lr_decay, ste_lr, ste_lr_decay, final_lr, final_lr_decay)
         self.pruning, self.per_bit, self.start_epoch = pruning, per_bit, start_epoch
         self.over_steps, self.restored = False, None
+        self.bits: float | None = None
         self.given = {**PAPER_SCHEDULE, **given}
         self._build(self.given)
 
@@ -207,6 +211,7 @@ class ALQCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._fit(trainer)
+            self._show_in_bar(trainer)
         self._each("setup", trainer, pl_module, stage)
 
     def _fit(self, trainer: Trainer) -> None:
@@ -227,13 +232,18 @@ class ALQCallback(Callback):
         schedule = fit_schedule(max_epochs - self.start_epoch) if fitted else self.given
         if (schedule, "epoch") != (self.schedule, self.unit):
             self._build(schedule)
-            if fitted:
-                rank_zero_info(f"ALQ schedule fitted into Trainer(max_epochs={max_epochs}): {self.describe()}")
         if bounded and max_epochs < self.total_epochs:
             raise ValueError(
                 f"Trainer(max_epochs={max_epochs}) cannot hold the ALQ schedule of {self.total_epochs} epochs; "
                 f"set Trainer(max_epochs={self.total_epochs}) (see ALQCallback(...).total_epochs)"
             )
+        default = max_epochs == LIGHTNING_MAX_EPOCHS and trainer.max_steps == -1
+        if default:  # Lightning's default: the fit (and its progress bar) takes the schedule's length instead
+            trainer.fit_loop.max_epochs = self.total_epochs
+        origin = "" if default or not fitted else f" fitted into Trainer(max_epochs={max_epochs})"
+        ending = (f"; the fit ends with it after epoch {self.total_epochs - 1} (Trainer(max_epochs) was Lightning's "
+                  "default)") if default else ""
+        rank_zero_info(f"ALQ schedule{origin}: {self.describe()}, to {self.target_bits:g} average bits{ending}")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.over_steps:
@@ -258,6 +268,52 @@ class ALQCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._each("on_fit_start", trainer, pl_module)
+        self.bits = self.network.avg_bits
+
+    def labelled(self) -> list[tuple[ALQStage, str]]:
+        """Each stage with its name in the console and the progress bar: ``basis 2/5``, ``coordinate 2/5``,
+        ``pruning 2/5`` (round 2 of 5), then ``STE`` and ``final`` (the final coordinate refit)."""
+        rounds, done, labelled = self.schedule["rounds"], 0, []
+        for stage in self.stages:
+            if isinstance(stage, BitwidthReduction):
+                done += 1
+                labelled.append((stage, f"pruning {stage.round_index}/{rounds}"))
+            elif done == rounds:
+                labelled.append((stage, "STE" if isinstance(stage, STEFineTune) else "final"))
+            else:
+                kind = "basis" if isinstance(stage, BasisRefit) else "coordinate"
+                labelled.append((stage, f"{kind} {done + 1}/{rounds}"))
+        return labelled
+
+    def progress(self, trainer: Trainer) -> dict[str, str]:
+        """What the progress bar shows beside the module's metrics: the stage at this epoch (or step) and the
+        average bits at the last epoch end (read there, so that no step waits for the device)."""
+        position = self.position(trainer)
+        label = next((name for stage, name in self.labelled() if stage.start_epoch <= position < stage.end_epoch),
+                     "done" if position >= self.total_epochs else "")
+        return {"alq": label, "bits": f"{self.bits:.3f}"} if self.bits is not None else {}
+
+    def _show_in_bar(self, trainer: Trainer) -> None:
+        """Add :meth:`progress` to the metrics of the Trainer's progress bar (any ``ProgressBar``)."""
+        bar = trainer.progress_bar_callback
+        if bar is None or getattr(bar.get_metrics, "alq", None) is self:
+            return
+        shown = bar.get_metrics
+
+        def get_metrics(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+            return {**shown(trainer, pl_module), **self.progress(trainer)}
+
+        get_metrics.alq = self
+        bar.get_metrics = get_metrics
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Name each stage as it starts (epoch schedules; a schedule over steps is stated at its start)."""
+        if self.unit != "epoch":
+            return
+        for stage, label in self.labelled():
+            if stage.start_epoch == trainer.current_epoch:
+                rank_zero_info(f"ALQ {label}: epochs {stage.start_epoch}-{stage.end_epoch - 1} of "
+                               f"{self.total_epochs}, from {self.bits:.3f} average bits")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx)
@@ -280,6 +336,7 @@ class ALQCallback(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log bits, round and learning rate; stop fitting once the schedule is complete."""
         self._each("on_train_epoch_end", trainer, pl_module)
+        self.bits = self.network.avg_bits
         done = self.position(trainer) + (self.unit == "epoch")
         stage = self.stage_at(done - 1)
         rounds = sum(s.end_epoch <= done for s in self.stages if isinstance(s, BitwidthReduction))
