@@ -112,9 +112,9 @@ def load_checkpoint(cfg: DictConfig, network: nn.Module, shape: dict[str, int]) 
 
 def obtain_float_weights(cfg: DictConfig, network: nn.Module, module: LightningModule,
                          datamodule: LightningDataModule, loggers: list[Logger], shape: dict[str, int],
-                         progress: Callback | None = None) -> dict[str, Any]:
+                         callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Put float weights into ``network``: the cached ones, or ``pretrain.epochs`` of fresh training of ``module``
-    (which holds ``network``; then cached; ``progress`` joins its Trainer's callbacks). Returns where they came
+    (which holds ``network``, with ``callbacks`` in its Trainer; then cached). Returns where they came
     from. A given ``pretrain.checkpoint`` is loaded by :func:`load_checkpoint`."""
     if cfg.pretrain.checkpoint:
         return load_checkpoint(cfg, network, shape)
@@ -131,7 +131,7 @@ def obtain_float_weights(cfg: DictConfig, network: nn.Module, module: LightningM
             rank_zero_warn(f"ignoring the cache file ({err}); pretraining again")
     epochs = int(cfg.pretrain.epochs)
     phase("pretraining", f"{epochs} epoch{'s' * (epochs != 1)} of float training, then cached in {path}")
-    trainer = make_trainer(cfg, loggers, "pretrain", epochs, [progress] if progress else None)
+    trainer = make_trainer(cfg, loggers, "pretrain", epochs, callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start

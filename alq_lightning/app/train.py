@@ -26,6 +26,7 @@ from alq_lightning.app import (
     ALQRecorder,
     ConfigError,
     JobPlan,
+    MetricContract,
     RunProgress,
     StageClock,
     apply_extras,
@@ -34,6 +35,7 @@ from alq_lightning.app import (
     build_data,
     build_loggers,
     build_module,
+    check_test_step,
     data_shape,
     finish_loggers,
     git_commit,
@@ -120,6 +122,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_data(cfg.data)
     shape = data_shape(datamodule)
     model = build_module(cfg.model, datamodule)
+    check_test_step(model.module)
     callback = build_alq_callback(cfg.alq, model)
     if (cfg.get("extras") or {}).get("print_config"):
         print_config(cfg, {"model": model.config, "alq": {**cfg.alq, "max_bits": callback.init.selection.max_bits}})
@@ -133,8 +136,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     try:
         clock = StageClock()
         plan = JobPlan({"pretraining": int(cfg.pretrain.epochs), "ALQ": callback.total_epochs})
+        contract = MetricContract(str(cfg.optimized_metric))
         pretrained = pretrained or obtain_float_weights(cfg, model.network, pretraining, datamodule, loggers, shape,
-                                                        RunProgress("pretraining", plan))
+                                                        [contract, RunProgress("pretraining", plan)])
         clock.add("pretrain", pretrained["seconds"])
         phase("float test", f"the float model's test accuracy ({pretrained['source']} weights)")
         with clock.measure("float_test"):
@@ -143,7 +147,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         recorder = ALQRecorder(callback, clock)
         phase("ALQ", f"{callback.total_epochs} epochs to {callback.target_bits:g} average bits")
         trainer = make_trainer(cfg, loggers, "", callback.total_epochs,
-                               callbacks=[recorder, callback, RunProgress("ALQ", plan)], checkpointing=True)
+                               callbacks=[recorder, callback, contract, RunProgress("ALQ", plan)], checkpointing=True)
         trainer.fit(model.module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         phase("final test", f"validation ({cfg.optimized_metric}) and test of the quantized model")
         with clock.measure("validate"):
