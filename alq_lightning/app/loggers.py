@@ -53,6 +53,18 @@ def is_wandb(logger: Logger | None) -> bool:
     return type(logger).__name__ == "WandbLogger"
 
 
+BITS_AXES = {"alq/*": "alq/avg_bits", "final/*": "final/avg_bits"}
+
+
+def define_bits_axes(run: Any) -> None:
+    """Let W&B charts plot the ALQ metrics logged at each epoch's end (``alq/*``: bytes, per-layer bits, round,
+    learning rate) against ``alq/avg_bits``, and the final ones (``final/*``: accuracies, bytes) against
+    ``final/avg_bits``, which are logged in the same calls."""
+    for pattern, axis in BITS_AXES.items():
+        run.define_metric(axis)
+        run.define_metric(pattern, step_metric=axis)
+
+
 def build_one(key: str, node: DictConfig) -> Logger:
     """Logger ``logger.<key>``; a ``WandbLogger`` gets its mode resolved (:func:`resolve_wandb_mode`) and is
     started at once, so that a W&B failure shows here."""
@@ -75,7 +87,7 @@ def build_one(key: str, node: DictConfig) -> Logger:
         # Lightning passes anonymous=None to wandb.init, which W&B (0.2x on) warns about on every run though the
         # setting has no effect; not passing it changes nothing else.
         getattr(logger, "_wandb_init", {}).pop("anonymous", None)
-        _ = logger.experiment  # starts the run now, so that a failure falls back to CSV
+        define_bits_axes(logger.experiment)  # starts the run now, so that a failure falls back to CSV
     logger._app_options = options
     return logger
 
