@@ -8,6 +8,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from typing_extensions import override
 
 from ..activations import CHECKPOINT_KEY, MAX_ACT_BITS, ActivationLayer, attach_activations, is_quantizable_input
 from .arguments import check, is_int, is_number
@@ -57,6 +58,7 @@ class ActivationQuantization(Callback):
         self.reported: set[str] = set()
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(act_bits=self.act_bits, start_epoch=self.start_epoch)
 
@@ -87,6 +89,7 @@ class ActivationQuantization(Callback):
         """The input bases of layer ``name``: the first matching pattern's, or None."""
         return next((bits for pattern, bits in self.per_layer.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for callback in trainer.callbacks:  # ALQ attaches first, whatever the order of the callbacks
             init = callback if isinstance(callback, ALQInit) else getattr(callback, "init", None)
@@ -105,6 +108,7 @@ class ActivationQuantization(Callback):
         rank_zero_info(f"inputs quantized (bits): {bits}, from {self.unit} "
                        f"{self.start_epoch}; inputs left in float: {left}")
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Say which codes each quantizer took, once, after its first batch."""
@@ -119,6 +123,7 @@ class ActivationQuantization(Callback):
         for layer in self.layers.values():
             layer.enabled = enabled
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         position = trainer.current_epoch if self.unit == "epoch" else trainer.global_step
         self._enable(position >= self.start_epoch)
@@ -128,9 +133,11 @@ class ActivationQuantization(Callback):
 
     on_validation_start = on_test_start = on_predict_start = _enable_fitted
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {name: layer.tensors() for name, layer in self.layers.items()}
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         unknown = sorted(set(saved) - set(self.layers))

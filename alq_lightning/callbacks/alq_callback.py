@@ -6,12 +6,14 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from ..core import PAPER_SCHEDULE, check_target_bits, fit_schedule, schedule_epochs
 from ..network import MultiBitNetwork
 from .activations import ActivationQuantization
 from .arguments import check, is_int
 from .init import CHECKPOINT_KEY, ALQInit
+from .progress import show_in_bar, stage_labels
 from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
 
 PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}
@@ -180,6 +182,7 @@ class ALQCallback(Callback):
                 f" in all)")
 
     @property
+    @override
     def state_key(self) -> str:
         """Keyed by target and schedule length (by ``unit="step"`` for a schedule laid over the fit's steps, whose
         length is known only once training starts, after a checkpoint's state is restored)."""
@@ -195,6 +198,7 @@ class ALQCallback(Callback):
         for callback in (self.init, *self.stages, *([self.activations] if self.activations else [])):
             getattr(callback, hook)(*args)
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.activations is not None:
             self.activations.on_validation_start(trainer, pl_module)
@@ -208,10 +212,11 @@ class ALQCallback(Callback):
     def stage_at(self, position: int) -> ALQStage | None:
         return next((s for s in self.stages if s.start_epoch <= position < s.end_epoch), None)
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._fit(trainer)
-            self._show_in_bar(trainer)
+            show_in_bar(trainer, self, self.progress)
         self._each("setup", trainer, pl_module, stage)
 
     def _fit(self, trainer: Trainer) -> None:
@@ -245,6 +250,7 @@ class ALQCallback(Callback):
                   "default)") if default else ""
         rank_zero_info(f"ALQ schedule{origin}: {self.describe()}, to {self.target_bits:g} average bits{ending}")
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.over_steps:
             return
@@ -266,24 +272,14 @@ class ALQCallback(Callback):
             self._load_stages(self.restored)
             self.restored = None
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._each("on_fit_start", trainer, pl_module)
         self.bits = self.network.avg_bits
 
     def labelled(self) -> list[tuple[ALQStage, str]]:
-        """Each stage with its name in the console and the progress bar: ``basis 2/5``, ``coordinate 2/5``,
-        ``pruning 2/5`` (round 2 of 5), then ``STE`` and ``final`` (the final coordinate refit)."""
-        rounds, done, labelled = self.schedule["rounds"], 0, []
-        for stage in self.stages:
-            if isinstance(stage, BitwidthReduction):
-                done += 1
-                labelled.append((stage, f"pruning {stage.round_index}/{rounds}"))
-            elif done == rounds:
-                labelled.append((stage, "STE" if isinstance(stage, STEFineTune) else "final"))
-            else:
-                kind = "basis" if isinstance(stage, BasisRefit) else "coordinate"
-                labelled.append((stage, f"{kind} {done + 1}/{rounds}"))
-        return labelled
+        """Each stage with its name in the log and the progress bar (:func:`~.progress.stage_labels`)."""
+        return stage_labels(self.stages, self.schedule["rounds"])
 
     def progress(self, trainer: Trainer) -> dict[str, str]:
         """What the progress bar shows beside the module's metrics: the stage at this epoch (or step) and the
@@ -293,19 +289,7 @@ class ALQCallback(Callback):
                      "done" if position >= self.total_epochs else "")
         return {"alq": label, "bits": f"{self.bits:.3f}"} if self.bits is not None else {}
 
-    def _show_in_bar(self, trainer: Trainer) -> None:
-        """Add :meth:`progress` to the metrics of the Trainer's progress bar (any ``ProgressBar``)."""
-        bar = trainer.progress_bar_callback
-        if bar is None or getattr(bar.get_metrics, "alq", None) is self:
-            return
-        shown = bar.get_metrics
-
-        def get_metrics(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-            return {**shown(trainer, pl_module), **self.progress(trainer)}
-
-        get_metrics.alq = self
-        bar.get_metrics = get_metrics
-
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Name each stage as it starts (epoch schedules; a schedule over steps is stated at its start)."""
         if self.unit != "epoch":
@@ -315,15 +299,18 @@ class ALQCallback(Callback):
                 rank_zero_info(f"ALQ {label}: epochs {stage.start_epoch}-{stage.end_epoch - 1} of "
                                f"{self.total_epochs}, from {self.bits:.3f} average bits")
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
         if self.unit == "step" and trainer.global_step >= self.total_epochs:
             self._complete(trainer)
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """Every stage active at this step updates from the one set of gradients, in schedule order."""
         self.init.on_before_optimizer_step(trainer, pl_module, optimizer)
@@ -333,6 +320,7 @@ class ALQCallback(Callback):
             for stage in active:
                 stage.step(trainer, names)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log bits, round and learning rate; stop fitting once the schedule is complete."""
         self._each("on_train_epoch_end", trainer, pl_module)
@@ -353,6 +341,7 @@ class ALQCallback(Callback):
                        f"{self.network.avg_bits:.4f} average bits; stopping the fit")
         trainer.should_stop = True
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Say so when the fit ended before the schedule did (the model may not be at ``target_bits``)."""
         if self.position(trainer) < self.total_epochs or self.network.avg_bits > self.target_bits + 1e-9:
@@ -371,9 +360,11 @@ class ALQCallback(Callback):
                 f"layers that never received a gradient: {self.network.without_stats() or 'none'}"
             )
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._each("on_save_checkpoint", trainer, pl_module, checkpoint)
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose ALQ schedule state was written by another configuration (Lightning would
         skip it, and the run would start ALQ afresh from weights that are already quantized)."""
@@ -383,9 +374,11 @@ class ALQCallback(Callback):
                              f"{self.state_key}: resume with the target_bits and schedule it was written with")
         self._each("on_load_checkpoint", trainer, pl_module, checkpoint)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"init": self.init.state_dict(), "stages": [stage.state_dict() for stage in self.stages]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.init.load_state_dict(state_dict["init"])
         if self.over_steps:
