@@ -11,6 +11,7 @@ named ``train`` so that Hydra's job name, and with it the log file ``train.log``
 """
 from __future__ import annotations
 
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from alq_lightning import bit_summary, export_packed
 from alq_lightning.app import (
     ALQRecorder,
     ConfigError,
+    JobPlan,
+    MetricContract,
+    RunProgress,
     StageClock,
     apply_extras,
     build_alq_callback,
@@ -31,6 +35,7 @@ from alq_lightning.app import (
     build_data,
     build_loggers,
     build_module,
+    check_test_step,
     data_shape,
     finish_loggers,
     git_commit,
@@ -38,8 +43,11 @@ from alq_lightning.app import (
     load_checkpoint,
     make_trainer,
     obtain_float_weights,
+    phase,
     pretrain_module,
+    print_config,
     publish,
+    route_logging,
     save_plots,
     summarize_bits,
     to_container,
@@ -47,7 +55,8 @@ from alq_lightning.app import (
     write_results_then_export,
 )
 
-say = rank_zero_only(print)
+log = logging.getLogger("alq_lightning.app")
+say = rank_zero_only(log.info)
 
 
 def config_dir() -> Path:
@@ -105,6 +114,7 @@ def check_run(cfg: DictConfig) -> Path:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole pipeline for the composed config ``cfg``; return the results (also in results.json)."""
+    route_logging()
     results_path = check_run(cfg)
     run_dir = results_path.parent
     apply_extras(cfg)
@@ -112,7 +122,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_data(cfg.data)
     shape = data_shape(datamodule)
     model = build_module(cfg.model, datamodule)
+    check_test_step(model.module)
     callback = build_alq_callback(cfg.alq, model)
+    if (cfg.get("extras") or {}).get("print_config"):
+        print_config(cfg, {"model": model.config, "alq": {**cfg.alq, "max_bits": callback.init.selection.max_bits}})
     trainer_arguments(cfg.trainer)
     build_callbacks(cfg.get("callbacks"))  # fails now on a bad callbacks.* rather than after pretraining
     pretraining = pretrain_module(cfg, model)
@@ -122,15 +135,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     failed = True
     try:
         clock = StageClock()
-        pretrained = pretrained or obtain_float_weights(cfg, model.network, pretraining, datamodule, loggers, shape)
+        plan = JobPlan({"pretraining": int(cfg.pretrain.epochs), "ALQ": callback.total_epochs})
+        contract = MetricContract(str(cfg.optimized_metric))
+        pretrained = pretrained or obtain_float_weights(cfg, model.network, pretraining, datamodule, loggers, shape,
+                                                        [contract, RunProgress("pretraining", plan)])
         clock.add("pretrain", pretrained["seconds"])
+        phase("float test", f"the float model's test accuracy ({pretrained['source']} weights)")
         with clock.measure("float_test"):
             float_acc = measure_accuracy(make_trainer(cfg, loggers, "float", 1), pretraining, datamodule)
         L.seed_everything(cfg.seed, workers=True)
         recorder = ALQRecorder(callback, clock)
-        trainer = make_trainer(cfg, loggers, "", callback.total_epochs, callbacks=[recorder, callback],
-                               checkpointing=True)
+        phase("ALQ", f"{callback.total_epochs} epochs to {callback.target_bits:g} average bits")
+        trainer = make_trainer(cfg, loggers, "", callback.total_epochs,
+                               callbacks=[recorder, callback, contract, RunProgress("ALQ", plan)], checkpointing=True)
         trainer.fit(model.module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        phase("final test", f"validation ({cfg.optimized_metric}) and test of the quantized model")
         with clock.measure("validate"):
             validation = measure_validation(trainer, model.module, datamodule, str(cfg.optimized_metric))
         with clock.measure("test"):
@@ -158,7 +177,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         }
         if trainer.is_global_zero:
             run_dir.mkdir(parents=True, exist_ok=True)
-            say(summary)
+            say(f"bits of the quantized model:\n{summary}")
             # results.json first: a failed export raises ExportError, with the failure recorded in results.json
             packed = write_results_then_export(results, results_path,
                                                lambda: export_packed(model.network, run_dir / cfg.paths.packed_file))

@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from ..activations import (
     CHECKPOINT_KEY,
@@ -71,6 +72,7 @@ class ActivationQuantization(Callback):
         self.started = False  # whether a training batch of this fit ran with quantized inputs
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(act_bits=self.act_bits, start_epoch=self.start_epoch)
 
@@ -111,6 +113,7 @@ class ActivationQuantization(Callback):
         refuse_twice(trainer, ActivationQuantization, "activations", "input quantizers",
                      "ALQCallback(act_bits=...) brings its own ActivationQuantization")
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.check_alone(trainer)
         for callback in trainer.callbacks:  # ALQ attaches first, whatever the order of the callbacks
@@ -132,6 +135,7 @@ class ActivationQuantization(Callback):
         rank_zero_info(f"inputs quantized (bits): {bits}, from {self.unit} "
                        f"{self.start_epoch}; inputs left in float: {left}")
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Say which codes each quantizer took, once, after its first batch."""
@@ -146,17 +150,20 @@ class ActivationQuantization(Callback):
         for layer in self.layers.values():
             layer.enabled = enabled
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         position = trainer.current_epoch if self.unit == "epoch" else trainer.global_step
         on = position >= self.start_epoch
         self.started |= on
         self._enable(on)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.started:
             self._drop_unfitted(f"no training batch of epoch {trainer.current_epoch} with quantized inputs reached its "
                                 f"input hook (its weight is read without calling the module, or the module is unused)")
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         why = ("no training batch with quantized inputs reached its input hook" if self.started else
                f"the fit ended before its inputs were quantized (from {self.unit} {self.start_epoch} on)")
@@ -180,9 +187,11 @@ class ActivationQuantization(Callback):
         if unfitted:
             rank_zero_warn(f"the inputs of {unfitted} stay float and are not counted: {why}")
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {name: layer.tensors() for name, layer in self.layers.items()}
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         unknown = sorted(set(saved) - set(self.layers))

@@ -7,6 +7,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from ..core import QuadraticConfig
 from ..layers import LayerSelection, attach
@@ -78,9 +79,11 @@ class ALQInit(Callback):
         self.stages: list[Any] = []
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(max_bits=self.selection.max_bits)
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
         if any(refused in name for refused in _REFUSED_STRATEGIES):
@@ -109,6 +112,7 @@ class ALQInit(Callback):
         floats = ", ".join(f"{n} ({why})" for n, why in float_layers.items()) or "none"
         rank_zero_info(f"ALQ quantizes {len(layers)} layers; left in float: {floats}")
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.network.belongs_to(pl_module):
             raise ValueError(f"the layers ALQ attached to in setup ({', '.join(self.network.layers)}) are no longer "
@@ -125,10 +129,12 @@ class ALQInit(Callback):
         if stage not in self.stages:
             self.stages.append(stage)
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         if not any(stage.active(trainer) for stage in self.stages):
             self.network.drop_grads()
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         summary = bit_summary(pl_module)
         metrics = {"alq/avg_bits": summary.avg_bits, "alq/storage_bytes": float(summary.storage_bytes),
@@ -138,19 +144,23 @@ class ALQInit(Callback):
             metrics.update({"alq/bops": float(summary.bops), "alq/macs": float(summary.macs)})
         pl_module.log_dict(metrics, rank_zero_only=True)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         scalars = self.network.scalars() if self.network is not None else {}
         return {"initialized": self.initialized, **scalars}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initialized = bool(state_dict["initialized"])
         if self.network is not None and "initial_bits" in state_dict:
             self.network.load_scalars(state_dict)
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.network.state_tensors()
         checkpoint[STRUCTURES_KEY] = self.network.structures()
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         tensors = checkpoint.get(CHECKPOINT_KEY)
         if tensors is None:

@@ -19,6 +19,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from ..core import step_budget
 from ..layers import first_non_finite
@@ -67,6 +68,7 @@ class ALQStage(Callback, ABC):
         return self.start_epoch + self.epochs
 
     @property
+    @override
     def state_key(self) -> str:
         unit = {"unit": self.unit} if self.unit != "epoch" else {}
         return self._generate_state_key(start_epoch=self.start_epoch, epochs=self.epochs, **unit)
@@ -78,6 +80,7 @@ class ALQStage(Callback, ABC):
     def bind(self, init: ALQInit) -> None:
         self.init = init
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.init is None:
             self.init = find_init(trainer, self)
@@ -106,10 +109,12 @@ class ALQStage(Callback, ABC):
         self.stepped = True
         self.apply(trainer, names)
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         if self.active(trainer):
             self.step(trainer, self.take_grads(trainer, pl_module, optimizer))
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.stepped:
             return
@@ -160,14 +165,17 @@ class STEFineTune(ALQStage):
         if self.unit == "step" and self.position(trainer) == self.end_epoch - 1:
             self.network.end_ste()
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self.started and self.unit == "epoch" and trainer.current_epoch == self.end_epoch - 1:
             self.network.end_ste()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"started": self.started}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.started = bool(state_dict["started"])
 
@@ -202,6 +210,7 @@ class BitwidthReduction(ALQStage):
         self._frozen_norms: list[nn.Module] = []
         self._reported: set[str] = set()
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         max_bits = max(layer.state.max_bits for layer in self.network.layers.values())
@@ -223,6 +232,7 @@ class BitwidthReduction(ALQStage):
         return step_budget(self.network.initial_bits, self.target_bits, self.round_index, self.rounds,
                            step, self.window_steps(trainer))
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.active(trainer):
             self._frozen_norms = [m for m in pl_module.modules()
@@ -230,6 +240,7 @@ class BitwidthReduction(ALQStage):
             for module in self._frozen_norms:
                 module.eval()
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         for module in self._frozen_norms:
@@ -274,9 +285,11 @@ class BitwidthReduction(ALQStage):
     def prune(self, bits: float, lr: float) -> int:
         return self.network.prune_slots(bits, lr, self.per_bit)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"window_start_step": self.window_start_step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.window_start_step = state_dict["window_start_step"]
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -46,9 +48,14 @@ def no_key(monkeypatch, tmp_path):
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
 
 
-def test_online_without_key_goes_offline(no_key):
-    with pytest.warns(UserWarning, match="offline"):
-        assert resolve_wandb_mode("online") == "offline"
+def test_online_without_key_goes_offline(no_key, caplog):
+    """The default without a key: said at INFO (it is the documented behaviour, not a problem), not warned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.INFO, logger="alq_lightning.app"):
+            assert resolve_wandb_mode("online") == "offline"
+    assert caplog.messages == ["W&B: no API key (WANDB_API_KEY or `wandb login`), so logging offline into the run "
+                               "folder; `wandb sync` uploads it later"]
     assert resolve_wandb_mode("disabled") == "disabled"
 
 
