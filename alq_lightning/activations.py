@@ -117,11 +117,12 @@ class ActivationLayer:
         coords.lerp_(_mean_over_ranks(batch), 1 - self.momentum)
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
-        if not self.enabled:
+        fitting = module.training and torch.is_grad_enabled()
+        if not self.enabled or not (fitting or self.ready):  # unfitted levels would all be 0: the input stays float
             return None
         x = args[0]
         rows = self._channels(x.float())
-        if module.training and torch.is_grad_enabled():
+        if fitting:
             self.fit(rows.detach())
         quantized = quantize_activations(rows, self.coords, self.signed)
         return (self._restore(quantized, x).to(x.dtype), *args[1:])
@@ -134,10 +135,17 @@ class ActivationLayer:
         module._alq_act_positions = output.numel() // max(output.shape[0] * features, 1)
 
 
+def has_input_quantizer(module: nn.Module) -> bool:
+    """Whether an input quantizer's hooks are attached to ``module`` (fitted or not)."""
+    return bool(getattr(module, "_alq_act_handles", ())) and hasattr(module, ACT_PREFIX + "coords")
+
+
 def act_bits_of(module: nn.Module) -> int:
-    """Binary bases of ``module``'s quantized input (0 when its input stays float)."""
-    coords = getattr(module, ACT_PREFIX + "coords", None)
-    return coords.shape[1] if coords is not None and getattr(module, "_alq_act_handles", ()) else 0
+    """Binary bases of ``module``'s quantized input: 0 when its input stays float (no quantizer attached, or one
+    that no training batch has fitted yet, which passes its input through)."""
+    if not has_input_quantizer(module) or not bool(getattr(module, ACT_PREFIX + "ready")):
+        return 0
+    return getattr(module, ACT_PREFIX + "coords").shape[1]
 
 
 def positions_of(module: nn.Module) -> int:
@@ -172,6 +180,14 @@ def detach_activations(module: nn.Module) -> None:
     for handle in getattr(module, "_alq_act_handles", ()):
         handle.remove()
     module._alq_act_handles = ()
+
+
+def find_bypassed(model: nn.Module) -> dict[int, str]:
+    """``{id(module): why}`` of the Linear modules of ``model`` whose weight is read without calling the module, so
+    that an input hook on them would never run: the ``out_proj`` of every ``nn.MultiheadAttention``
+    (``F.multi_head_attention_forward`` reads its weight and bias directly)."""
+    return {id(module.out_proj): "read directly by nn.MultiheadAttention: its forward, and an input hook, never runs"
+            for module in model.modules() if isinstance(module, nn.MultiheadAttention)}
 
 
 def is_quantizable_input(module: nn.Module) -> bool:

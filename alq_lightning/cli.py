@@ -1,6 +1,6 @@
-"""Command-line entry points: the console scripts ``alq-export`` / ``alq-summary`` and ``python -m alq_lightning
-COMMAND ...`` (``alq-train`` is :func:`alq_lightning.app.train.main`). The commands live in
-:mod:`alq_lightning.packed.cli`, which loads when one runs."""
+"""Command-line entry points: the console scripts ``alq-export`` / ``alq-summary`` / ``alq-eval`` and ``python -m
+alq_lightning COMMAND ...`` (``alq-train`` is :func:`alq_lightning.app.train.main`). The commands live in
+:mod:`alq_lightning.packed.cli` and :mod:`alq_lightning.app.evaluate`, which load when one runs."""
 from __future__ import annotations
 
 import sys
@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 COMMANDS = {
     "export": "write a Lightning checkpoint's ALQ model as a bit-packed file (alq-export)",
     "summary": "verify a packed file and print its per-layer table (alq-summary)",
+    "eval": "a packed file's test accuracy on a data module, with its bytes and bits (alq-eval)",
 }
 
 
@@ -19,6 +20,8 @@ def run(command: str, argv: Sequence[str] | None, prog: str) -> int:
         from alq_lightning.packed.cli import export_main as main
     elif command == "summary":
         from alq_lightning.packed.cli import summary_main as main
+    elif command == "eval":
+        from alq_lightning.app.evaluate import eval_main as main
     else:
         raise ValueError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
     return main(None if argv is None else list(argv), prog=prog)
@@ -34,6 +37,12 @@ def summary(argv: Sequence[str] | None = None) -> int:
     return run("summary", argv, "alq-summary")
 
 
+def evaluate(argv: Sequence[str] | None = None) -> int:
+    """``alq-eval FILE.alq [--model NAME --data NAME | --run DIR] [--bitwise]``, the same as ``python -m
+    alq_lightning eval ...``."""
+    return run("eval", argv, "alq-eval")
+
+
 def usage(prog: str) -> str:
     lines = [f"usage: {prog} {{{','.join(COMMANDS)}}} ...", "", "commands:"]
     lines += [f"  {name:<9} {about}" for name, about in COMMANDS.items()]
@@ -42,7 +51,7 @@ def usage(prog: str) -> str:
 
 
 def dispatch(argv: Sequence[str] | None = None, prog: str = "python -m alq_lightning") -> int:
-    """``python -m alq_lightning COMMAND ARGS...``: run ``COMMAND`` (``export`` or ``summary``) on ``ARGS``.
+    """``python -m alq_lightning COMMAND ARGS...``: run ``COMMAND`` (``export``, ``summary``, ``eval``) on ``ARGS``.
     No command, or an unknown one, prints the usage naming the commands to stderr and returns 2 (argparse's
     status for bad usage); ``-h`` / ``--help`` prints it to stdout and returns 0."""
     args = list(sys.argv[1:] if argv is None else argv)

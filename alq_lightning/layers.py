@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -369,6 +370,27 @@ def sharded_layers(model: nn.Module) -> dict[str, QuantizedLayer]:
             if attr in shards:
                 layers[layer_name(module_name, attr)] = shards[attr]
     return layers
+
+
+def first_non_finite(model: nn.Module) -> str | None:
+    """``"parameter '<name>'"`` or ``"coordinates of layer '<name>'"``: the first floating-point parameter of
+    ``model`` (a quantized weight holds ŵ) or multi-bit coordinates holding a value that is not finite; None when
+    all are finite. Reads the device once; on a model sharded by FSDP2, a collective with the same answer on every
+    process."""
+    params = dict(model.named_parameters())
+    tensors = {f"parameter {name!r}": local(param.detach()) for name, param in params.items()
+               if param.is_floating_point()}
+    layers = find_layers(model) or sharded_layers(model)
+    tensors |= {f"coordinates of layer {name!r}": layer.state.coords for name, layer in layers.items()}
+    if not tensors:
+        return None
+    flags = [tensor.isfinite().all() for tensor in tensors.values()]
+    finite = torch.stack([flag.to(flags[0].device) for flag in flags])
+    if any(isinstance(param, DTensor) for param in params.values()):  # sharded: finite on every process
+        finite = finite.long()
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    finite = finite.tolist()
+    return next((name for name, ok in zip(tensors, finite) if not ok), None)
 
 
 def resolve(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:

@@ -12,7 +12,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torchmetrics.classification import MulticlassAccuracy
 
-from .activations import CHECKPOINT_KEY, act_bits_of
+from .activations import CHECKPOINT_KEY, has_input_quantizer
 
 SCHEDULER_INTERVALS = ("epoch", "step")
 
@@ -162,7 +162,7 @@ class ClassifierModule(L.LightningModule):
         without ``ActivationQuantization`` / ``ALQCallback(act_bits=...)``: its inputs stay float)."""
         modules = dict(self.named_modules())
         missing = [name for name in checkpoint.get(CHECKPOINT_KEY) or {}
-                   if name not in modules or not act_bits_of(modules[name])]
+                   if name not in modules or not has_input_quantizer(modules[name])]
         if missing:
             rank_zero_warn(f"the checkpoint's model was trained with quantized inputs on {missing}; loaded without "
                            f"ActivationQuantization or ALQCallback(act_bits=...), this model computes with float "

@@ -3,7 +3,7 @@
     python bench/mutation.py [--package core|callbacks|packed|all] [--max-mutants N] [--resume | --retest]
                              [--workers 1]
 
-For each package the working tree's ``alq_lightning/``, ``tests/`` and ``conf/`` are copied into
+For each package the working tree's ``alq_lightning/``, ``tests/``, ``conf/`` and ``bench/*.py`` are copied into
 ``bench/runs/mutation/<package>/`` (git-ignored) and mutmut runs there: it mutates its own copy under
 ``mutants/``, so the source tree is never written, whatever happens to the run. One worker process by default,
 ``OMP_NUM_THREADS=1``; each mutant runs only the tests that reach the mutated function (mutmut's per-function
@@ -59,15 +59,20 @@ class Package:
 
 
 PACKAGES = {
+    # core/*.py: the math (multibit, steps, prune, bucket, activations, bitwise, ...), each with a tests/core file
     "core": Package(("alq_lightning/core/*.py",), ("tests/core",), 90.0),
+    # the file format, packed and bitwise inference, and bit_summary (tests/packed/test_summary.py)
     "packed": Package(
         ("alq_lightning/packed/*.py", "alq_lightning/summary.py"),
         ("tests/packed",),
         85.0,
     ),
+    # the Lightning callbacks and the torch-level modules under them: quantized layers and their selection
+    # (tests/test_selection.py), the network and its buckets, the input quantizers
     "callbacks": Package(
-        ("alq_lightning/callbacks/*.py", "alq_lightning/network.py", "alq_lightning/layers.py"),
-        ("tests/callbacks",),
+        ("alq_lightning/callbacks/*.py", "alq_lightning/network.py", "alq_lightning/layers.py",
+         "alq_lightning/buckets.py", "alq_lightning/activations.py"),
+        ("tests/callbacks", "tests/test_selection.py"),
         80.0,
     ),
 }
@@ -128,6 +133,9 @@ def prepare(name: str, package: Package, args: argparse.Namespace, work: Path, e
             shutil.copytree(source, work / item, ignore=ignore)
         elif source.exists():
             shutil.copy2(source, work / item)
+    (work / "bench").mkdir()
+    for script in sorted(HERE.glob("*.py")):  # the bench_module fixture imports them (bench_launches, common)
+        shutil.copy2(script, work / "bench" / script.name)
     (work / "conftest.py").write_text(HYPOTHESIS_CONFTEST)
     tests = expand(package.tests, work)
     if not tests:
@@ -141,7 +149,7 @@ def prepare(name: str, package: Package, args: argparse.Namespace, work: Path, e
         "source_paths": ["alq_lightning"],
         "only_mutate": list(package.sources),
         "do_not_mutate": ["*/__init__.py"],
-        "also_copy": ["conftest.py", "conf"],
+        "also_copy": ["conftest.py", "conf", "bench"],
         "pytest_add_cli_args": pytest_args,
         "pytest_add_cli_args_test_selection": tests,
         "timeout_multiplier": args.timeout_multiplier,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -11,6 +12,13 @@ from types import ModuleType
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+# torch.compile's kernel cache does not key on ATEN_CPU_CAPABILITY: a kernel vectorised under one level is reused
+# under another, whose headers lack the vector types, and fails to build. One cache per level keeps runs of the
+# suite under several levels (.ci/run, bench/cpu_paths.sh) apart.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _level = os.environ.get("ATEN_CPU_CAPABILITY", "native")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tempfile.gettempdir()) / f"alq_torchinductor_{_level}")
 
 
 @pytest.fixture

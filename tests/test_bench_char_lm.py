@@ -114,3 +114,36 @@ def test_smoke_run_writes_its_json(char_lm, tmp_path):
         assert run["quantized_weights"] == record["num_weights"]
         assert run["quantized_parameters"] == record["num_matrices"] and run["float_parameters"] > 0
         assert run["alq_log"] and run["seconds"] >= 0
+
+
+def test_quantized_inputs_of_the_char_transformer(char_lm, tmp_path, caplog):
+    """``ALQCallback(act_bits=2)`` on a tiny model for a few steps: attention's ``out_proj`` is named as a float
+    input; the counted inputs are those of the quantizers whose hooks ran, all fitted; evaluation quantizes them
+    (outputs differ from float inputs) and the packed file gives the same outputs."""
+    from alq_lightning import ALQCallback, bit_summary, export_packed, load_packed
+
+    ids = char_lm.encode(TEXT.read_text()[:20000])
+    torch.manual_seed(0)
+    model = char_lm.CharTransformer(len(char_lm.VOCAB), dim=32, layers=1, heads=2, ffn=64, context=16)
+    module = char_lm.CharLM(model, lr=1e-3)
+    alq = ALQCallback(target_bits=1.0, max_bits=3, rounds=1, basis_epochs=1, coordinate_epochs=1, pruning_epochs=1,
+                      ste_epochs=1, final_coordinate_epochs=1, act_bits=2)
+    windows = char_lm.RandomWindows(ids, 16, batch_size=8, batches=3, seed=0)
+    with caplog.at_level("INFO"):
+        char_lm.trainer(alq.total_epochs, [alq]).fit(module, torch.utils.data.DataLoader(windows, batch_size=None))
+    assert ("encoder.layers.0.self_attn.out_proj (read directly by nn.MultiheadAttention: its forward, and an "
+            "input hook, never runs)") in caplog.text
+    counted = {row.name for row in bit_summary(module).act_rows}  # linear1 is the first Linear: float input
+    assert counted == {"model.encoder.layers.0.linear2", "model.head"} == set(alq.activations.layers)
+    assert all(layer.ready for layer in alq.activations.layers.values())
+    alq.activations._enable_fitted()
+    assert all(layer.enabled for layer in alq.activations.layers.values())
+    x = ids[:64].view(4, 16)
+    module.eval()
+    with torch.no_grad():
+        quantized = module(x)
+        export_packed(model, tmp_path / "m.alq")
+        fresh = char_lm.CharTransformer(len(char_lm.VOCAB), dim=32, layers=1, heads=2, ffn=64, context=16)
+        assert torch.equal(load_packed(tmp_path / "m.alq", fresh).eval()(x), quantized)
+        alq.activations._enable(False)
+        assert not torch.allclose(module(x), quantized, atol=1e-3)

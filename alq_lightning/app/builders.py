@@ -207,6 +207,8 @@ def make_trainer(cfg: DictConfig, loggers: list[Logger], prefix: str, max_epochs
                 (ModelSummary, kwargs.get("enable_model_summary", True)))
     extra = [c for c in extra if all(on or not isinstance(c, kind) for kind, on in switches)]
     factory = instantiate(cfg.trainer, "trainer", _partial_=True)
+    summary = any(isinstance(c, ModelSummary) for c in extra)  # then Lightning adds none (and says so unless off)
     return factory(max_epochs=max_epochs, logger=[PhaseLogger(logger, prefix) for logger in loggers] or False,
                    callbacks=[*(callbacks or []), *extra], default_root_dir=str(cfg.paths.output_dir),
-                   enable_checkpointing=any(isinstance(c, Checkpoint) for c in extra))
+                   enable_checkpointing=any(isinstance(c, Checkpoint) for c in extra),
+                   **({"enable_model_summary": False} if summary else {}))

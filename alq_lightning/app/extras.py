@@ -1,12 +1,17 @@
-"""Run-wide extras of the ``extras`` group: print the resolved config, silence warnings, require tags."""
+"""Run-wide extras of the ``extras`` group: log the config that runs, silence warnings, require tags."""
 from __future__ import annotations
 
+import io
+import logging
 import warnings
+from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from alq_lightning.app.common import ConfigError
+
+log = logging.getLogger("alq_lightning.app")
 
 CONFIG_ORDER = ("data", "model", "alq", "pretrain", "callbacks", "trainer", "logger", "paths", "extras")
 
@@ -25,21 +30,32 @@ def config_tree(cfg: DictConfig):
     return tree
 
 
-@rank_zero_only
-def print_config(cfg: DictConfig) -> None:
-    import rich
+def config_text(cfg: DictConfig, filled: dict[str, Any]) -> str:
+    """:func:`config_tree` of ``cfg`` with the top-level nodes ``filled`` replaced (the ``model`` group with the
+    values the app fills from the data module, instead of ``???``), as plain text."""
+    import rich.console
 
-    rich.print(config_tree(cfg))
+    shown = cfg.copy()
+    for key, value in filled.items():
+        shown[key] = value
+    console = rich.console.Console(file=io.StringIO(), width=120, color_system=None)
+    console.print(config_tree(shown))
+    return "\n".join(line.rstrip() for line in console.file.getvalue().rstrip().splitlines())
+
+
+@rank_zero_only
+def print_config(cfg: DictConfig, filled: dict[str, Any]) -> None:
+    """``extras.print_config``: the config that will run, into the log (console and train.log)."""
+    log.info(f"config of this run:\n{config_text(cfg, filled)}")
 
 
 def apply_extras(cfg: DictConfig) -> None:
-    """``extras.enforce_tags`` (a run without ``tags`` is refused), ``extras.ignore_warnings`` and
-    ``extras.print_config``; nothing without an ``extras`` group."""
+    """``extras.enforce_tags`` (a run without ``tags`` is refused) and ``extras.ignore_warnings``; nothing without
+    an ``extras`` group. ``extras.print_config`` is :func:`print_config`, once the data module has filled the
+    config."""
     extras = cfg.get("extras") or {}
     if extras.get("enforce_tags") and not cfg.get("tags"):
         raise ConfigError("tags=[] while extras.enforce_tags=true: name the run's tags, e.g. tags=[lenet5,baseline], "
                           "or set extras.enforce_tags=false")
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
-    if extras.get("print_config"):
-        print_config(cfg)

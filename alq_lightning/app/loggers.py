@@ -2,6 +2,7 @@
 cannot start), CSV, both, or none."""
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import warnings
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from alq_lightning.app.common import ConfigError, instantiate, target_of, to_container
 
 WANDB_MODES = ("online", "offline", "disabled")
+log = logging.getLogger("alq_lightning.app")
 
 
 def has_wandb_key() -> bool:
@@ -37,9 +39,9 @@ def resolve_wandb_mode(mode: str) -> str:
     if chosen not in WANDB_MODES:
         raise ConfigError(f"logger.wandb.mode={chosen!r} (or WANDB_MODE) is not allowed; "
                           f"allowed: {', '.join(WANDB_MODES)}")
-    if chosen == "online" and not has_wandb_key():
-        warnings.warn("no W&B API key (WANDB_API_KEY or `wandb login`): logging offline; `wandb sync` uploads later",
-                      stacklevel=2)
+    if chosen == "online" and not has_wandb_key():  # the documented default without a key: said, not warned
+        log.info("W&B: no API key (WANDB_API_KEY or `wandb login`), so logging offline into the run folder; "
+                 "`wandb sync` uploads it later")
         return "offline"
     return chosen
 
@@ -51,6 +53,18 @@ def is_wandb(logger: Logger | None) -> bool:
     return type(logger).__name__ == "WandbLogger"
 
 
+BITS_AXES = {"alq/*": "alq/avg_bits", "final/*": "final/avg_bits"}
+
+
+def define_bits_axes(run: Any) -> None:
+    """Let W&B charts plot the ALQ metrics logged at each epoch's end (``alq/*``: bytes, per-layer bits, round,
+    learning rate) against ``alq/avg_bits``, and the final ones (``final/*``: accuracies, bytes) against
+    ``final/avg_bits``, which are logged in the same calls."""
+    for pattern, axis in BITS_AXES.items():
+        run.define_metric(axis)
+        run.define_metric(pattern, step_metric=axis)
+
+
 def build_one(key: str, node: DictConfig) -> Logger:
     """Logger ``logger.<key>``; a ``WandbLogger`` gets its mode resolved (:func:`resolve_wandb_mode`) and is
     started at once, so that a W&B failure shows here."""
@@ -60,13 +74,20 @@ def build_one(key: str, node: DictConfig) -> Logger:
     kwargs: dict[str, Any] = {}
     if target_of(node, f"logger.{key}").__name__ == "WandbLogger":
         kwargs["mode"] = resolve_wandb_mode(node.get("mode") or "online")
+        if node.get("settings") is None:  # W&B's own switch for its non-essential output (version line, tips)
+            import wandb
+
+            kwargs["settings"] = wandb.Settings(quiet=True)
         if node.get("save_dir"):
             os.makedirs(str(node.save_dir), exist_ok=True)
     logger = instantiate(node, f"logger.{key}", **kwargs)
     if not isinstance(logger, Logger):
         raise ConfigError(f"logger.{key} built a {type(logger).__name__}, not a lightning Logger")
     if is_wandb(logger):
-        _ = logger.experiment  # starts the run now, so that a failure falls back to CSV
+        # Lightning passes anonymous=None to wandb.init, which W&B (0.2x on) warns about on every run though the
+        # setting has no effect; not passing it changes nothing else.
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        define_bits_axes(logger.experiment)  # starts the run now, so that a failure falls back to CSV
     logger._app_options = options
     return logger
 

@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from alq_lightning.app.builders import make_trainer
 from alq_lightning.app.common import TARGET, ConfigError, to_container
+from alq_lightning.app.console import phase
 from alq_lightning.files import write_atomic
 
 MODEL_PREFIX = "model."
@@ -111,11 +112,11 @@ def load_checkpoint(cfg: DictConfig, network: nn.Module, shape: dict[str, int]) 
 
 
 def obtain_float_weights(cfg: DictConfig, network: nn.Module, module: LightningModule,
-                         datamodule: LightningDataModule, loggers: list[Logger],
-                         shape: dict[str, int]) -> dict[str, Any]:
+                         datamodule: LightningDataModule, loggers: list[Logger], shape: dict[str, int],
+                         callbacks: list[Callback] | None = None) -> dict[str, Any]:
     """Put float weights into ``network``: the cached ones, or ``pretrain.epochs`` of fresh training of ``module``
-    (which holds ``network``; then cached). Returns where they came from. A given ``pretrain.checkpoint`` is
-    loaded by :func:`load_checkpoint`."""
+    (which holds ``network``, with ``callbacks`` in its Trainer; then cached). Returns where they came
+    from. A given ``pretrain.checkpoint`` is loaded by :func:`load_checkpoint`."""
     if cfg.pretrain.checkpoint:
         return load_checkpoint(cfg, network, shape)
     if cfg.pretrain.epochs == 0:
@@ -125,11 +126,13 @@ def obtain_float_weights(cfg: DictConfig, network: nn.Module, module: LightningM
         try:
             load_weights(network, read_state_dict(path, "cached weights"), f"cached weights {path}",
                          describe(cfg, shape))
-            rank_zero_info(f"float weights from the cache: {path}")
+            phase("pretraining", f"skipped: float weights from the cache {path}")
             return {"source": "cache", "path": str(path), "seconds": 0.0}
         except ConfigError as err:
             rank_zero_warn(f"ignoring the cache file ({err}); pretraining again")
-    trainer = make_trainer(cfg, loggers, "pretrain", int(cfg.pretrain.epochs))
+    epochs = int(cfg.pretrain.epochs)
+    phase("pretraining", f"{epochs} epoch{'s' * (epochs != 1)} of float training, then cached in {path}")
+    trainer = make_trainer(cfg, loggers, "pretrain", epochs, callbacks)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     seconds = time.perf_counter() - start

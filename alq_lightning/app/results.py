@@ -7,6 +7,7 @@ import math
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,10 +98,33 @@ def clean(value: Any) -> Any:
     return value
 
 
-def write_results(data: dict[str, Any], path: str | Path) -> Path:
-    """Write ``data`` as indented JSON to ``path`` (its folder created), atomically and never over an existing
-    file: FileExistsError then, the old file kept. Returns ``path``."""
+def write_results(data: dict[str, Any], path: str | Path, replace: bool = False) -> Path:
+    """Write ``data`` as indented JSON to ``path`` (its folder created), atomically and, unless ``replace`` (this
+    run's own file, updated), never over an existing file: FileExistsError then, the old file kept. Returns
+    ``path``."""
     text = json.dumps(clean(data), indent=2, allow_nan=False) + "\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), exclusive=True)
+    return write_atomic(path, lambda handle: handle.write(text.encode("utf-8")), exclusive=not replace)
+
+
+class ExportError(RuntimeError):
+    """The packed export of a finished run failed; its results.json is on disk and says why."""
+
+
+def write_results_then_export(results: dict[str, Any], path: str | Path, export: Callable[[], Any]) -> Any:
+    """Write ``results`` to ``path`` with ``"packed_file": None``, then call ``export()`` (an
+    :class:`~alq_lightning.packed.io.ExportReport`), so that no export problem loses a finished run. ``results``
+    and the file then get ``"packed_file"``: the packed file's name, bytes and average bits, or ``{"error": ...}``
+    with the error, re-raised as :class:`ExportError` naming both files. Returns the report."""
+    write_results({**results, "packed_file": None}, path)
+    try:
+        packed = export()
+    except Exception as error:
+        results["packed_file"] = {"error": f"{type(error).__name__}: {error}"}
+        write_results(results, path, replace=True)
+        raise ExportError(f"the run finished but its packed export failed ({type(error).__name__}: {error}); "
+                          f"its results are in {path}, under packed_file.error") from error
+    results["packed_file"] = {"name": Path(packed.path).name, "bytes": packed.file_bytes, "avg_bits": packed.avg_bits}
+    write_results(results, path, replace=True)
+    return packed

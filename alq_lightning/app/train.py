@@ -11,6 +11,7 @@ named ``train`` so that Hydra's job name, and with it the log file ``train.log``
 """
 from __future__ import annotations
 
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from alq_lightning import bit_summary, export_packed
 from alq_lightning.app import (
     ALQRecorder,
     ConfigError,
+    JobPlan,
+    MetricContract,
+    RunProgress,
     StageClock,
     apply_extras,
     build_alq_callback,
@@ -32,6 +36,7 @@ from alq_lightning.app import (
     build_data,
     build_loggers,
     build_module,
+    check_test_step,
     data_shape,
     finish_loggers,
     git_commit,
@@ -39,16 +44,20 @@ from alq_lightning.app import (
     load_checkpoint,
     make_trainer,
     obtain_float_weights,
+    phase,
     pretrain_module,
+    print_config,
     publish,
+    route_logging,
     save_plots,
     summarize_bits,
     to_container,
     trainer_arguments,
-    write_results,
+    write_results_then_export,
 )
 
-say = rank_zero_only(print)
+log = logging.getLogger("alq_lightning.app")
+say = rank_zero_only(log.info)
 
 
 def config_dir() -> Path:
@@ -106,6 +115,7 @@ def check_run(cfg: DictConfig) -> Path:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole pipeline for the composed config ``cfg``; return the results (also in results.json)."""
+    route_logging()
     results_path = check_run(cfg)
     run_dir = results_path.parent
     apply_extras(cfg)
@@ -113,7 +123,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build_data(cfg.data)
     shape = data_shape(datamodule)
     model = build_module(cfg.model, datamodule)
+    check_test_step(model.module)
     callback = build_alq_callback(cfg.alq, model)
+    if (cfg.get("extras") or {}).get("print_config"):
+        print_config(cfg, {"model": model.config, "alq": {**cfg.alq, "max_bits": callback.init.selection.max_bits}})
     trainer_arguments(cfg.trainer)
     build_callbacks(cfg.get("callbacks"))  # fails now on a bad callbacks.* rather than after pretraining
     pretraining = pretrain_module(cfg, model)
@@ -123,15 +136,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     failed = True
     try:
         clock = StageClock()
-        pretrained = pretrained or obtain_float_weights(cfg, model.network, pretraining, datamodule, loggers, shape)
+        plan = JobPlan({"pretraining": int(cfg.pretrain.epochs), "ALQ": callback.total_epochs})
+        contract = MetricContract(str(cfg.optimized_metric))
+        pretrained = pretrained or obtain_float_weights(cfg, model.network, pretraining, datamodule, loggers, shape,
+                                                        [contract, RunProgress("pretraining", plan)])
         clock.add("pretrain", pretrained["seconds"])
+        phase("float test", f"the float model's test accuracy ({pretrained['source']} weights)")
         with clock.measure("float_test"):
             float_acc = measure_accuracy(make_trainer(cfg, loggers, "float", 1), pretraining, datamodule)
         L.seed_everything(cfg.seed, workers=True)
         recorder = ALQRecorder(callback, clock)
-        trainer = make_trainer(cfg, loggers, "", callback.total_epochs, callbacks=[recorder, callback],
-                               checkpointing=True)
+        phase("ALQ", f"{callback.total_epochs} epochs to {callback.target_bits:g} average bits")
+        trainer = make_trainer(cfg, loggers, "", callback.total_epochs,
+                               callbacks=[recorder, callback, contract, RunProgress("ALQ", plan)], checkpointing=True)
         trainer.fit(model.module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        phase("final test", f"validation ({cfg.optimized_metric}) and test of the quantized model")
         with clock.measure("validate"):
             validation = measure_validation(trainer, model.module, datamodule, str(cfg.optimized_metric))
         with clock.measure("test"):
@@ -157,18 +176,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "hardware": hardware(),
             "logger": ", ".join(type(logger).__name__ for logger in loggers) or None,
         }
-        if trainer.is_global_zero or isinstance(trainer.strategy, ModelParallelStrategy):  # FSDP2: every process
-            run_dir.mkdir(parents=True, exist_ok=True)
-            packed = export_packed(model.network, run_dir / cfg.paths.packed_file)
         if trainer.is_global_zero:
-            results["packed_file"] = {"name": Path(packed.path).name, "bytes": packed.file_bytes,
-                                      "avg_bits": packed.avg_bits}
-            say(summary)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            say(f"bits of the quantized model:\n{summary}")
+            # results.json first: a failed export raises ExportError, with the failure recorded in results.json
+            packed = write_results_then_export(results, results_path,
+                                               lambda: export_packed(model.network, run_dir / cfg.paths.packed_file))
             publish(loggers, summary, results, save_plots(results, run_dir), Path(packed.path))
-            path = write_results(results, results_path)
             say(f"float test acc {float_acc:.4f}; ALQ test acc {test_acc:.4f}, {cfg.optimized_metric} "
                 f"{results['optimized_metric']['value']:.4f} at {summary.avg_bits:.4f} bits "
-                f"(target {callback.target_bits:g}); results in {path}")
+                f"(target {callback.target_bits:g}); results in {results_path}")
+        elif isinstance(trainer.strategy, ModelParallelStrategy):  # FSDP2: the export gathers from every process
+            export_packed(model.network, run_dir / cfg.paths.packed_file)
         failed = False
         return results
     finally:

@@ -7,12 +7,22 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
-from ..activations import CHECKPOINT_KEY, MAX_ACT_BITS, ActivationLayer, attach_activations, is_quantizable_input
+from ..activations import (
+    CHECKPOINT_KEY,
+    MAX_ACT_BITS,
+    ActivationLayer,
+    attach_activations,
+    detach_activations,
+    find_bypassed,
+    is_quantizable_input,
+)
 from .arguments import check, is_int, is_number
-from .init import ALQInit
+from .init import ALQInit, refuse_twice
 from .stages import UNITS
 
 
@@ -23,9 +33,12 @@ class ActivationQuantization(Callback):
     With an :class:`ALQInit` (or ``ALQCallback``) in the Trainer the layers are those whose weights ALQ
     quantizes; alone, every Linear and Conv matched by ``include``/``exclude`` (patterns over module names).
     The first layer's input (the raw image or embedding) stays float unless ``quantize_first``; the inputs of
-    other modules (embeddings, attention) stay float. The coordinates travel in checkpoints under
-    ``"alq_activations"``; a model loaded without this callback computes with float activations. Evaluation
-    (validate, test, predict) quantizes once the quantizers have been fitted.
+    other modules (embeddings, attention) stay float, and so does the input of a Linear whose weight is read
+    without calling it (the ``out_proj`` of ``nn.MultiheadAttention``): the log names them. A quantizer that no
+    training batch fitted (its hook never ran) by the end of the first epoch with quantized inputs, by the end of
+    the fit, or at an evaluation outside a fit is detached, named in a warning and not counted. The coordinates
+    travel in checkpoints under ``"alq_activations"``; a model loaded without this callback computes with float
+    activations. Evaluation (validate, test, predict) quantizes the input of each fitted quantizer.
 
     Args:
         act_bits: binary bases per input (1..8), or ``{layer name pattern: bases}`` (the first matching pattern
@@ -56,8 +69,11 @@ class ActivationQuantization(Callback):
         self.momentum, self.iterations = float(momentum), iterations
         self.layers: dict[str, ActivationLayer] = {}
         self.reported: set[str] = set()
+        self.dropped: dict[str, str] = {}  # layers detached because no training batch fitted them: why
+        self.started = False  # whether a training batch of this fit ran with quantized inputs
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(act_bits=self.act_bits, start_epoch=self.start_epoch)
 
@@ -72,10 +88,15 @@ class ActivationQuantization(Callback):
                      if any(fnmatch.fnmatchcase(name, p) for p in self.include)
                      and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)}
         chosen, floats, first = {}, {}, not self.quantize_first
+        bypassed = find_bypassed(pl_module)
         for name, module in named.items():
             if not is_quantizable_input(module):
                 if inits:
                     floats[name] = f"{type(module).__name__} input"
+            elif id(module) in bypassed:
+                floats[name] = bypassed[id(module)]
+            elif name in self.dropped:
+                floats[name] = self.dropped[name]
             elif first:
                 floats[name], first = "first layer's input (quantize_first=False)", False
             elif self.bits_of(name) is None:
@@ -88,16 +109,25 @@ class ActivationQuantization(Callback):
         """The input bases of layer ``name``: the first matching pattern's, or None."""
         return next((bits for pattern, bits in self.per_layer.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
+    def check_alone(self, trainer: Trainer) -> None:
+        """Refuse a Trainer holding another ActivationQuantization (as a callback or inside an ALQCallback)."""
+        refuse_twice(trainer, ActivationQuantization, "activations", "input quantizers",
+                     "ALQCallback(act_bits=...) brings its own ActivationQuantization")
+
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if isinstance(trainer.strategy, ModelParallelStrategy):
             raise ValueError("multi-bit inputs (act_bits) are not served under ModelParallelStrategy (FSDP2) yet; "
                              "quantize the inputs under strategy='ddp' or on one device, or leave act_bits unset")
+        self.check_alone(trainer)
         for callback in trainer.callbacks:  # ALQ attaches first, whatever the order of the callbacks
             init = callback if isinstance(callback, ALQInit) else getattr(callback, "init", None)
             if isinstance(init, ALQInit):
                 init.setup(trainer, pl_module, stage)
+        if stage == TrainerFn.FITTING:
+            self.dropped, self.started = {}, False
         chosen, floats = self.select(trainer, pl_module)
-        if not chosen:
+        if not chosen and not self.dropped:  # after a fit that dropped every quantizer, evaluation runs in float
             raise ValueError(f"ActivationQuantization found no Linear or Conv layer whose input it could quantize "
                              f"in {type(pl_module).__name__} (left in float: {floats or 'none'})")
         self.layers = {}
@@ -105,10 +135,11 @@ class ActivationQuantization(Callback):
             self.layers |= attach_activations({name: module}, self.bits_of(name), self.per_channel, self.momentum,
                                               self.iterations)
         left = ", ".join(f"{name} ({why})" for name, why in floats.items()) or "none"
-        bits = ", ".join(f"{name} {layer.act_bits}" for name, layer in self.layers.items())
+        bits = ", ".join(f"{name} {layer.act_bits}" for name, layer in self.layers.items()) or "none"
         rank_zero_info(f"inputs quantized (bits): {bits}, from {self.unit} "
                        f"{self.start_epoch}; inputs left in float: {left}")
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         """Say which codes each quantizer took, once, after its first batch."""
@@ -123,18 +154,48 @@ class ActivationQuantization(Callback):
         for layer in self.layers.values():
             layer.enabled = enabled
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         position = trainer.current_epoch if self.unit == "epoch" else trainer.global_step
-        self._enable(position >= self.start_epoch)
+        on = position >= self.start_epoch
+        self.started |= on
+        self._enable(on)
 
-    def _enable_fitted(self, *args: Any) -> None:
-        self._enable(all(layer.ready for layer in self.layers.values()))
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.started:
+            self._drop_unfitted(f"no training batch of epoch {trainer.current_epoch} with quantized inputs reached its "
+                                f"input hook (its weight is read without calling the module, or the module is unused)")
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        why = ("no training batch with quantized inputs reached its input hook" if self.started else
+               f"the fit ended before its inputs were quantized (from {self.unit} {self.start_epoch} on)")
+        self._drop_unfitted(why)
+
+    def _enable_fitted(self, trainer: Trainer | None = None, *args: Any) -> None:
+        """Evaluation quantizes the input of each fitted quantizer; outside a fit, unfitted ones are dropped."""
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            self._drop_unfitted("not fitted: no training batch has reached it, and no checkpoint holds it")
+        for layer in self.layers.values():
+            layer.enabled = layer.ready
 
     on_validation_start = on_test_start = on_predict_start = _enable_fitted
 
+    def _drop_unfitted(self, why: str) -> None:
+        """Detach the quantizers that no training batch fitted, name them in a warning, and stop counting them."""
+        unfitted = [name for name, layer in self.layers.items() if not layer.ready]
+        for name in unfitted:
+            detach_activations(self.layers.pop(name).module)
+            self.dropped[name] = why
+        if unfitted:
+            rank_zero_warn(f"the inputs of {unfitted} stay float and are not counted: {why}")
+
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = {name: layer.tensors() for name, layer in self.layers.items()}
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get(CHECKPOINT_KEY, {})
         unknown = sorted(set(saved) - set(self.layers))

@@ -6,16 +6,19 @@ from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from ..core import PAPER_SCHEDULE, check_target_bits, fit_schedule, schedule_epochs
 from ..network import MultiBitNetwork
 from .activations import ActivationQuantization
 from .arguments import check, is_int
 from .init import CHECKPOINT_KEY, ALQInit
-from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune
+from .progress import show_in_bar, stage_labels
+from .stages import ALQStage, BasisRefit, BitwidthReduction, CoordinateRefit, GroupPruning, STEFineTune, check_finite
 
 PRUNING = {"coordinates": BitwidthReduction, "groups": GroupPruning}
 ACT_STARTS = ("ste", "start")
+LIGHTNING_MAX_EPOCHS = 1000  # what Lightning sets when neither max_epochs nor max_steps is given
 DEV_SCHEDULE = {"rounds": 1, "basis_epochs": 1, "coordinate_epochs": 1, "pruning_epochs": 1, "ste_epochs": 1,
                 "final_coordinate_epochs": 1}
 
@@ -38,8 +41,10 @@ class ALQCallback(Callback):
     When none of ``rounds``, ``basis_epochs``, ``coordinate_epochs``, ``pruning_epochs``, ``ste_epochs`` and
     ``final_coordinate_epochs`` is given, the schedule fits the Trainer: the paper's 225 epochs (5 × (20 + 10 +
     1) + 50 + 20) when ``max_epochs`` holds them (Lightning's default 1000 does), else the paper's proportions
-    scaled into ``max_epochs - start_epoch`` (:func:`~alq_lightning.core.fit_schedule`), logged at setup. Given
-    ones are kept as they are, the others take the paper's values, and a Trainer too short for them is refused.
+    scaled into ``max_epochs - start_epoch`` (:func:`~alq_lightning.core.fit_schedule`). Given ones are kept as
+    they are, the others take the paper's values, and a Trainer too short for them is refused. The schedule is
+    logged at setup; under Lightning's default ``max_epochs`` the fit takes the schedule's length. Each stage is
+    named in the log as it starts and in the progress bar (:meth:`progress`) with the average bits.
     A fitted schedule that finds fewer than 2 epochs (``max_epochs=1``, or only ``max_steps``) is laid over the
     fit's optimizer steps instead (:attr:`unit` ``"step"``). Under ``fast_dev_run=n`` every stage runs for one
     step whatever the schedule (stages share a step when ``n < 5``), ending at ``target_bits``. A fit that ends
@@ -118,6 +123,7 @@ class ALQCallback(Callback):
         self.rates = (lr, lr_decay, ste_lr, ste_lr_decay, final_lr, final_lr_decay)
         self.pruning, self.per_bit, self.start_epoch = pruning, per_bit, start_epoch
         self.over_steps, self.restored = False, None
+        self.bits: float | None = None
         self.given = {**PAPER_SCHEDULE, **given}
         self._build(self.given)
 
@@ -176,6 +182,7 @@ class ALQCallback(Callback):
                 f" in all)")
 
     @property
+    @override
     def state_key(self) -> str:
         """Keyed by target and schedule length (by ``unit="step"`` for a schedule laid over the fit's steps, whose
         length is known only once training starts, after a checkpoint's state is restored)."""
@@ -191,6 +198,7 @@ class ALQCallback(Callback):
         for callback in (self.init, *self.stages, *([self.activations] if self.activations else [])):
             getattr(callback, hook)(*args)
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.activations is not None:
             self.activations.on_validation_start(trainer, pl_module)
@@ -204,9 +212,17 @@ class ALQCallback(Callback):
     def stage_at(self, position: int) -> ALQStage | None:
         return next((s for s in self.stages if s.start_epoch <= position < s.end_epoch), None)
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._fit(trainer)
+            show_in_bar(trainer, self, self.progress)
+        alone = next((callback for callback in trainer.callbacks if isinstance(callback, ALQStage)), None)
+        if alone is not None:  # whatever the order of the callbacks: a stage alone attaches nothing
+            raise ValueError(f"{type(alone).__name__} would step the layers of {self.state_key} beside that "
+                             f"callback's own stages: use stages with one ALQInit, or {type(self).__name__} alone")
+        if self.activations is not None:
+            self.activations.check_alone(trainer)
         self._each("setup", trainer, pl_module, stage)
 
     def _fit(self, trainer: Trainer) -> None:
@@ -227,14 +243,20 @@ class ALQCallback(Callback):
         schedule = fit_schedule(max_epochs - self.start_epoch) if fitted else self.given
         if (schedule, "epoch") != (self.schedule, self.unit):
             self._build(schedule)
-            if fitted:
-                rank_zero_info(f"ALQ schedule fitted into Trainer(max_epochs={max_epochs}): {self.describe()}")
         if bounded and max_epochs < self.total_epochs:
             raise ValueError(
                 f"Trainer(max_epochs={max_epochs}) cannot hold the ALQ schedule of {self.total_epochs} epochs; "
                 f"set Trainer(max_epochs={self.total_epochs}) (see ALQCallback(...).total_epochs)"
             )
+        default = max_epochs == LIGHTNING_MAX_EPOCHS and trainer.max_steps == -1
+        if default:  # Lightning's default: the fit (and its progress bar) takes the schedule's length instead
+            trainer.fit_loop.max_epochs = self.total_epochs
+        origin = "" if default or not fitted else f" fitted into Trainer(max_epochs={max_epochs})"
+        ending = (f"; the fit ends with it after epoch {self.total_epochs - 1} (Trainer(max_epochs) was Lightning's "
+                  "default)") if default else ""
+        rank_zero_info(f"ALQ schedule{origin}: {self.describe()}, to {self.target_bits:g} average bits{ending}")
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.over_steps:
             return
@@ -256,18 +278,45 @@ class ALQCallback(Callback):
             self._load_stages(self.restored)
             self.restored = None
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._each("on_fit_start", trainer, pl_module)
+        self.bits = self.network.avg_bits
 
+    def labelled(self) -> list[tuple[ALQStage, str]]:
+        """Each stage with its name in the log and the progress bar (:func:`~.progress.stage_labels`)."""
+        return stage_labels(self.stages, self.schedule["rounds"])
+
+    def progress(self, trainer: Trainer) -> dict[str, str]:
+        """What the progress bar shows beside the module's metrics: the stage at this epoch (or step) and the
+        average bits at the last epoch end (read there, so that no step waits for the device)."""
+        position = self.position(trainer)
+        label = next((name for stage, name in self.labelled() if stage.start_epoch <= position < stage.end_epoch),
+                     "done" if position >= self.total_epochs else "")
+        return {"alq": label, "bits": f"{self.bits:.3f}"} if self.bits is not None else {}
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Name each stage as it starts (epoch schedules; a schedule over steps is stated at its start)."""
+        if self.unit != "epoch":
+            return
+        for stage, label in self.labelled():
+            if stage.start_epoch == trainer.current_epoch:
+                rank_zero_info(f"ALQ {label}: epochs {stage.start_epoch}-{stage.end_epoch - 1} of "
+                               f"{self.total_epochs}, from {self.bits:.3f} average bits")
+
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._each("on_train_batch_start", trainer, pl_module, batch, batch_idx)
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self._each("on_train_batch_end", trainer, pl_module, outputs, batch, batch_idx)
         if self.unit == "step" and trainer.global_step >= self.total_epochs:
             self._complete(trainer)
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Any) -> None:
         """Every stage active at this step updates from the one set of gradients, in schedule order."""
         self.init.on_before_optimizer_step(trainer, pl_module, optimizer)
@@ -277,9 +326,11 @@ class ALQCallback(Callback):
             for stage in active:
                 stage.step(trainer, names)
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Log bits, round and learning rate; stop fitting once the schedule is complete."""
         self._each("on_train_epoch_end", trainer, pl_module)
+        self.bits = self.network.avg_bits
         done = self.position(trainer) + (self.unit == "epoch")
         stage = self.stage_at(done - 1)
         rounds = sum(s.end_epoch <= done for s in self.stages if isinstance(s, BitwidthReduction))
@@ -291,13 +342,18 @@ class ALQCallback(Callback):
     def _complete(self, trainer: Trainer) -> None:
         if trainer.should_stop:
             return
+        check_finite(trainer, trainer.lightning_module, "at the end of the ALQ schedule, which a model that is not "
+                                                        "finite does not complete")
         self._check_target()
         rank_zero_info(f"ALQ schedule complete after {self.total_epochs} {self.unit}s at "
                        f"{self.network.avg_bits:.4f} average bits; stopping the fit")
         trainer.should_stop = True
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Say so when the fit ended before the schedule did (the model may not be at ``target_bits``)."""
+        if self.activations is not None:
+            self.activations.on_train_end(trainer, pl_module)
         if self.position(trainer) < self.total_epochs or self.network.avg_bits > self.target_bits + 1e-9:
             rank_zero_warn(
                 f"the fit ended at epoch {trainer.current_epoch}, step {trainer.global_step}, before the ALQ schedule "
@@ -314,9 +370,11 @@ class ALQCallback(Callback):
                 f"layers that never received a gradient: {self.network.without_stats() or 'none'}"
             )
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         self._each("on_save_checkpoint", trainer, pl_module, checkpoint)
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint whose ALQ schedule state was written by another configuration (Lightning would
         skip it, and the run would start ALQ afresh from weights that are already quantized)."""
@@ -326,9 +384,11 @@ class ALQCallback(Callback):
                              f"{self.state_key}: resume with the target_bits and schedule it was written with")
         self._each("on_load_checkpoint", trainer, pl_module, checkpoint)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"init": self.init.state_dict(), "stages": [stage.state_dict() for stage in self.stages]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.init.load_state_dict(state_dict["init"])
         if self.over_steps:

@@ -7,6 +7,8 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
 
 from ..core import QuadraticConfig
 from ..layers import LayerSelection, attach
@@ -79,14 +81,16 @@ class ALQInit(Callback):
         self.config = QuadraticConfig(beta1, beta2, eps)
         self.network: MultiBitNetwork | None = None
         self.sharded = False
-        self.held = False  # the optimizers hold state for the sharded quantized weights
+        self.optimizer_state_held = False  # the optimizers hold state for the sharded quantized weights
         self.initialized = False
         self.stages: list[Any] = []
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(max_bits=self.selection.max_bits)
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         name = type(trainer.strategy).__name__
         if any(refused in name for refused in _REFUSED_STRATEGIES):
@@ -94,6 +98,9 @@ class ALQInit(Callback):
                 f"strategy {name} is not supported by ALQ; to shard the model use ModelParallelStrategy and apply "
                 f"torch.distributed.fsdp.fully_shard in configure_model (FSDP2), or strategy='ddp' if it fits a device"
             )
+        refuse_twice(trainer, ALQInit, "init", "ALQ's multi-bit state",
+                     "ALQCallback brings its own ALQInit; stages used alone share one ALQInit")
+        check_materialised(pl_module)
         if self.network is not None and self.network.belongs_to(pl_module):
             return
         if self.network is not None:
@@ -116,12 +123,18 @@ class ALQInit(Callback):
         floats = ", ".join(f"{n} ({why})" for n, why in float_layers.items()) or "none"
         rank_zero_info(f"ALQ quantizes {len(layers)} layers; left in float: {floats}")
 
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.held = False
+        self.optimizer_state_held = False
         if self.network is None and self.sharded:
             self.network = attach_network(pl_module, self.selection, self.config, self.compile)
             for stage in self.stages:
                 stage.setup(trainer, pl_module, "fit")
+        if not self.network.belongs_to(pl_module):
+            raise ValueError(f"the layers ALQ attached to in setup ({', '.join(self.network.layers)}) are no longer "
+                             f"modules of {type(pl_module).__name__}: LightningModule.configure_model replaced them. "
+                             f"Materialise weights built on the meta device in place there (to_empty(device=...), "
+                             f"then initialise them), or build the model before Trainer.fit")
         if not self.initialized:
             self.network.initialize()
             self.initialized = True
@@ -132,13 +145,15 @@ class ALQInit(Callback):
         if stage not in self.stages:
             self.stages.append(stage)
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        if self.sharded and not self.held:  # after a resume has loaded the optimizers, before the first checkpoint
+        if self.sharded and not self.optimizer_state_held:  # after a resume loaded the optimizers, before a checkpoint
             hold_optimizer_state(trainer.optimizers, self.network.layers)
-            self.held = True
+            self.optimizer_state_held = True
         if not any(stage.active(trainer) for stage in self.stages):
             self.network.drop_grads()
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         summary = bit_summary(pl_module)
         metrics = {"alq/avg_bits": summary.avg_bits, "alq/storage_bytes": float(summary.storage_bytes),
@@ -148,19 +163,23 @@ class ALQInit(Callback):
             metrics.update({"alq/bops": float(summary.bops), "alq/macs": float(summary.macs)})
         pl_module.log_dict(metrics, rank_zero_only=True)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         scalars = self.network.scalars() if self.network is not None else {}
         return {"initialized": self.initialized, **scalars}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initialized = bool(state_dict["initialized"])
         if self.network is not None and "initial_bits" in state_dict:
             self.network.load_scalars(state_dict)
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint[CHECKPOINT_KEY] = self.network.state_tensors()
         checkpoint[STRUCTURES_KEY] = self.network.structures()
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         tensors = checkpoint.get(CHECKPOINT_KEY)
         if tensors is None:
@@ -172,15 +191,48 @@ class ALQInit(Callback):
         self.network.load_state_tensors(tensors)
 
 
+def held(trainer: Trainer, kind: type, attr: str) -> dict[int, tuple[Any, Callback]]:
+    """``{id(part): (part, holder)}`` for each ``kind`` object in ``trainer.callbacks``, a callback itself or its
+    attribute ``attr`` (ALQCallback's ``init`` and ``activations``, a stage's bound ``init``), with the first
+    callback that holds it."""
+    found = {}
+    for callback in trainer.callbacks:
+        part = callback if isinstance(callback, kind) else getattr(callback, attr, None)
+        if isinstance(part, kind):
+            found.setdefault(id(part), (part, callback))
+    return found
+
+
+def refuse_twice(trainer: Trainer, kind: type, attr: str, what: str, hint: str) -> None:
+    """ValueError naming the callbacks when ``trainer`` holds more than one ``kind`` (:func:`held`): each would
+    attach ``what`` to the model on its own."""
+    found = held(trainer, kind, attr)
+    if len(found) > 1:
+        names = " and ".join(holder.state_key for _, holder in found.values())
+        raise ValueError(f"Trainer(callbacks=...) holds {len(found)} callbacks that each attach {what} to the model: "
+                         f"{names}; keep one ({hint})")
+
+
+def check_materialised(pl_module: LightningModule) -> None:
+    """ValueError naming the parameters and buffers of ``pl_module`` on the meta device (shapes without values)
+    unless its ``configure_model``, which Lightning runs after the callbacks' ``setup`` and before ALQ initialises
+    from the weights at the start of the fit, may materialise them."""
+    meta = [name for name, tensor in (*pl_module.named_parameters(), *pl_module.named_buffers()) if tensor.is_meta]
+    if meta and not is_overridden("configure_model", pl_module):
+        more = f" and {len(meta) - 4} more" if len(meta) > 4 else ""
+        raise ValueError(
+            f"{type(pl_module).__name__} has {len(meta)} parameters or buffers on the meta device, without values: "
+            f"{', '.join(meta[:4])}{more}. ALQ initialises from the weights at the start of the fit, after "
+            f"LightningModule.configure_model: materialise them before Trainer.fit, or in place in configure_model "
+            f"(to_empty(device=...), then initialise them)")
+
+
 def find_init(trainer: Trainer, owner: object) -> ALQInit:
     """The ``ALQInit`` callback of ``trainer`` (exactly one), or a clear error naming ``owner``."""
-    found = [cb for cb in trainer.callbacks if isinstance(cb, ALQInit)]
-    found += [cb.init for cb in trainer.callbacks if isinstance(getattr(cb, "init", None), ALQInit)]
-    found = list({id(init): init for init in found}.values())  # a stage set up already points at its ALQInit
+    found = held(trainer, ALQInit, "init")  # a stage set up already points at its ALQInit
     if len(found) != 1:
-        raise ValueError(
-            f"{type(owner).__name__} needs exactly one ALQInit (or ALQCallback) in Trainer(callbacks=...), "
-            f"found {len(found)}"
-        )
-    return found[0]
+        names = " and ".join(holder.state_key for _, holder in found.values())
+        raise ValueError(f"{type(owner).__name__} needs exactly one ALQInit (or ALQCallback) in "
+                         f"Trainer(callbacks=...), found {len(found)}" + (f": {names}" if names else ""))
+    return next(iter(found.values()))[0]
 

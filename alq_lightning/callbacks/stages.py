@@ -19,13 +19,25 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from ..core import step_budget
+from ..layers import first_non_finite
 from ..network import MultiBitNetwork
 from .arguments import check, is_int, is_number
 from .init import ALQInit, find_init
 
 UNITS = ("epoch", "step")
+
+
+def check_finite(trainer: Trainer, pl_module: LightningModule, when: str) -> None:
+    """RuntimeError naming the first parameter or multi-bit coordinates of ``pl_module`` that is not finite, with the
+    epoch and step (reads the device: for epoch ends and the end of the schedule, not for steps)."""
+    broken = first_non_finite(pl_module)
+    if broken is not None:
+        raise RuntimeError(f"{broken} is not finite at epoch {trainer.current_epoch}, step {trainer.global_step}, "
+                           f"{when}: a non-finite loss or update has reached the model; lower the learning rate, clip "
+                           f"gradients, or find where the loss stops being finite")
 
 
 class ALQStage(Callback, ABC):
@@ -56,6 +68,7 @@ class ALQStage(Callback, ABC):
         return self.start_epoch + self.epochs
 
     @property
+    @override
     def state_key(self) -> str:
         unit = {"unit": self.unit} if self.unit != "epoch" else {}
         return self._generate_state_key(start_epoch=self.start_epoch, epochs=self.epochs, **unit)
@@ -67,6 +80,7 @@ class ALQStage(Callback, ABC):
     def bind(self, init: ALQInit) -> None:
         self.init = init
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.init is None:
             self.init = find_init(trainer, self)
@@ -95,10 +109,12 @@ class ALQStage(Callback, ABC):
         self.stepped = True
         self.apply(trainer, names)
 
+    @override
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
         if self.active(trainer):
             self.step(trainer, self.take_grads(trainer, pl_module, optimizer))
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.stepped:
             return
@@ -108,6 +124,8 @@ class ALQStage(Callback, ABC):
         if skipped:
             rank_zero_warn(f"{type(self).__name__}: skipped {skipped} ALQ update(s) in epoch {trainer.current_epoch}: "
                            f"a quantized weight's gradient was not finite")
+            check_finite(trainer, pl_module, f"after {skipped} ALQ update(s) of this epoch were skipped for a "
+                                             f"non-finite gradient (every later one would be)")
 
     @abstractmethod
     def apply(self, trainer: Trainer, names: frozenset[str]) -> None:
@@ -147,14 +165,17 @@ class STEFineTune(ALQStage):
         if self.unit == "step" and self.position(trainer) == self.end_epoch - 1:
             self.network.end_ste()
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self.started and self.unit == "epoch" and trainer.current_epoch == self.end_epoch - 1:
             self.network.end_ste()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"started": self.started}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.started = bool(state_dict["started"])
 
@@ -189,6 +210,7 @@ class BitwidthReduction(ALQStage):
         self._frozen_norms: list[nn.Module] = []
         self._reported: set[str] = set()
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         if self.network is None:  # a sharded model attaches at fit start, which sets the stages up again
@@ -212,6 +234,7 @@ class BitwidthReduction(ALQStage):
         return step_budget(self.network.initial_bits, self.target_bits, self.round_index, self.rounds,
                            step, self.window_steps(trainer))
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.active(trainer):
             self._frozen_norms = [m for m in pl_module.modules()
@@ -219,6 +242,7 @@ class BitwidthReduction(ALQStage):
             for module in self._frozen_norms:
                 module.eval()
 
+    @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         for module in self._frozen_norms:
@@ -263,9 +287,11 @@ class BitwidthReduction(ALQStage):
     def prune(self, bits: float, lr: float) -> int:
         return self.network.prune_slots(bits, lr, self.per_bit)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"window_start_step": self.window_start_step}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.window_start_step = state_dict["window_start_step"]
 

@@ -6,10 +6,12 @@ input_size``, each falling back to the checkpoint's hyper-parameters (a ``Classi
 checkpoint's ``state_dict`` (keys under ``prefix``, default ``model.``), its multi-bit tensors from the
 ``"alq"`` key; each layer's structure is the one under which those tensors reproduce the dense weight. Input
 quantizers saved under ``"alq_activations"`` (``ALQCallback(act_bits=...)``, ``ActivationQuantization``) are
-attached and switched on, so that the exported file carries them.
+attached and switched on, so that the exported file carries them. Any other LightningModule is rebuilt by its
+own ``load_from_checkpoint`` (:func:`module_from_checkpoint`) and exported whole.
 """
 from __future__ import annotations
 
+import importlib
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -126,6 +128,30 @@ def model_from_checkpoint(checkpoint: Mapping[str, Any], prefix: str = "model.",
     attach_tensors(model, tensors, structures)
     restore_activations(model, quantizers)
     return model
+
+
+def module_from_checkpoint(path: str, checkpoint: Mapping[str, Any], class_path: str) -> nn.Module:
+    """Any LightningModule's checkpoint at ``path``: the class ``class_path`` (``package.module.Class``) rebuilt by
+    its ``load_from_checkpoint`` (its saved hyper-parameters, dense weights), then the checkpoint's multi-bit
+    tensors and input quantizers attached under the module's own layer names."""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"--module={class_path!r} cannot be imported ({error}); give package.module.Class") from None
+    if not callable(getattr(cls, "load_from_checkpoint", None)):
+        raise ValueError(f"--module={class_path!r} is not a LightningModule class (it has no load_from_checkpoint)")
+    try:
+        module = cls.load_from_checkpoint(path, map_location="cpu")
+    except Exception as error:  # the module's own __init__ may raise anything for arguments it lacks
+        raise ValueError(f"{class_name}.load_from_checkpoint({path!r}) failed: {type(error).__name__}: {error} "
+                         "(its __init__ arguments must be in the checkpoint: self.save_hyperparameters())") from None
+    tensors = checkpoint.get("alq") or {}
+    if not tensors:
+        raise ValueError(f"{path} holds no multi-bit tensors under 'alq': it was not written with ALQ attached")
+    attach_tensors(module, tensors, checkpoint.get("alq_structures"))
+    restore_activations(module, checkpoint.get(CHECKPOINT_KEY) or {})
+    return module.eval()
 
 
 def attach_tensors(model: nn.Module, tensors: Mapping[str, Mapping[str, torch.Tensor]],

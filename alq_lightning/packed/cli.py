@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..models import MODEL_NAMES
 from ..summary import BitSummary, bit_summary
-from .checkpoint import model_from_checkpoint, read_checkpoint
+from .checkpoint import model_from_checkpoint, module_from_checkpoint, read_checkpoint
 from .io import export_packed, packed_summary, read_packed
 
 
@@ -44,11 +44,17 @@ def export_main(argv: Sequence[str] | None = None, prog: str = "python -m alq_li
     parser.add_argument("--num-classes", type=int)
     parser.add_argument("--input-size", type=int)
     parser.add_argument("--prefix", default="model.", help="state_dict prefix of the model inside the module")
+    parser.add_argument("--module", metavar="CLASS_PATH",
+                        help="any LightningModule class (package.module.Class): the checkpoint is loaded with its "
+                             "load_from_checkpoint and the whole module exported (--model and the sizes unused)")
     args = parser.parse_args(argv)
     try:
         checkpoint = read_checkpoint(args.checkpoint)
-        model = model_from_checkpoint(checkpoint, args.prefix, model=args.model, in_channels=args.in_channels,
-                                      num_classes=args.num_classes, input_size=args.input_size)
+        if args.module:
+            model = module_from_checkpoint(args.checkpoint, checkpoint, args.module)
+        else:
+            model = model_from_checkpoint(checkpoint, args.prefix, model=args.model, in_channels=args.in_channels,
+                                          num_classes=args.num_classes, input_size=args.input_size)
         report = export_packed(model, args.output, args.coord_bits)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -64,6 +64,7 @@ MAGIC = b"ALQPACK\0"
 FORMAT_VERSION = 2
 ACTIVATIONS_VERSION = 2  # the first version whose layers may carry "activations"
 PREAMBLE = struct.Struct("<8sHIQ")
+_FLOAT32 = struct.Struct("<f")
 CHECKSUM_BYTES = hashlib.sha256().digest_size
 COORD_DTYPES = {32: torch.float32, 16: torch.float16}
 LAYER_SECTIONS = ("mask", "bases", "coords")
@@ -95,6 +96,12 @@ def parse_dtype(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype {name!r} is not a torch dtype")
     return dtype
+
+
+def takes_dtype(model_dtype: torch.dtype, file_dtype: torch.dtype) -> bool:
+    """Whether a model tensor of ``model_dtype`` can take a stored tensor of ``file_dtype``: floating point from
+    floating point (any width; the values are checked where they are rounded), anything else from its own dtype."""
+    return model_dtype == file_dtype or (model_dtype.is_floating_point and file_dtype.is_floating_point)
 
 
 def pack_bits(flags: torch.Tensor) -> torch.Tensor:
@@ -212,6 +219,17 @@ def _unique_name(entry: dict[str, Any], kind: str, names: set[str]) -> str:
     return where
 
 
+def _fits_float32(value: Any) -> bool:
+    """Whether the JSON value ``value`` is a number (not a boolean) that stays finite as a float32: a check in
+    float64 would pass ``1e39``, which loads as ``inf``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(_FLOAT32.unpack(_FLOAT32.pack(float(value)))[0])
+    except OverflowError:  # beyond float64 (a long integer), or rounding to float32 gives inf
+        return False
+
+
 def activation_rows(entry: dict[str, Any]) -> int:
     """``C``, the rows of the (checked) ``activations`` of a header layer entry."""
     activations = entry["activations"]
@@ -220,17 +238,18 @@ def activation_rows(entry: dict[str, Any]) -> int:
 
 def _check_activations(entry: Any, where: str, shape: tuple[int, ...]) -> None:
     """ValueError unless ``entry`` is an ``activations`` object of a layer of weight ``shape``: ``act_bits`` in
-    ``[1, MAX_ACT_BITS]``, ``signed`` a boolean, ``coords`` ``C·J`` finite numbers with ``C`` 1 or the layer's input
-    channels (a 2-d weight's ``shape[1]``; a Conv's ``shape[1]`` times its groups, which the header does not
-    give: a multiple of ``shape[1]``)."""
+    ``[1, MAX_ACT_BITS]``, ``signed`` a boolean, ``coords`` ``C·J`` numbers finite in float32 with ``C`` 1 or the
+    layer's input channels (a 2-d weight's ``shape[1]``; a Conv's ``shape[1]`` times its groups, which the header
+    does not give: a multiple of ``shape[1]``)."""
     where = f"{where} activations"
     _check_fields(entry, where, _ACTIVATION_FIELDS)
     act_bits, coords = entry["act_bits"], entry["coords"]
     if not 1 <= act_bits <= MAX_ACT_BITS:
         raise ValueError(f"{where}: act_bits={act_bits} must be an integer in [1, {MAX_ACT_BITS}]")
-    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-               for value in coords):
-        raise ValueError(f"{where}: coords must list finite numbers")
+    for index, value in enumerate(coords):
+        if not _fits_float32(value):
+            raise ValueError(f"{where}: coords[{index}]={value!r} must be a number that is finite in float32 (the "
+                             f"dtype input coordinates load into)")
     if not coords or len(coords) % act_bits:
         raise ValueError(f"{where}: coords holds {len(coords)} numbers, not a positive multiple of "
                          f"act_bits={act_bits}")

@@ -21,15 +21,24 @@ from torch import nn
 from ..activations import (
     ACT_PREFIX,
     ActivationLayer,
-    act_bits_of,
     attach_activations,
     channels_of,
     detach_activations,
+    has_input_quantizer,
     is_quantizable_input,
 )
 from ..core import GroupLayout, LayerBits, MultiBitState, auto_layout, average_bits, check_coord_bits
 from ..files import check_target, write_atomic
-from ..layers import LayerSelection, attach, buffer_prefix, find_layers, float_remainder, resolve, sharded_layers
+from ..layers import (
+    LayerSelection,
+    attach,
+    buffer_prefix,
+    find_layers,
+    first_non_finite,
+    float_remainder,
+    resolve,
+    sharded_layers,
+)
 from ..sharded import export_gathered
 from ..summary import BitSummary, FloatRow, LayerRow, bit_summary
 from .format import (
@@ -45,6 +54,7 @@ from .format import (
     dtype_name,
     encode_layer,
     parse_dtype,
+    takes_dtype,
     tensor_bytes,
 )
 
@@ -95,12 +105,27 @@ def export_packed(model: nn.Module, path: str | os.PathLike, coord_bits: int = 3
     shards = sharded_layers(model)
     if shards:
         return export_gathered(model, shards, lambda records, floats: write_packed(
-            path, coord_bits, records, floats, activation_entries(model)))
+            path, coord_bits, check_finite(records, floats), floats, activation_entries(model)))
+    broken = first_non_finite(model)
+    if broken is not None:
+        raise ValueError(f"{broken} of the model is not finite: a packed file holds only finite weights")
     bit_summary(model, coord_bits)  # refuses a model without multi-bit layers
     layers = find_layers(model)
     return write_packed(path, coord_bits, {name: (layer.layout, layer.state, layer.param.dtype)
                                            for name, layer in layers.items()},
                         float_remainder(model, layers), activation_entries(model))
+
+
+def check_finite(layers: dict[str, tuple[GroupLayout, MultiBitState, torch.dtype]],
+                 remainder: dict[str, torch.Tensor]) -> dict[str, tuple[GroupLayout, MultiBitState, torch.dtype]]:
+    """``layers``, or ValueError naming the first float tensor of ``remainder`` or layer's coordinates that is not
+    finite (as :func:`~alq_lightning.layers.first_non_finite`, on gathered whole tensors)."""
+    tensors = {f"parameter {key!r}": tensor for key, tensor in remainder.items() if tensor.is_floating_point()}
+    tensors |= {f"coordinates of layer {name!r}": state.coords for name, (_, state, _) in layers.items()}
+    broken = next((name for name, tensor in tensors.items() if not bool(tensor.isfinite().all())), None)
+    if broken is not None:
+        raise ValueError(f"{broken} of the model is not finite: a packed file holds only finite weights")
+    return layers
 
 
 def write_packed(path: Path, coord_bits: int, layers: dict[str, tuple[GroupLayout, MultiBitState, torch.dtype]],
@@ -159,8 +184,7 @@ def activation_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
     layer whose quantizer is not fitted yet or holds a coordinate that is not finite."""
     entries = {}
     for name, module in model.named_modules():
-        act_bits = act_bits_of(module)
-        if not act_bits:
+        if not has_input_quantizer(module):
             continue
         coords = getattr(module, ACT_PREFIX + "coords").view(torch.float32)
         if not bool(getattr(module, ACT_PREFIX + "ready")):
@@ -169,7 +193,7 @@ def activation_entries(model: nn.Module) -> dict[str, dict[str, Any]]:
         if not coords.isfinite().all():
             raise ValueError(f"the input quantizer of layer {name!r} has a coordinate that is not finite")
         # float32 -> Python float (exact) -> JSON's shortest round-trip decimal -> the same float32 on reading
-        entries[name] = {"act_bits": act_bits, "signed": bool(getattr(module, ACT_PREFIX + "signed")),
+        entries[name] = {"act_bits": coords.shape[1], "signed": bool(getattr(module, ACT_PREFIX + "signed")),
                          "coords": coords.detach().cpu().reshape(-1).tolist()}
     return entries
 
@@ -232,8 +256,18 @@ def file_quantizers(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def float_tensors_for(packed: PackedFile, remainder: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The file's float tensors that the model's ``remainder`` takes (files written before shared weights
-    were stored once also hold those weights' other names, which their layer already gives)."""
-    return {key: tensor for key, tensor in float_tensors(packed).items() if key in remainder}
+    were stored once also hold those weights' other names, which their layer already gives); ValueError naming a
+    tensor with a finite value that the model's narrower dtype would hold as ``inf``."""
+    tensors = {key: tensor for key, tensor in float_tensors(packed).items() if key in remainder}
+    for key, tensor in tensors.items():
+        dtype = remainder[key].dtype
+        if tensor.is_floating_point() and dtype != tensor.dtype:
+            lost = tensor.isfinite() & ~tensor.to(dtype).isfinite()
+            if lost.any():
+                raise ValueError(f"tensor {key!r} holds {tensor[lost][0].item():g} in the file "
+                                 f"({dtype_name(tensor.dtype)}), which the model's {dtype_name(dtype)} cannot hold "
+                                 f"(it would load as inf)")
+    return tensors
 
 
 def _read_preamble(path: Path, data: bytes) -> tuple[int, int, int]:
@@ -335,6 +369,10 @@ def check_model(header: dict[str, Any], model: nn.Module,
         if tuple(tensor.shape) != tuple(stored[key]["shape"]):
             raise ValueError(f"tensor {key!r} is {tuple(tensor.shape)} in the model, {tuple(stored[key]['shape'])} "
                              f"in the file")
+        if not takes_dtype(tensor.dtype, parse_dtype(stored[key]["dtype"])):
+            raise ValueError(f"tensor {key!r} is {dtype_name(tensor.dtype)} in the model, {stored[key]['dtype']} in "
+                             f"the file: a floating-point tensor takes floating-point values only, any other tensor "
+                             f"its own dtype only")
     shared = set(model.state_dict()) - set(remainder)
     unknown = [key for key in stored if key not in remainder and key not in shared]
     if unknown:

@@ -1,6 +1,7 @@
 """``python train.py ...`` as a user runs it: the issue's command verbatim, a multirun, and bad input."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -50,6 +51,15 @@ def test_multirun_gives_each_job_its_own_offline_run(tmp_path):
     assert targets == [0.5, 1.0]
     pretrained = [json.loads(p.read_text())["pretrained"]["source"] for p in sorted(sweep.glob("*/results.json"))]
     assert pretrained == ["trained", "cache"]
+    with open(sweep / "sweep.csv") as handle:  # the sweep's curve, by average bits
+        rows = list(csv.DictReader(handle))
+    jobs = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/results.json")}
+    assert [row["job"] for row in rows] == sorted(jobs, key=lambda job: jobs[job]["avg_bits"])
+    for row in rows:
+        results = jobs[row["job"]]
+        assert float(row["avg_bits"]) == results["avg_bits"] and float(row["test_acc"]) == results["test_acc"]
+        assert int(row["file_bytes"]) == results["packed_file"]["bytes"]
+    assert (sweep / "sweep_accuracy.png").stat().st_size > 0
 
 
 def test_runs_started_at_the_same_instant_get_their_own_folders(monkeypatch):

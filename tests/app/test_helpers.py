@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from lightning.pytorch.loggers import CSVLogger
 
 from alq_lightning.app import (
     ConfigError,
+    ExportError,
     PhaseLogger,
     build_data,
     build_loggers,
@@ -23,9 +26,11 @@ from alq_lightning.app import (
     read_state_dict,
     resolve_wandb_mode,
     write_results,
+    write_results_then_export,
 )
 from alq_lightning.app import loggers as app_loggers
 from alq_lightning.models import build_model
+from alq_lightning.packed.io import ExportReport
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 SHAPE = {"in_channels": 1, "num_classes": 10, "input_size": 28}
@@ -43,9 +48,14 @@ def no_key(monkeypatch, tmp_path):
     monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
 
 
-def test_online_without_key_goes_offline(no_key):
-    with pytest.warns(UserWarning, match="offline"):
-        assert resolve_wandb_mode("online") == "offline"
+def test_online_without_key_goes_offline(no_key, caplog):
+    """The default without a key: said at INFO (it is the documented behaviour, not a problem), not warned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level(logging.INFO, logger="alq_lightning.app"):
+            assert resolve_wandb_mode("online") == "offline"
+    assert caplog.messages == ["W&B: no API key (WANDB_API_KEY or `wandb login`), so logging offline into the run "
+                               "folder; `wandb sync` uploads it later"]
     assert resolve_wandb_mode("disabled") == "disabled"
 
 
@@ -137,6 +147,31 @@ def test_results_are_written_atomically_and_never_overwritten(tmp_path):
         write_results({"c": 1.0}, tmp_path / "r.json")
     assert json.loads(path.read_text())["c"] == 0.5
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_results_are_on_disk_before_the_export_and_then_name_its_file_or_its_failure(tmp_path):
+    path, written = tmp_path / "results.json", []
+
+    def export(name: str, error: Exception | None = None):
+        written.append(json.loads(path.read_text()))
+        if error is not None:
+            raise error
+        (tmp_path / name).write_bytes(b"12345")
+        return ExportReport(str(tmp_path / name), 32, 0.5, 3, 1, 1, 0, 5, 5)
+
+    packed = write_results_then_export({"test_acc": 0.5}, path, lambda: export("model.alq"))
+    assert written == [{"test_acc": 0.5, "packed_file": None}] and packed.file_bytes == 5
+    assert json.loads(path.read_text()) == {"test_acc": 0.5,
+                                            "packed_file": {"name": "model.alq", "bytes": 5, "avg_bits": 0.5}}
+    with pytest.raises(FileExistsError):
+        write_results_then_export({"test_acc": 0.5}, path, lambda: export("other.alq"))
+    failed = tmp_path / "failed" / "results.json"
+    path = failed
+    with pytest.raises(ExportError, match=r"packed export failed \(ValueError: layer 'fc': no\); its results are in "):
+        write_results_then_export({"test_acc": 0.25}, failed, lambda: export("x.alq", ValueError("layer 'fc': no")))
+    assert written[-1] == {"test_acc": 0.25, "packed_file": None}
+    assert json.loads(failed.read_text()) == {"test_acc": 0.25, "packed_file": {"error": "ValueError: layer 'fc': no"}}
+    assert sorted(p.name for p in failed.parent.iterdir()) == ["results.json"]
 
 
 def test_cached_weights_follow_the_umask(tmp_path):

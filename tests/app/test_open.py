@@ -197,9 +197,19 @@ def test_wandb_logs_the_packed_model_as_an_artifact(switch, tmp_path, monkeypatc
         logged.append(artifact)
         return original(self, artifact, *args, **kwargs)
 
+    defined = []
+    original_define = wandb_run.Run.define_metric
+
+    def spy_define(self, name, *args, **kwargs):
+        defined.append((name, kwargs.get("step_metric")))
+        return original_define(self, name, *args, **kwargs)
+
     monkeypatch.setattr(wandb_run.Run, "log_artifact", spy)
+    monkeypatch.setattr(wandb_run.Run, "define_metric", spy_define)
     results, out = smoke(tmp_path, "run", ["logger=wandb", f"logger.wandb.log_packed_model={str(switch).lower()}"])
     assert len(list((out / "wandb").glob("offline-run-*"))) == 1
+    # charts may take the average bits as their x-axis
+    assert {("alq/*", "alq/avg_bits"), ("final/*", "final/avg_bits")} <= set(defined)
     models = [artifact for artifact in logged if artifact.type == "model"]
     if not switch:
         assert models == []

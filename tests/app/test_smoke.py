@@ -11,7 +11,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from alq_lightning import bit_summary
-from alq_lightning.app import REQUIRED_KEYS, ConfigError
+from alq_lightning.app import REQUIRED_KEYS, ConfigError, ExportError
+from alq_lightning.app import train as app_train
 from alq_lightning.data.idx import IDX_FILES
 from alq_lightning.models import build_model
 from alq_lightning.packed.cli import export_main
@@ -119,6 +120,48 @@ def test_other_models_on_synthetic_data(model, extra, tmp_path):
     results, out = run(tmp_path, [f"model={model}", *SYNTHETIC, *extra])
     check_results(results, out, rounds=1)
     assert list((out / "csv").glob("version_*/metrics.csv"))
+
+
+def test_vit_with_quantized_inputs_leaves_attention_out_proj_float_and_writes_results_and_model(tmp_path, caplog):
+    """``model=vit_tiny alq.act_bits=2``: each attention's ``out_proj`` (read directly by nn.MultiheadAttention, so
+    its input hook never runs) is named in the log as a float input and counted nowhere; results.json and model.alq
+    are written and hold the same quantized inputs."""
+    synthetic = [override for override in SYNTHETIC if not override.startswith("logger=")]
+    with caplog.at_level("INFO"):
+        results, out = run(tmp_path, ["model=vit_tiny", *synthetic, "model.net.depth=2", "model.net.patch_size=2",
+                                      "logger=none", "alq.act_bits=2"])
+    check_results(results, out, rounds=1)
+    expected = {f"model.encoder.layers.{i}.{name}": 2 for i in (0, 1) for name in ("linear1", "linear2")}
+    expected["model.head"] = 2
+    assert results["activations"]["act_bits"] == expected
+    layers = {row["layer"]: row for row in results["layers"]}
+    for i in (0, 1):
+        out_proj = f"model.encoder.layers.{i}.self_attn.out_proj"
+        assert (layers[out_proj]["act_bits"], layers[out_proj]["BOPs"]) == (0, 0)
+        assert f"{out_proj} (read directly by nn.MultiheadAttention: its forward, and an input hook, never runs)" in (
+            caplog.text)
+    assert results["activations"]["bops"] == sum(row["BOPs"] for row in layers.values()) > 0
+    header = read_packed(out / "model.alq").header
+    assert {f"model.{entry['name']}": entry["activations"]["act_bits"] for entry in header["layers"]
+            if "activations" in entry} == expected
+
+
+def test_a_failed_export_keeps_the_results_and_says_what_failed(tmp_path, monkeypatch):
+    """results.json is written before the packed export; when the export fails it records the failure and the run
+    ends with an error naming both."""
+    def export_fails(model, path, coord_bits=32):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(app_train, "export_packed", export_fails)
+    with pytest.raises(ExportError, match=r"the run finished but its packed export failed \(OSError: \[Errno 28\] No "
+                                          r"space left on device\); its results are in .*results.json, under "
+                                          r"packed_file.error"):
+        run(tmp_path, ["data=synthetic", "data.input_size=16", "data.train_size=64", "data.val_size=32",
+                       "data.test_size=64", "logger=none"])
+    on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(REQUIRED_KEYS) <= set(on_disk) and 0 <= on_disk["test_acc"] <= 1
+    assert on_disk["packed_file"] == {"error": "OSError: [Errno 28] No space left on device"}
+    assert not (tmp_path / "run" / "model.alq").exists()
 
 
 def test_pretrain_checkpoint_is_loaded(tmp_path):

@@ -253,7 +253,8 @@ def test_a_fit_shorter_than_the_schedule_is_refused(max_epochs):
 def test_an_unbounded_fit_or_an_evaluation_is_not_refused(max_epochs, stage):
     alq = short()
     module = build("mlp")
-    alq.setup(SimpleNamespace(max_epochs=max_epochs, max_steps=-1, fast_dev_run=0, strategy=object()), module, stage)
+    alq.setup(SimpleNamespace(max_epochs=max_epochs, max_steps=-1, fast_dev_run=0, strategy=object(),
+                              callbacks=[], progress_bar_callback=None), module, stage)
     assert list(alq.network.layers) == ["net.1", "net.3"]
 
 
@@ -304,17 +305,22 @@ def test_alqinit_set_up_for_another_module_starts_afresh(caplog):
     assert init.initialized is False
 
 
-def test_the_callback_works_out_of_the_box():
-    """``Trainer(callbacks=[ALQCallback()])``: one bit per weight on average with the paper's 225-epoch schedule;
-    Lightning's default ``max_epochs`` (1000) leaves room for it and the fit stops when the schedule is done."""
+def test_the_callback_works_out_of_the_box(caplog):
+    """``Trainer(callbacks=[ALQCallback()])``: one bit per weight on average with the paper's 225-epoch schedule,
+    stated at setup at INFO (what Lightning prints); under Lightning's default ``max_epochs`` (1000) the fit, and
+    with it the progress bar, takes the schedule's 225 epochs."""
     torch.manual_seed(0)
     alq = ALQCallback()
     assert (alq.target_bits, alq.total_epochs) == (1.0, 225)
     run = L.Trainer(callbacks=[alq], accelerator="cpu", logger=False, enable_checkpointing=False,
                     enable_progress_bar=False, enable_model_summary=False, limit_train_batches=1,
                     limit_val_batches=0)
-    run.fit(build("mlp"), loader(n=32, batch_size=16))
-    assert run.max_epochs == 1000 and run.current_epoch == 225
+    with caplog.at_level(logging.INFO):
+        run.fit(build("mlp"), loader(n=32, batch_size=16))
+    assert ("ALQ schedule: 5 rounds × (20 basis + 10 coordinate + 1 pruning), 50 STE, 20 final coordinate epochs "
+            "(225 in all), to 1 average bits; the fit ends with it after epoch 224 (Trainer(max_epochs) was "
+            "Lightning's default)") in caplog.messages
+    assert run.max_epochs == 225 and run.current_epoch == 225
     slot = max(layer.layout.group_size for layer in alq.network.layers.values()) / alq.network.numel
     assert 1.0 - slot < alq.network.avg_bits <= 1.0
 

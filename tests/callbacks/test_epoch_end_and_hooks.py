@@ -173,8 +173,8 @@ def two_layers(seed: int = 0) -> ALQInit:
     """Two Linear(32, 32) layers ("0" and "2"), 3 slots, initialised at 3.0 bits (2048 weights, 6144 bits)."""
     torch.manual_seed(seed)
     init = ALQInit(max_bits=3)
-    init.setup(SimpleNamespace(strategy=object()), nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)),
-               "fit")
+    init.setup(SimpleNamespace(strategy=object(), callbacks=[]),
+               nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32)), "fit")
     init.network.initialize()
     assert (init.network.binary_bits, init.network.numel) == (6144, 2048)
     return init
@@ -249,7 +249,9 @@ def test_a_non_finite_gradient_is_skipped_with_a_warning_naming_the_stage():
     stage = CoordinateRefit(0, 1)
     stage.bind(init)
     trainer = SimpleNamespace(current_epoch=0, global_step=4, gradient_clip_val=None, gradient_clip_algorithm=None)
-    module = SimpleNamespace(automatic_optimization=True, configure_gradient_clipping=lambda *args, **kwargs: None)
+    module = nn.Sequential(*(layer.module for layer in network.layers.values()))  # the model the layers are in
+    module.automatic_optimization = True
+    module.configure_gradient_clipping = lambda *args, **kwargs: None
     stage.on_before_optimizer_step(trainer, module, None)
     with pytest.warns(UserWarning) as warned:
         stage.on_train_epoch_end(trainer, module)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from alq_lightning import ALQCallback, ALQInit, BasisRefit, CoordinateRefit, bit_summary
+from alq_lightning import ActivationQuantization, ALQCallback, ALQInit, BasisRefit, CoordinateRefit, bit_summary
 from alq_lightning.network import MultiBitNetwork
 
-from tiny import TinyModule, build, loader, trainer
+from tiny import TinyModule, build, loader, mlp, trainer
 
 TARGET = 0.8
 
@@ -312,7 +312,7 @@ class ManualOptimization(TinyModule):
 
 
 class NaNLossAt(TinyModule):
-    """The loss is NaN at one step: that step's gradients are skipped, the run goes on."""
+    """The loss is NaN at step 5: ALQ skips that step's update; the float parameters' optimizer (Adam) does not."""
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
@@ -323,7 +323,7 @@ class NaNLossAt(TinyModule):
 def test_setups_that_work_reach_the_target(case):
     torch.manual_seed(0)
     module = {"bias_free": lambda: TinyModule(NoBias()), "manual": ManualOptimization,
-              "accumulate": lambda: build("mlp"), "nan_loss": lambda: NaNLossAt(build("mlp").net)}[case]()
+              "accumulate": lambda: build("mlp"), "nan_loss": lambda: NaNLossAt(NoBias())}[case]()
     alq = short()
     kwargs = {"accumulate_grad_batches": 2} if case == "accumulate" else {}
     if case == "nan_loss":
@@ -332,6 +332,47 @@ def test_setups_that_work_reach_the_target(case):
     else:
         fit(module, alq, **kwargs)
     assert_quantized(alq)
+
+
+def test_a_nan_loss_that_reaches_float_parameters_stops_the_fit_naming_the_first():
+    """Adam turns the biases NaN at step 5; ALQ would skip every later update and "complete" at the target with a
+    NaN model. The epoch end that counts the skipped updates stops the fit instead."""
+    torch.manual_seed(0)
+    alq = short()
+    with pytest.warns(UserWarning, match="skipped 3 ALQ update"), pytest.raises(RuntimeError) as error:
+        fit(NaNLossAt(build("mlp").net), alq)
+    assert str(error.value) == (
+        "parameter 'net.1.bias' is not finite at epoch 0, step 8, after 3 ALQ update(s) of this epoch were skipped "
+        "for a non-finite gradient (every later one would be): a non-finite loss or update has reached the model; "
+        "lower the learning rate, clip gradients, or find where the loss stops being finite")
+
+
+class SpareScale(TinyModule):
+    """Holds a float parameter outside the loss (no gradient, so no ALQ update is skipped for it)."""
+
+    def __init__(self) -> None:
+        super().__init__(build("mlp").net)
+        self.spare = nn.Parameter(torch.ones(3))
+
+
+class BreakSpare(L.Callback):
+    """Makes ``spare`` NaN as the last epoch starts, as a broken update would."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 4:
+            pl_module.spare.data[1] = float("nan")
+
+
+def test_a_schedule_ending_on_a_parameter_that_is_not_finite_is_not_reported_complete(caplog):
+    alq = short()
+    assert alq.total_epochs == 5
+    with caplog.at_level("INFO"), pytest.raises(RuntimeError) as error:
+        trainer([alq, BreakSpare()], 5).fit(SpareScale(), loader())
+    assert str(error.value) == (
+        "parameter 'spare' is not finite at epoch 4, step 40, at the end of the ALQ schedule, which a model that is "
+        "not finite does not complete: a non-finite loss or update has reached the model; lower the learning rate, "
+        "clip gradients, or find where the loss stops being finite")
+    assert "ALQ schedule complete" not in caplog.text
 
 
 # 6. The target is a contract; stages used alone -----------------------------------------------------------
@@ -360,3 +401,107 @@ def test_stages_used_alone_share_one_alq_init():
     trainer([init, basis, coordinate], 2).fit(build("mlp"), loader())
     assert basis.init is coordinate.init is init
     assert set(init.network.weight_steps.values()) == {8} and set(init.network.coord_steps.values()) == {16}
+
+
+# 7. Callbacks that would attach twice -----------------------------------------------------------------------
+
+SHORT = "ALQCallback{'target_bits': 0.8, 'total_epochs': 5}"
+STATE = "Trainer(callbacks=...) holds 2 callbacks that each attach ALQ's multi-bit state to the model: {}; keep one " \
+        "(ALQCallback brings its own ALQInit; stages used alone share one ALQInit)"
+INPUTS = "Trainer(callbacks=...) holds 2 callbacks that each attach input quantizers to the model: {}; keep one " \
+         "(ALQCallback(act_bits=...) brings its own ActivationQuantization)"
+BESIDE = f"BasisRefit would step the layers of {SHORT} beside that callback's own stages: use stages with one " \
+         f"ALQInit, or ALQCallback alone"
+TWICE = {
+    "two ALQCallbacks": (lambda: [short(), short(0.5)], STATE.format(
+        f"{SHORT} and ALQCallback{{'target_bits': 0.5, 'total_epochs': 5}}")),
+    "ALQInit, then ALQCallback": (lambda: [ALQInit(), short()], STATE.format(f"ALQInit{{'max_bits': 6}} and {SHORT}")),
+    "ALQCallback, then ALQInit": (lambda: [short(), ALQInit()], STATE.format(f"{SHORT} and ALQInit{{'max_bits': 6}}")),
+    "two ALQInits": (lambda: [ALQInit(2), ALQInit(3), BasisRefit(0, 1)],
+                     STATE.format("ALQInit{'max_bits': 2} and ALQInit{'max_bits': 3}")),
+    "stage, then two ALQInits": (lambda: [BasisRefit(0, 1), ALQInit(2), ALQInit(3)],
+                                 "BasisRefit needs exactly one ALQInit (or ALQCallback) in Trainer(callbacks=...), "
+                                 "found 2: ALQInit{'max_bits': 2} and ALQInit{'max_bits': 3}"),
+    "input quantizers twice": (lambda: [short(act_bits=2), ActivationQuantization(3)], INPUTS.format(
+        "ALQCallback{'target_bits': 0.8, 'total_epochs': 5, 'act_bits': 2} and "
+        "ActivationQuantization{'act_bits': 3, 'start_epoch': 0}")),
+    "stage, then ALQCallback": (lambda: [BasisRefit(0, 1), short()], BESIDE),
+    "ALQCallback, then stage": (lambda: [short(), BasisRefit(0, 1)], BESIDE),
+}
+
+
+@pytest.mark.parametrize("callbacks,message", TWICE.values(), ids=TWICE)
+def test_callbacks_that_would_attach_twice_are_refused_before_the_model_changes(callbacks, message):
+    """Each callback alone would attach its own multi-bit state (or input quantizers, or step the layers beside
+    the pipeline's own stages): refused at setup, naming both, before either touches the model (two
+    ALQCallbacks used to end in ``torch.cat(): expected a non-empty list of Tensors`` at 2.5 bits)."""
+    module = build("mlp")
+    before = {key: value.clone() for key, value in module.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        trainer(callbacks(), 5).fit(module, loader())
+    assert str(error.value) == message
+    assert list(module.named_buffers()) == []
+    assert all(torch.equal(value, before[key]) for key, value in module.state_dict().items())
+    assert not any(getattr(m, "_alq_act_handles", ()) for m in module.modules())
+
+
+# 8. Weights without values ----------------------------------------------------------------------------------
+
+def on_meta() -> nn.Module:
+    with torch.device("meta"):
+        return mlp()
+
+
+class MaterialisedInPlace(TinyModule):
+    """Built on the meta device and materialised in place in ``configure_model`` (Lightning's pattern for models
+    too big to build twice); with ``rebuild``, ``configure_model`` builds new modules instead."""
+
+    def __init__(self, rebuild: bool = False) -> None:
+        super().__init__(on_meta())
+        self.rebuild = rebuild
+
+    def configure_model(self) -> None:
+        torch.manual_seed(0)
+        if self.rebuild:
+            self.net = mlp()
+            return
+        self.net.to_empty(device="cpu")
+        for module in self.net.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+
+
+def test_weights_on_the_meta_device_are_named_at_setup():
+    """torch's "Cannot copy out of meta tensor" came from Lightning moving the attached model. ALQ now refuses at
+    setup, naming the tensors and when it needs values; Lightning's teardown, moving the model to the CPU, still
+    raises torch's error over it, with ALQ's as the error it was handling."""
+    alq = short()
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta tensor") as error:
+        trainer([alq], alq.total_epochs).fit(TinyModule(on_meta()), loader())
+    assert isinstance(error.value.__context__, ValueError)
+    assert str(error.value.__context__) == (
+        "TinyModule has 4 parameters or buffers on the meta device, without values: net.1.weight, net.1.bias, "
+        "net.3.weight, net.3.bias. ALQ initialises from the weights at the start of the fit, after "
+        "LightningModule.configure_model: materialise them before Trainer.fit, or in place in configure_model "
+        "(to_empty(device=...), then initialise them)")
+    assert alq.network is None
+
+
+def test_weights_materialised_in_place_by_configure_model_are_quantized():
+    """The multi-bit buffers attached on the meta device are materialised with the weights and written from them
+    at the start of the fit: the run reaches the target as a model built on the CPU does."""
+    alq = short()
+    module = MaterialisedInPlace()
+    fit(module, alq)
+    assert_quantized(alq)
+    assert all(not tensor.is_meta and bool(tensor.isfinite().all()) for tensor in module.state_dict().values())
+
+
+def test_layers_replaced_by_configure_model_are_refused_at_the_start_of_the_fit():
+    alq = short()
+    with pytest.raises(ValueError) as error:
+        fit(MaterialisedInPlace(rebuild=True), alq)
+    assert str(error.value) == (
+        "the layers ALQ attached to in setup (net.1, net.3) are no longer modules of MaterialisedInPlace: "
+        "LightningModule.configure_model replaced them. Materialise weights built on the meta device in place there "
+        "(to_empty(device=...), then initialise them), or build the model before Trainer.fit")

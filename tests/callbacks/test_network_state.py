@@ -244,7 +244,7 @@ def one_bit_callback(target_bits: float) -> ALQCallback:
     """An ALQCallback set up on ``model()`` whose layers hold exactly one live slot per group (1.0 bits)."""
     alq = ALQCallback(target_bits, max_bits=2, rounds=1, basis_epochs=1, coordinate_epochs=0, ste_epochs=0,
                       final_coordinate_epochs=0)
-    alq.init.setup(SimpleNamespace(strategy=object()), model(), "fit")
+    alq.init.setup(SimpleNamespace(strategy=object(), callbacks=[]), model(), "fit")
     for layer in alq.network.layers.values():
         layer.state.mask[:] = False
         layer.state.mask[:, 0] = True
@@ -284,7 +284,7 @@ def square_init(structure: str | None, seed: int = 0):
 
     torch.manual_seed(seed)
     init = ALQInit(max_bits=2, structures=None if structure is None else {"0": structure})
-    init.setup(SimpleNamespace(strategy=object()), nn.Sequential(nn.Linear(16, 16)), "fit")
+    init.setup(SimpleNamespace(strategy=object(), callbacks=[]), nn.Sequential(nn.Linear(16, 16)), "fit")
     init.network.initialize()
     return init
 

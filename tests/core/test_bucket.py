@@ -1,6 +1,7 @@
 """Flat buckets (``core/bucket.py``): the per-layer steps of ``core/steps.py``, group for group, in a fixed number
 of ops; masked groups untouched; no host synchronisation."""
 import copy
+import functools
 import itertools
 
 import pytest
@@ -89,15 +90,22 @@ def bucket_step(kind: str, bucket: Bucket, grad: torch.Tensor, update: torch.Ten
         observe(bucket, grad, update, CONFIG, block=block)
 
 
-def assert_bucket_equals(bucket: Bucket, expected: Bucket, coords_rtol: float = 0.0) -> None:
-    """Every tensor bit for bit, except the per-group sums of second moments (summation order), to 1e-6, and the
-    coordinates to ``coords_rtol``."""
+def assert_within_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: int) -> None:
+    """Equal within ``ulps`` units in the last place of the largest magnitude (sums that cancel have no relative
+    precision of their own); ``ulps=0`` is bit-for-bit equality."""
+    scale = ulps * torch.finfo(expected.dtype).eps
+    torch.testing.assert_close(actual, expected, rtol=scale, atol=scale * float(expected.abs().max()))
+
+
+def assert_bucket_equals(bucket: Bucket, expected: Bucket, coords_rtol: float = 0.0, sums_ulps: int = 0) -> None:
+    """Every tensor bit for bit, except the per-group sums of second moments (summation order), to 1e-6, the
+    coordinates to ``coords_rtol`` and the per-group sums of first moments to ``sums_ulps``."""
     for key in ("codes", "mask", "weight_steps", "coord_steps", "latent"):
         assert torch.equal(getattr(bucket, key), getattr(expected, key)), key
     torch.testing.assert_close(bucket.coords, expected.coords, rtol=coords_rtol, atol=0)
     for key in ("m", "v", "vmax"):
         assert torch.equal(getattr(bucket.weight_stats, key), getattr(expected.weight_stats, key)), key
-    assert torch.equal(bucket.coord_stats.m, expected.coord_stats.m)
+    assert_within_ulps(bucket.coord_stats.m, expected.coord_stats.m, sums_ulps)
     for key in ("v", "vmax"):
         torch.testing.assert_close(getattr(bucket.coord_stats, key), getattr(expected.coord_stats, key),
                                    rtol=1e-6, atol=0)
@@ -156,7 +164,10 @@ def test_float64_buckets_follow_the_float64_layers():
     for part in parts:
         dense_step("basis", part)
     assert bucket.coords.dtype == torch.float64
-    assert_bucket_equals(bucket, bucket_of(parts))
+    # The bucket solves all groups' refits and sums their first moments in one batched call, the layers one batch
+    # each: MKL picks its float64 kernels by batch size and CPU (another path on AMD), so a coordinate or a
+    # moment sum may differ in its last bits. Codes, masks and weight statistics stay exact.
+    assert_bucket_equals(bucket, bucket_of(parts), coords_rtol=4 * torch.finfo(torch.float64).eps, sums_ulps=4)
 
 
 def test_nearest_patterns_is_the_brute_force_nearest_with_ties_to_the_smaller_value():
@@ -205,3 +216,22 @@ def test_a_step_launches_the_same_ops_for_any_number_of_layers_and_never_reads_t
     many = dispatched(count, kind, [(3, 5), (7, 9), (1, 1), (2, 64), (16, 3), (5, 25), (4, 128), (9, 16)])
     assert few.ops == many.ops
     assert few.syncs == 0 and few.total > 0
+
+
+@pytest.mark.parametrize(("kind", "block"), list(itertools.product(("basis", "ste", "coordinate"), (None, 8))))
+def test_each_layer_of_one_shape_gets_its_own_reconstruction(kind, block):
+    """Two layers of one shape (their views interchangeable) and a third: the ŵ a step writes to ``out`` is, layer
+    by layer, the per-layer step's reconstruction (to the rounding of a refit solved in another batch), and the
+    bucket's own :meth:`Bucket.reconstruct` exactly."""
+    parts = layers(3, shapes=[(4, 8), (4, 8), (3, 5)])
+    bucket = bucket_of(parts)
+    grad = torch.cat([p.grad.reshape(-1) for p in parts])
+    out = torch.full((bucket.numel,), float("nan"))
+    step = coordinate_step if kind == "coordinate" else functools.partial(weight_domain_step, ste=kind == "ste")
+    step(bucket, grad, torch.ones(bucket.num_groups, dtype=torch.bool), LR, CONFIG, block=block, out=out)
+    for part in parts:
+        dense_step(kind, part)
+    assert torch.equal(out, bucket.reconstruct(block=block))
+    expected = torch.cat([part.state.reconstruct().reshape(-1) for part in parts])
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(out[:32], out[32:64])

@@ -136,3 +136,16 @@ def test_bucket_steps_stay_on_a_data_free_device(block):
     assert rebuilt.device == META and rebuilt.dtype == torch.float32 and rebuilt.shape == (weights,)
     assert (bucket.codes.dtype, bucket.coords.dtype, bucket.weight_steps.dtype) == (torch.uint8, torch.float32,
                                                                                     torch.int64)
+
+
+def test_budget_selection_makes_its_helpers_on_the_inputs_device():
+    """``select_budget`` reads its count back (``int``), so it cannot run on ``meta``; instead its inputs stay on the
+    CPU while the default device is ``meta``: a helper tensor made without the inputs' device lands there and mixes
+    devices, as one made on the CPU would beside CUDA inputs."""
+    from alq_lightning.core.prune import select_budget
+
+    scores = torch.tensor([3.0, 1.0, 2.0, torch.inf, 0.5], dtype=torch.float64)
+    bits = torch.tensor([2.0, 2.0, 2.0, 2.0, 4.0], dtype=torch.float64)
+    with torch.device(META), SameDevice():
+        chosen = select_budget(scores, bits, 5.0)
+    assert chosen.device.type == "cpu" and chosen.tolist() == [False, True, False, False, True]

@@ -147,6 +147,7 @@ def set_acts(name: str, key: str, value):
 
 
 WHERE = "has an inconsistent header: layer '2' activations"
+FLOAT32 = "must be a number that is finite in float32 (the dtype input coordinates load into)"
 
 
 @pytest.mark.parametrize("edit,message", [
@@ -156,10 +157,15 @@ WHERE = "has an inconsistent header: layer '2' activations"
     (set_acts("2", "act_bits", 2.0), f"{WHERE}: act_bits=2.0 must be an integer >= 0"),
     (set_acts("2", "signed", 1), f"{WHERE}: signed=1 must be a boolean"),
     (set_acts("2", "coords", "0.5"), f"{WHERE}: coords='0.5' must be a list"),
-    (set_acts("2", "coords", [0.5, None]), f"{WHERE}: coords must list finite numbers"),
-    (set_acts("2", "coords", [0.5, True]), f"{WHERE}: coords must list finite numbers"),
-    (set_acts("2", "coords", [0.5, float("nan")]), f"{WHERE}: coords must list finite numbers"),
-    (set_acts("2", "coords", [0.5, 1e400]), f"{WHERE}: coords must list finite numbers"),
+    (set_acts("2", "coords", [0.5, None]), f"{WHERE}: coords[1]=None {FLOAT32}"),
+    (set_acts("2", "coords", [0.5, True]), f"{WHERE}: coords[1]=True {FLOAT32}"),
+    (set_acts("2", "coords", [0.5, float("nan")]), f"{WHERE}: coords[1]=nan {FLOAT32}"),
+    (set_acts("2", "coords", [0.5, 1e400]), f"{WHERE}: coords[1]=inf {FLOAT32}"),
+    # finite in float64, inf in float32: 1e39, and the first double that rounds to inf (half an ulp past the
+    # largest float32, 3.4028234663852886e38), and an integer beyond float64
+    (set_acts("2", "coords", [1e39, 0.5]), f"{WHERE}: coords[0]=1e+39 {FLOAT32}"),
+    (set_acts("2", "coords", [0.5, -3.4028235677973366e38]), f"{WHERE}: coords[1]=-3.4028235677973366e+38 {FLOAT32}"),
+    (set_acts("2", "coords", [0.5, 10**400]), f"{WHERE}: coords[1]={10**400} {FLOAT32}"),
     (set_acts("2", "coords", [0.5]), f"{WHERE}: coords holds 1 numbers, not a positive multiple of act_bits=2"),
     (set_acts("2", "coords", []), f"{WHERE}: coords holds 0 numbers, not a positive multiple of act_bits=2"),
     (set_acts("2", "coords", [0.5] * 6), f"{WHERE}: coords holds 3 rows of act_bits=2, expected 1 or a multiple "
@@ -170,8 +176,9 @@ WHERE = "has an inconsistent header: layer '2' activations"
     (lambda header: [header["layers"][1].update(activations=[1]), header][1],
      "has an inconsistent header: layer '2' activations is a list, not a JSON object"),
 ], ids=["act_bits 0", "act_bits 9", "act_bits bool", "act_bits float", "signed int", "coords string",
-        "coords null", "coords bool", "coords nan", "coords inf", "coords short", "coords empty", "conv rows",
-        "linear rows", "no signed", "not an object"])
+        "coords null", "coords bool", "coords nan", "coords inf", "coords 1e39", "coords past float32",
+        "coords long integer", "coords short", "coords empty", "conv rows", "linear rows", "no signed",
+        "not an object"])
 def test_activation_entries_are_checked_and_named(tmp_path, edit, message):
     path = tmp_path / "m.alq"
     export_packed(quantized({"2": False, "5": False}), path)
@@ -191,6 +198,17 @@ def test_a_version_1_file_with_activations_is_refused(tmp_path):
     assert str(error.value) == (f"{path} has an inconsistent header: layer '2' has activations, which format "
                                 f"version 1 does not have (a reader of version 1 would compute with float inputs); "
                                 f"such a file must say version 2")
+
+
+def test_coordinates_that_round_to_the_largest_float32_load_as_it(tmp_path):
+    """The float32 check refuses only what loads as ``inf``: a double just under half an ulp past the largest
+    float32 rounds to it (3.4028234663852886e38) and loads as that value."""
+    path = tmp_path / "m.alq"
+    export_packed(quantized({"2": False}), path)
+    rewrite(path, set_acts("2", "coords", [3.4028235677973362e38, -0.5]))
+    loaded = load_packed(path, network().eval())
+    largest = torch.finfo(torch.float32).max
+    assert loaded[2].alq_act_coords.view(torch.float32).tolist() == [[largest, -0.5]]
 
 
 def test_per_channel_rows_must_match_the_models_channels(tmp_path):

@@ -212,6 +212,40 @@ def test_float16_overflow_is_refused(tmp_path):
     assert not (tmp_path / "m.alq").exists()
 
 
+def nan_bias(model: nn.Module) -> None:
+    model.conv2.bias.data[3] = float("nan")
+
+
+def inf_coordinate(model: nn.Module) -> None:
+    """An infinite live coordinate of fc1, ŵ not rewritten (the coordinates are what the file holds)."""
+    layer = find_layers(model)["fc1"]
+    group, slot = layer.state.mask.nonzero()[0].tolist()
+    layer.state.coords[group, slot] = float("inf")
+
+
+def nan_weight(model: nn.Module) -> None:
+    """A NaN coordinate of conv2 with ŵ rewritten: the weight is the first non-finite tensor."""
+    layer = find_layers(model)["conv2"]
+    layer.state.coords[layer.state.mask] = float("nan")
+    layer.write_weight()
+
+
+@pytest.mark.parametrize("coord_bits", [32, 16])
+@pytest.mark.parametrize("break_model,name", [
+    (nan_bias, "parameter 'conv2.bias'"),
+    (inf_coordinate, "coordinates of layer 'fc1'"),
+    (nan_weight, "parameter 'conv2.weight'"),
+], ids=["float parameter", "coordinate", "quantized weight"])
+def test_a_model_that_is_not_finite_is_refused_and_no_file_is_written(tmp_path, break_model, name, coord_bits):
+    """A NaN float parameter used to be written as it is; a non-finite coordinate was blamed on float16."""
+    model = quantized(lenet)
+    break_model(model)
+    with pytest.raises(ValueError) as error:
+        export_packed(model, tmp_path / "m.alq", coord_bits=coord_bits)
+    assert str(error.value) == f"{name} of the model is not finite: a packed file holds only finite weights"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_export_needs_multibit_layers(tmp_path):
     with pytest.raises(ValueError, match="no multi-bit layer"):
         export_packed(lenet(), tmp_path / "m.alq")

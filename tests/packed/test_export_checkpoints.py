@@ -416,14 +416,17 @@ def test_command_line_help(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert text.startswith("usage: python -m alq_lightning export [-h] [--coord-bits {16,32}] [--model "
                            "{lenet5,vgg_small,resnet20,resnet18,resnet34,vit_tiny}] [--in-channels IN_CHANNELS] "
-                           "[--num-classes NUM_CLASSES] [--input-size INPUT_SIZE] [--prefix PREFIX] checkpoint output ")
+                           "[--num-classes NUM_CLASSES] [--input-size INPUT_SIZE] [--prefix PREFIX] "
+                           "[--module CLASS_PATH] checkpoint output ")
     assert (" checkpoint output Write a Lightning checkpoint's ALQ model as a bit-packed file. positional "
             "arguments: checkpoint Lightning checkpoint (.ckpt) written with ALQ attached output packed file to write "
             "(.alq) ") in text
     assert text.endswith(" --coord-bits {16,32} coordinate precision --model "
                          "{lenet5,vgg_small,resnet20,resnet18,resnet34,vit_tiny} architecture, when the "
                          "hyper-parameters lack it --in-channels IN_CHANNELS --num-classes NUM_CLASSES --input-size "
-                         "INPUT_SIZE --prefix PREFIX state_dict prefix of the model inside the module")
+                         "INPUT_SIZE --prefix PREFIX state_dict prefix of the model inside the module --module "
+                         "CLASS_PATH any LightningModule class (package.module.Class): the checkpoint is loaded with "
+                         "its load_from_checkpoint and the whole module exported (--model and the sizes unused)")
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -137,6 +137,47 @@ def test_payload_contradicting_the_header_is_refused(packed_file, edit_payload, 
     assert_untouched(model, before)
 
 
+# Headers true to their payload that do not fit the model: the reader passes them, both loaders refuse them.
+MODEL_MISFITS = {
+    # float32 bytes relabelled int32 (same size): loaded, they would be integers such as -1.13e9 in a float bias
+    "int32 into a float bias": (setter(FLOAT, "dtype", "int32"),
+                                "tensor 'conv1.bias' is float32 in the model, int32 in the file: a floating-point "
+                                "tensor takes floating-point values only"),
+}
+
+
+@pytest.mark.parametrize("edit,message", MODEL_MISFITS.values(), ids=MODEL_MISFITS)
+def test_header_that_does_not_fit_the_model_is_refused_by_both_loaders(packed_file, edit, message):
+    rewrite(packed_file, edit)
+    read_packed(packed_file)
+    model = lenet()
+    before = snapshot(model)
+    for load in (load_packed, load_packed_for_inference):
+        with pytest.raises(ValueError) as error:
+            load(packed_file, model)
+        assert str(error.value).startswith(message), load.__name__
+        assert_untouched(model, before)
+
+
+def test_float64_value_beyond_a_float32_model_is_refused(tmp_path):
+    """A float64 model's bias of 1e39 is finite in its file; a float32 model would hold it as inf, so both
+    loaders refuse it, while a float64 model takes it as it is."""
+    source = quantized(lambda: lenet().double())
+    with torch.no_grad():
+        source.fc2.bias[3] = 1e39
+    path = tmp_path / "m.alq"
+    export_packed(source, path)
+    model = lenet()
+    before = snapshot(model)
+    for load in (load_packed, load_packed_for_inference):
+        with pytest.raises(ValueError) as error:
+            load(path, model)
+        assert str(error.value) == ("tensor 'fc2.bias' holds 1e+39 in the file (float64), which the model's float32 "
+                                    "cannot hold (it would load as inf)"), load.__name__
+        assert_untouched(model, before)
+    assert torch.equal(load_packed(path, lenet().double()).fc2.bias, source.fc2.bias)
+
+
 def test_header_that_is_not_json(packed_file):
     data = bytearray(packed_file.read_bytes())
     data[PREAMBLE.size] = ord("[")

@@ -9,7 +9,7 @@ from torch import nn
 
 from alq_lightning.layers import LayerSelection, attach, find_layers
 from alq_lightning.network import MultiBitNetwork
-from alq_lightning.packed.inference import PackedModel, dense_weight, load_packed_for_inference
+from alq_lightning.packed.inference import PackedModel, dense_weight, load_packed_for_inference, pack_module
 from alq_lightning.packed.io import export_packed, load_packed, read_packed
 
 
@@ -169,3 +169,17 @@ def test_packed_model_reads_the_float_remainder_from_the_file(attention_file):
     for key, value in packed.model.state_dict().items():
         assert torch.equal(value, dense.state_dict()[key]), key
     assert set(find_layers(packed.model)) == set()
+
+
+def test_packing_puts_the_sections_on_the_weights_device(attention_file):
+    """The file's sections are CPU bytes; :func:`pack_module` moves them to the weight's device (here ``meta``,
+    standing in for an accelerator), and the emptied weight stays there too."""
+    packed = read_packed(attention_file)
+    entry = next(entry for entry in packed.header["layers"] if entry["name"] == "head")
+    head = nn.Linear(8, 3, device="meta")
+    pack_module(head, "weight", packed, entry)
+    buffers = dict(head.named_buffers())
+    assert set(buffers) == {"alq_packed_mask", "alq_packed_bases", "alq_packed_coords", "weight"}
+    assert all(tensor.device.type == "meta" for tensor in buffers.values())
+    assert [tensor.shape for key, tensor in buffers.items() if key != "weight"] == [
+        packed.section(entry[key]).shape for key in ("mask", "bases", "coords")]
