@@ -44,7 +44,7 @@ from peer_bytes import CodedTensor, alq_storage, best_run, groups_of, peer_stora
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "runs" / "peers"
 README = HERE.parent / "README.md"
-FLOAT_STEPS = 30  # float steps timed before each run; the first 5 are dropped
+FLOAT_STEPS = 15  # float steps timed before each run; the first 3 are dropped
 
 
 def float_start(seed: int, model_config: dict, float_config: dict, train_ids: torch.Tensor,
@@ -83,8 +83,9 @@ def float_step(model: char_lm.CharTransformer, train_ids: torch.Tensor, config: 
 
     timer = StepTimer()
     module = char_lm.CharLM(copy.deepcopy(model), config["float_lr"])
-    fit(module, train_ids, model.context, config, seed, [timer], max_steps=FLOAT_STEPS)
-    return statistics.median(timer.times[5:])
+    fit(module, train_ids, model.context, config, seed, [timer], epochs=-(-FLOAT_STEPS // config["batches"]),
+        max_steps=FLOAT_STEPS)
+    return statistics.median(timer.times[3:])
 
 
 def timing(times: list[float], reference: float, seconds: float) -> dict:
@@ -248,7 +249,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
     if {k: record.get(k) for k in settings} != settings:
         record = {**settings, "runs": []}
-    record.update(command="python bench/peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    command = "python bench/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    record["commands"] = [*record.get("commands", []), command]  # a rerun skips the runs already recorded
+    record.update(command=command,
                   date=datetime.datetime.now().isoformat(timespec="seconds"), hardware=hardware(),
                   torch=torch.__version__, lightning=L.__version__,
                   **git_state(Path(alq_lightning.__file__).resolve().parent),
