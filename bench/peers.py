@@ -160,11 +160,13 @@ def plot(record: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     markers = {"ALQ": "o", "ALQ per_bit": "s", "torchao": "^", "brevitas": "D"}
-    for point in best_points(record["runs"]):
+    colors = plt.get_cmap("tab20").colors
+    for index, point in enumerate(best_points(record["runs"])):
         family = point["settings"]["library"] if "settings" in point else point["method"]
         label = point["method"] + (f" (target {point['target_bits']:g})" if "target_bits" in point
                                    else f" (lr {point['lr']:g})")
-        ax.scatter(point["model_bytes"] / 1024, point["val_loss"], marker=markers[family], label=label, s=40)
+        ax.scatter(point["model_bytes"] / 1024, point["val_loss"], marker=markers[family], label=label, s=40,
+                   color=colors[index % len(colors)])
     for run in record["runs"]:
         if run["method"] == "float control":
             ax.axhline(run["val_loss"], color="gray", linestyle="--", label=f"float control ({run['val_loss']:.3f})")
@@ -202,6 +204,14 @@ def markdown(record: dict) -> str:
         name = p["method"] + (f", target {p['target_bits']:g}" if "target_bits" in p else f", lr {p['lr']:g}")
         lines.append(f"| {name} | {p['val_loss']:.4f} | {p['model_bytes']} | {p['code_bits']:.3f} | "
                      f"{p['stored_bits']:.3f} | {p['step_ratio']:.2f}× |")
+    sweeps = [r for r in record["runs"] if "lr" in r]
+    if sweeps:
+        lines += ["", "Every peer run (validation loss at each learning rate; the most distinct values in a row or "
+                  "block of the forward weights before the last step / after training):", ""]
+        for method in dict.fromkeys(r["method"] for r in sweeps):
+            tried = ", ".join(f"{r['lr']:g}: {r['val_loss']:.4f} ({r['max_levels_last_step']}/{r['max_levels_after']})"
+                              for r in sweeps if r["method"] == method)
+            lines.append(f"- {method}: {tried}")
     return "\n".join(lines)
 
 
