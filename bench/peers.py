@@ -259,6 +259,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
     if {k: record.get(k) for k in settings} != settings:
         record = {**settings, "runs": []}
+    for run in record["runs"]:  # runs of an earlier invocation keep the commit they ran at
+        run.setdefault("git_commit", record["git_commit"])
+        run.setdefault("git_dirty", record["git_dirty"])
     command = "python bench/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     record["commands"] = [*record.get("commands", []), command]  # a rerun skips the runs already recorded
     record.update(command=command,
@@ -271,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     done = {(r["method"], r.get("target_bits"), r.get("lr")) for r in record["runs"]}
 
     def save(run: dict) -> None:
-        record["runs"].append(run)
+        record["runs"].append({**run, "git_commit": record["git_commit"], "git_dirty": record["git_dirty"]})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"{run['method']} {run.get('target_bits', '')}{run.get('lr', '')}: val loss {run['val_loss']:.4f}, "
