@@ -184,8 +184,11 @@ def plot(record: dict, path: Path) -> None:
 def markdown(record: dict) -> str:
     config, points = record["config"], best_points(record["runs"])
     control = next((r for r in record["runs"] if r["method"] == "float control"), None)
-    commit = (record["git_commit"] or "unknown")[:7] + (" with uncommitted changes" if record["git_dirty"] else "")
-    lines = [f"`{record['command']}` at commit `{commit}`, {record['hardware']}, {record['threads']} thread, "
+    commit = ", ".join(dict.fromkeys((r.get("git_commit") or "unknown")[:7] + (" with uncommitted changes"
+                                                                               if r.get("git_dirty") else "")
+                                     for r in record["runs"]))
+    commands = " && ".join(dict.fromkeys(record["commands"]))
+    lines = [f"`{commands}`, runs at commit `{commit}`, {record['hardware']}, {record['threads']} thread, "
              f"{record['date'][:10]}; JSON `bench/results/peers_char_lm.json`, plot "
              f"`bench/results/peers_char_lm.png`. The char-level LM of `bench/char_lm.py` (float start: validation "
              f"loss {record['float']['val_loss']:.4f}), "
