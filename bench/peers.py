@@ -188,7 +188,8 @@ def markdown(record: dict) -> str:
                                                                                if r.get("git_dirty") else "")
                                      for r in record["runs"]))
     commands = " && ".join(dict.fromkeys(record["commands"]))
-    lines = [f"`{commands}`, runs at commit `{commit}`, {record['hardware']}, {record['threads']} thread, "
+    lines = [f"`{commands}` (bench at `{(record['bench_git_commit'] or 'unknown')[:7]}`, runs with alq_lightning at "
+             f"`{commit}`), {record['hardware']}, {record['threads']} thread, "
              f"{record['date'][:10]}; JSON `bench/results/peers_char_lm.json`, plot "
              f"`bench/results/peers_char_lm.png`. The char-level LM of `bench/char_lm.py` (float start: validation "
              f"loss {record['float']['val_loss']:.4f}), "
@@ -271,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   date=datetime.datetime.now().isoformat(timespec="seconds"), hardware=hardware(),
                   torch=torch.__version__, lightning=L.__version__,
                   **git_state(Path(alq_lightning.__file__).resolve().parent),
-                  float=float_record, quantized_names=names, remainder_bytes=remainder, lrs=args.lrs,
+                  bench_git_commit=git_state(HERE)["git_commit"], float=float_record,
+                  quantized_names=names, remainder_bytes=remainder, lrs=args.lrs,
                   quantized_weights=sum(p.numel() for n, p in model.named_parameters() if n in names),
                   float_names=[n for n, _ in model.named_parameters() if n not in names])
     done = {(r["method"], r.get("target_bits"), r.get("lr")) for r in record["runs"]}
