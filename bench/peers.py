@@ -1,6 +1,6 @@
 """ALQ side by side with the peers a user would pick: torchao's PARQ and Brevitas, at equal start, data and epochs.
 
-    pip install -e ".[peers]"                                    # torchao and brevitas (optional extra)
+    pip install -c constraints-cpu.txt -e ".[peers]"             # torchao and brevitas (optional extra)
     python bench/peers.py --threads 1                            # the char-level LM, every method
     python bench/peers.py --batches 25 --lrs 3e-4 1e-3 3e-3      # shorter epochs (the same for every method)
 
