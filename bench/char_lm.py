@@ -308,13 +308,15 @@ def continue_float(model: CharTransformer, train_ids: torch.Tensor, config: dict
     return module.model, time.perf_counter() - start
 
 
-def quantize(model: CharTransformer, train_ids: torch.Tensor, target: float, config: dict, seed: int) -> dict:
-    """ALQ of a copy of ``model`` to ``target`` bits; returns the copy, bits, counts and times."""
+def quantize(model: CharTransformer, train_ids: torch.Tensor, target: float, config: dict, seed: int,
+             callbacks: Sequence[L.Callback] = (), **options) -> dict:
+    """ALQ of a copy of ``model`` to ``target`` bits (``options``: further ``ALQCallback`` arguments, e.g.
+    ``per_bit``; ``callbacks`` join the fit); returns the copy, bits, counts and times."""
     from alq_lightning import ALQCallback, bit_summary
 
     keys = ("max_bits", "rounds", "basis_epochs", "coordinate_epochs", "pruning_epochs", "ste_epochs",
             "final_coordinate_epochs", "lr")
-    alq = ALQCallback(target_bits=target, **{k: config[k] for k in keys})
+    alq = ALQCallback(target_bits=target, **{k: config[k] for k in keys}, **options)
     data = RandomWindows(train_ids, model.context, config["batch_size"], config["batches"], seed)
     module = CharLM(copy.deepcopy(model), config["float_lr"])
     capture = LogCapture()
@@ -324,7 +326,7 @@ def quantize(model: CharTransformer, train_ids: torch.Tensor, target: float, con
     logger.setLevel(logging.INFO)
     start = time.perf_counter()
     try:
-        trainer(alq.total_epochs, [alq]).fit(module, torch.utils.data.DataLoader(data, batch_size=None))
+        trainer(alq.total_epochs, [alq, *callbacks]).fit(module, torch.utils.data.DataLoader(data, batch_size=None))
     finally:
         logger.removeHandler(capture)
         logger.setLevel(level)
