@@ -38,7 +38,10 @@ class ActivationQuantization(Callback):
     training batch fitted (its hook never ran) by the end of the first epoch with quantized inputs, by the end of
     the fit, or at an evaluation outside a fit is detached, named in a warning and not counted. The coordinates
     travel in checkpoints under ``"alq_activations"``; a model loaded without this callback computes with float
-    activations. Evaluation (validate, test, predict) quantizes the input of each fitted quantizer.
+    activations. Evaluation (validate, test, predict) quantizes the input of each fitted quantizer. Under
+    ``ModelParallelStrategy`` (FSDP2) the quantizers attach at the start of fitting, to the modules
+    ``configure_model`` sharded; their coordinates are replicated on every process and averaged over them as under
+    DDP.
 
     Args:
         act_bits: binary bases per input (1..8), or ``{layer name pattern: bases}`` (the first matching pattern
@@ -71,6 +74,7 @@ class ActivationQuantization(Callback):
         self.reported: set[str] = set()
         self.dropped: dict[str, str] = {}  # layers detached because no training batch fitted them: why
         self.started = False  # whether a training batch of this fit ran with quantized inputs
+        self.deferred = False  # the quantizers attach at the start of fitting (a model sharded in configure_model)
 
     @property
     @override
@@ -116,16 +120,36 @@ class ActivationQuantization(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            raise ValueError("multi-bit inputs (act_bits) are not served under ModelParallelStrategy (FSDP2) yet; "
-                             "quantize the inputs under strategy='ddp' or on one device, or leave act_bits unset")
         self.check_alone(trainer)
-        for callback in trainer.callbacks:  # ALQ attaches first, whatever the order of the callbacks
-            init = callback if isinstance(callback, ALQInit) else getattr(callback, "init", None)
-            if isinstance(init, ALQInit):
-                init.setup(trainer, pl_module, stage)
+        for init in self.inits(trainer):  # ALQ attaches first, whatever the order of the callbacks
+            init.setup(trainer, pl_module, stage)
         if stage == TrainerFn.FITTING:
             self.dropped, self.started = {}, False
+        self.deferred = isinstance(trainer.strategy, ModelParallelStrategy) and stage == TrainerFn.FITTING
+        if not self.deferred:
+            self.attach(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Under ``ModelParallelStrategy`` attach now, to the modules ``configure_model`` sharded (after ALQ's
+        sharded layers, which attach at the start of fitting too)."""
+        if not self.deferred:
+            return
+        for init in self.inits(trainer):
+            if init.network is None:
+                init.on_fit_start(trainer, pl_module)
+        self.deferred = False
+        self.attach(trainer, pl_module)
+
+    @staticmethod
+    def inits(trainer: Trainer) -> list[ALQInit]:
+        """The :class:`ALQInit` s of ``trainer`` (callbacks themselves, or an ``ALQCallback``'s ``init``)."""
+        found = [callback if isinstance(callback, ALQInit) else getattr(callback, "init", None)
+                 for callback in trainer.callbacks]
+        return [init for init in found if isinstance(init, ALQInit)]
+
+    def attach(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Select the layers (:meth:`select`) and attach their input quantizers."""
         chosen, floats = self.select(trainer, pl_module)
         if not chosen and not self.dropped:  # after a fit that dropped every quantizer, evaluation runs in float
             raise ValueError(f"ActivationQuantization found no Linear or Conv layer whose input it could quantize "

@@ -57,9 +57,9 @@ def build(kind: str, sharded: bool, seed: int = 0) -> TinyModule:
 
 
 class SaveState(Callback):
-    """At the end of the fit, exports the model to ``<path without rank digits>.alq`` and saves ``{layer: state
-    tensors}`` (this process's, and the whole model's as checkpoints take it), each layer's group offset, whole
-    weights and whole ``state_dict``."""
+    """At the end of the fit, exports the model to ``<path without rank digits>.alq`` (under DDP the first process
+    alone) and saves ``{layer: state tensors}`` (this process's, and the whole model's as checkpoints take it), each
+    layer's group offset, whole weights, whole ``state_dict`` and input quantizers' ``{layer: tensors}``."""
 
     def __init__(self, alq: ALQCallback, path: Path) -> None:
         self.alq, self.path = alq, path
@@ -71,36 +71,44 @@ class SaveState(Callback):
         offsets = {name: getattr(layer, "group_offset", 0) for name, layer in network.layers.items()}
         model = {key: value.full_tensor() if isinstance(value, DTensor) else value
                  for key, value in pl_module.state_dict().items()}
-        report = export_packed(pl_module, self.path.parent / f"{self.path.stem.rstrip('0123456789')}.alq")
+        exports = isinstance(trainer.strategy, ModelParallelStrategy) or trainer.global_rank == 0
+        target = self.path.parent / f"{self.path.stem.rstrip('0123456789')}.alq"
+        file_bytes = export_packed(pl_module, target).file_bytes if exports else None
+        inputs = {} if self.alq.activations is None else {name: {key: tensor.clone() for key, tensor in
+                                                                 layer.tensors().items()}
+                                                          for name, layer in self.alq.activations.layers.items()}
         torch.save({"state": MultiBitNetwork.state_tensors(network), "gathered": network.state_tensors(),
-                    "offsets": offsets, "weights": weights, "model": model,
-                    "avg_bits": network.avg_bits, "file_bytes": report.file_bytes}, self.path)
+                    "offsets": offsets, "weights": weights, "model": model, "inputs": inputs,
+                    "avg_bits": network.avg_bits, "file_bytes": file_bytes}, self.path)
 
 
 def fit(kind: str, alq_options: dict, path: Path, sharded: bool, world: int = 1, callbacks=(), ckpt_path=None,
         **trainer_options) -> None:
-    """Fit ``kind`` under ALQ with the full batch of 32 split over ``world`` ranks (from ``ckpt_path`` if given); save
-    the state to ``path``."""
+    """Fit ``kind`` under ALQ with the full batch of 32 split over ``world`` ranks (from ``ckpt_path`` if given; DDP
+    when not ``sharded`` on several ranks); save the state to ``path``."""
     alq = ALQCallback(**alq_options)
     options = dict(accelerator="cpu", devices=world, logger=False, enable_checkpointing=False,
                    enable_progress_bar=False, enable_model_summary=False, deterministic=True)
     if sharded:
         options["strategy"] = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    elif world > 1:
+        options["strategy"] = "ddp"
     options.update(trainer_options)
     trainer = L.Trainer(callbacks=[alq, SaveState(alq, path), *callbacks], max_epochs=alq.total_epochs, **options)
     data = loader(DATA[kind], batch_size=32 // world)
-    if sharded and world > 1:  # rank r takes samples r, r + world, ...: the ranks' batches make the single batch
+    if world > 1:  # rank r takes samples r, r + world, ...: the ranks' batches make the single batch
         sampler = DistributedSampler(data.dataset, world, int(os.environ["LOCAL_RANK"]), shuffle=False)
         data = DataLoader(data.dataset, batch_size=data.batch_size, sampler=sampler)
     trainer.fit(build(kind, sharded), data, ckpt_path=ckpt_path)
 
 
-def sharded_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path) -> None:
-    """The body of one spawned process."""
+def sharded_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path,
+                sharded: bool = True) -> None:
+    """The body of one spawned process: saves ``rank<r>.pt`` (FSDP2), or ``ddp<r>.pt`` (DDP, not ``sharded``)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    fit(kind, alq_options, directory / f"rank{rank}.pt", sharded=True, world=world)
+    fit(kind, alq_options, directory / f"{'rank' if sharded else 'ddp'}{rank}.pt", sharded=sharded, world=world)
 
 
 def resume_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path) -> None:
