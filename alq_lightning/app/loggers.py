@@ -31,8 +31,9 @@ def has_wandb_key() -> bool:
         return False
 
 
-def resolve_wandb_mode(mode: str) -> str:
-    """``WANDB_MODE`` when set, else ``mode``; ``online`` becomes ``offline`` without an API key."""
+def resolve_wandb_mode(mode: str, say: bool = True) -> str:
+    """``WANDB_MODE`` when set, else ``mode``; ``online`` becomes ``offline`` without an API key (logged when
+    ``say``)."""
     chosen = os.environ.get("WANDB_MODE") or mode
     if chosen == "dryrun":
         chosen = "offline"
@@ -40,8 +41,9 @@ def resolve_wandb_mode(mode: str) -> str:
         raise ConfigError(f"logger.wandb.mode={chosen!r} (or WANDB_MODE) is not allowed; "
                           f"allowed: {', '.join(WANDB_MODES)}")
     if chosen == "online" and not has_wandb_key():  # the documented default without a key: said, not warned
-        log.info("W&B: no API key (WANDB_API_KEY or `wandb login`), so logging offline into the run folder; "
-                 "`wandb sync` uploads it later")
+        if say:
+            log.info("W&B: no API key (WANDB_API_KEY or `wandb login`), so logging offline into the run folder; "
+                     "`wandb sync` uploads it later")
         return "offline"
     return chosen
 

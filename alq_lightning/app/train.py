@@ -48,6 +48,7 @@ from alq_lightning.app import (
     pretrain_module,
     print_config,
     publish,
+    resolve_wandb_mode,
     route_logging,
     save_plots,
     summarize_bits,
@@ -126,7 +127,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_test_step(model.module)
     callback = build_alq_callback(cfg.alq, model)
     if (cfg.get("extras") or {}).get("print_config"):
-        print_config(cfg, {"model": model.config, "alq": {**cfg.alq, "max_bits": callback.init.selection.max_bits}})
+        filled = {"model": model.config, "alq": {**cfg.alq, "max_bits": callback.init.selection.max_bits}}
+        wandb = (cfg.get("logger") or {}).get("wandb")
+        if wandb is not None:  # the mode it will log in (offline without an API key), not the one asked for
+            mode = resolve_wandb_mode(wandb.get("mode") or "online", say=False)
+            filled["logger"] = {**cfg.logger, "wandb": {**wandb, "mode": mode}}
+        print_config(cfg, filled)
     trainer_arguments(cfg.trainer)
     build_callbacks(cfg.get("callbacks"))  # fails now on a bad callbacks.* rather than after pretraining
     pretraining = pretrain_module(cfg, model)
