@@ -229,7 +229,7 @@ def markdown(record: dict) -> str:
         for (method, target), group in sweeps.items():
             tried = ", ".join(f"{r['lr']:g}: {r['val_loss']:.4f}" + (
                 f" ({r['max_levels_last_step']}/{r['max_levels_after']})" if "max_levels_after" in r else "")
-                for r in group)
+                for r in sorted(group, key=lambda r: r["lr"]))
             lines.append(f"- {method}" + (f", target {target:g}" if target is not None else "") + f": {tried}")
     return "\n".join(lines)
 
