@@ -8,7 +8,10 @@ validation text), every variant 12 epochs in all, so that each sees the batches 
 one thing of the default (``peers.py``'s ALQ: ``max_bits`` 4, 3 rounds × (1 basis + 1 coordinate + 1 pruning
 epoch), 2 STE + 1 final coordinate epochs): the shape of the schedule (fewer rounds, the epochs moved to STE),
 ``max_bits``, and a 1-bit start (``max_bits=1`` and ``target_bits=0.999``, so that pruning has almost nothing to
-do: the binary network of ALQ's initialisation refitted by its basis, coordinate and STE stages). ``lr`` is
+do: the binary network of ALQ's initialisation refitted by its basis, coordinate and STE stages), and a floor of
+one live basis per group (pruning never empties a row: a prototype of a library option, patched in here by
+ranking the last live slot of each group as never removable). Each run also records the share of empty groups
+(rows whose every slot was pruned, so that the layer outputs only its bias there) per matrix. ``lr`` is
 ALQ's ``lr`` and ``ste_lr`` alike (``--lr``, the best of the peers' sweep for ALQ at 1 bit). Runs are appended to
 ``bench/results/levers_char_lm.json`` as they finish; a rerun skips the variants recorded at the same settings.
 """
@@ -22,6 +25,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from unittest import mock
 
 import lightning as L
 import peers
@@ -33,33 +37,66 @@ from peer_bytes import alq_storage
 
 HERE = Path(__file__).resolve().parent
 EPOCHS = 12
-# name: (target_bits, schedule and max_bits overrides of peers.py's ALQ config)
+# name: (target_bits, schedule and max_bits overrides of peers.py's ALQ config, floor of one basis per group)
 VARIANTS = {
-    "default": (1.0, {}),
-    "rounds 2, 5 STE": (1.0, {"rounds": 2, "ste_epochs": 5}),
-    "rounds 1, 8 STE": (1.0, {"rounds": 1, "ste_epochs": 8}),
-    "rounds 3 without coordinate epochs, 5 STE": (1.0, {"coordinate_epochs": 0, "ste_epochs": 5}),
-    "max_bits 2": (1.0, {"max_bits": 2}),
-    "max_bits 2, rounds 1, 8 STE": (1.0, {"max_bits": 2, "rounds": 1, "ste_epochs": 8}),
-    "1-bit start, rounds 1, 8 STE": (0.999, {"max_bits": 1, "rounds": 1, "ste_epochs": 8}),
-    "1-bit start": (0.999, {"max_bits": 1}),
+    "default": (1.0, {}, False),
+    "rounds 2, 5 STE": (1.0, {"rounds": 2, "ste_epochs": 5}, False),
+    "rounds 1, 8 STE": (1.0, {"rounds": 1, "ste_epochs": 8}, False),
+    "rounds 3 without coordinate epochs, 5 STE": (1.0, {"coordinate_epochs": 0, "ste_epochs": 5}, False),
+    "max_bits 2": (1.0, {"max_bits": 2}, False),
+    "max_bits 2, rounds 1, 8 STE": (1.0, {"max_bits": 2, "rounds": 1, "ste_epochs": 8}, False),
+    "1-bit start, rounds 1, 8 STE": (0.999, {"max_bits": 1, "rounds": 1, "ste_epochs": 8}, False),
+    "1-bit start": (0.999, {"max_bits": 1}, False),
+    "floor of one basis per group": (1.0, {}, True),
+    "floor of one basis per group, rounds 1, 8 STE": (1.0, {"rounds": 1, "ste_epochs": 8}, True),
 }
+
+
+def floored(importance):
+    """``importance`` (``alq_lightning.network.slot_importance``) with the last live slot of each group ranked
+    ``+inf`` (never removed): pruning keeps at least one basis per group."""
+
+    def slot_importance(state, p, h):
+        scores = importance(state, p, h)
+        last = state.mask & (state.mask.sum(dim=1, keepdim=True) == 1)
+        return torch.where(last, torch.inf, scores)
+
+    return slot_importance
+
+
+class EmptyGroups(L.Callback):
+    """At the end of the fit: ``shares {layer: fraction of its groups with no live slot}`` of the ALQ network."""
+
+    def __init__(self) -> None:
+        self.shares: dict[str, float] = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from alq_lightning import ALQCallback
+
+        network = next(c for c in trainer.callbacks if isinstance(c, ALQCallback)).network
+        self.shares = {name.removeprefix("model."): float((~layer.state.mask.any(dim=1)).double().mean())
+                       for name, layer in network.layers.items()}
 
 
 def run(name: str, model, train_ids, val_ids, config: dict, lr: float, seed: int) -> dict:
     """Variant ``name`` of :data:`VARIANTS` from ``model``: validation loss, bits, bytes and bits per matrix."""
+    import alq_lightning.network
     from alq_lightning import bit_summary
 
-    target, overrides = VARIANTS[name]
+    target, overrides, floor = VARIANTS[name]
     settings = {**config, **overrides, "lr": lr}
     if char_lm.alq_epochs(settings) != EPOCHS:
         raise ValueError(f"variant {name!r} takes {char_lm.alq_epochs(settings)} epochs, not {EPOCHS}")
-    result = char_lm.quantize(model, train_ids, target, settings, seed, ste_lr=lr)
+    empty = EmptyGroups()
+    importance = alq_lightning.network.slot_importance
+    with mock.patch.object(alq_lightning.network, "slot_importance", floored(importance) if floor else importance):
+        result = char_lm.quantize(model, train_ids, target, settings, seed, callbacks=[empty], ste_lr=lr)
     module = result.pop("module")
-    return {"variant": name, "target_bits": target, "overrides": overrides, "lr": lr,
+    return {"variant": name, "target_bits": target, "overrides": overrides, "floor": floor, "lr": lr,
             "val_loss": char_lm.evaluate(module.model, val_ids), **alq_storage(bit_summary(module)),
             "fit_seconds": result["seconds"],
-            "layer_bits": {row["name"].removeprefix("model."): row["avg_bits"] for row in result["layers"]}}
+            "layer_bits": {row["name"].removeprefix("model."): row["avg_bits"] for row in result["layers"]},
+            "empty_groups": empty.shares}
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
