@@ -49,6 +49,14 @@ VARIANTS = {
     "1-bit start": (0.999, {"max_bits": 1}, False),
     "floor of one basis per group": (1.0, {}, True),
     "floor of one basis per group, rounds 1, 8 STE": (1.0, {"rounds": 1, "ste_epochs": 8}, True),
+    "rounds 1, 9 STE, no final coordinate epoch": (1.0, {"rounds": 1, "ste_epochs": 9,
+                                                         "final_coordinate_epochs": 0}, False),
+    "rounds 1 without coordinate epochs, 9 STE": (1.0, {"rounds": 1, "coordinate_epochs": 0, "ste_epochs": 9},
+                                                  False),
+    "target 2": (2.0, {}, False),
+    "target 2, rounds 1, 8 STE": (2.0, {"rounds": 1, "ste_epochs": 8}, False),
+    "target 0.7": (0.7, {}, False),
+    "target 0.7, rounds 1, 8 STE": (0.7, {"rounds": 1, "ste_epochs": 8}, False),
 }
 
 
