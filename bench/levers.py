@@ -10,7 +10,7 @@ epoch), 2 STE + 1 final coordinate epochs): the shape of the schedule (fewer rou
 ``max_bits``, and a 1-bit start (``max_bits=1`` and ``target_bits=0.999``, so that pruning has almost nothing to
 do: the binary network of ALQ's initialisation refitted by its basis, coordinate and STE stages), and a floor of
 one live basis per group (pruning never empties a row: a prototype of a library option, patched in here by
-ranking the last live slot of each group as never removable). Each run also records the share of empty groups
+ranking the most important live slot of each group as never removable). Each run also records the share of empty groups
 (rows whose every slot was pruned, so that the layer outputs only its bias there) per matrix. ``lr`` is
 ALQ's ``lr`` and ``ste_lr`` alike (``--lr``, the best of the peers' sweep for ALQ at 1 bit). Runs are appended to
 ``bench/results/levers_char_lm.json`` as they finish; a rerun skips the variants recorded at the same settings.
@@ -61,13 +61,15 @@ VARIANTS = {
 
 
 def floored(importance):
-    """``importance`` (``alq_lightning.network.slot_importance``) with the last live slot of each group ranked
-    ``+inf`` (never removed): pruning keeps at least one basis per group."""
+    """``importance`` (``alq_lightning.network.slot_importance``, ``[G, K]``) with the most important live slot of
+    each group ranked ``+inf`` (never removed, whatever else one selection removes): pruning keeps at least one
+    basis per group."""
 
     def slot_importance(state, p, h):
         scores = importance(state, p, h)
-        last = state.mask & (state.mask.sum(dim=1, keepdim=True) == 1)
-        return torch.where(last, torch.inf, scores)
+        best = torch.where(state.mask, scores, -torch.inf).argmax(dim=1, keepdim=True)
+        kept = torch.zeros_like(state.mask).scatter_(1, best, True) & state.mask
+        return torch.where(kept, torch.inf, scores)
 
     return slot_importance
 
