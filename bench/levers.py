@@ -14,6 +14,7 @@ ranking the most important live slot of each group as never removable). Each run
 (rows whose every slot was pruned, so that the layer outputs only its bias there) per matrix. ``lr`` is
 ALQ's ``lr`` and ``ste_lr`` alike (``--lr``, the best of the peers' sweep for ALQ at 1 bit). Runs are appended to
 ``bench/results/levers_char_lm.json`` as they finish; a rerun skips the variants recorded at the same settings.
+Writes the table of every run into the section "levers" of ``bench/RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import peers
 import torch
 
 import char_lm
-from common import git_state, hardware
+from common import git_state, hardware, write_section
 from peer_bytes import alq_storage
 
 HERE = Path(__file__).resolve().parent
@@ -109,6 +110,35 @@ def run(name: str, model, train_ids, val_ids, config: dict, lr: float, seed: int
             "empty_groups": empty.shares}
 
 
+def schedule(run: dict, config: dict) -> str:
+    s = {**config, **run["overrides"]}
+    return (f"{s['rounds']} × ({s['basis_epochs']} + {s['coordinate_epochs']} + {s['pruning_epochs']}), "
+            f"{s['ste_epochs']} STE, {s['final_coordinate_epochs']} final")
+
+
+def markdown(record: dict) -> str:
+    """The RESULTS.md section: every run, by target then validation loss."""
+    commits = ", ".join(dict.fromkeys(r["git_commit"][:7] + (" with uncommitted changes" if r["git_dirty"] else "")
+                                      for r in record["runs"]))
+    lines = [f"### ALQ levers on the char-level LM (`bench/levers.py`) — {record['hardware']}, {record['threads']} "
+             f"thread, {record['date'][:10]}", "",
+             f"`{' && '.join(dict.fromkeys(record['commands']))}`; runs with alq_lightning at `{commits}`; JSON "
+             f"`bench/results/levers_char_lm.json`. The protocol of `bench/peers.py` (seed {record['seed']}, "
+             f"{EPOCHS} epochs × {record['config']['batches']} batches of {record['config']['batch_size']}, the "
+             f"same float start, batches and validation text); schedule: rounds × (basis + coordinate + pruning "
+             f"epochs), STE epochs, final coordinate epochs; `lr` = `ste_lr`. Empty groups: the largest share of "
+             f"the rows of one matrix left without a basis (— where not recorded).", "",
+             "| variant | target | max_bits | schedule | floor | lr | val loss | model bytes | stored bits / weight | "
+             "most emptied matrix |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(record["runs"], key=lambda r: (-r["target_bits"], r["val_loss"])):
+        empty = max(r["empty_groups"].items(), key=lambda item: item[1]) if "empty_groups" in r else None
+        max_bits = r["overrides"].get("max_bits", record["config"]["max_bits"])
+        lines.append(f"| {r['variant']} | {r['target_bits']:g} | {max_bits} | {schedule(r, record['config'])} | "
+                     f"{'yes' if r.get('floor') else 'no'} | {r['lr']:g} | {r['val_loss']:.4f} | {r['model_bytes']} | "
+                     f"{r['stored_bits']:.3f} | " + (f"{empty[0]} {empty[1]:.0%}" if empty else "—") + " |")
+    return "\n".join(lines)
+
+
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1)
@@ -163,6 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"{name} (lr {args.lr:g}): val loss {result['val_loss']:.4f}, {result['code_bits']:.3f} bits, "
               f"{result['model_bytes']} B", flush=True)
+    write_section(HERE / "RESULTS.md", "levers", markdown(record))
     return record
 
 
