@@ -58,6 +58,12 @@ VARIANTS = {
     "target 2, rounds 1, 8 STE": (2.0, {"rounds": 1, "ste_epochs": 8}, False),
     "target 0.7": (0.7, {}, False),
     "target 0.7, rounds 1, 8 STE": (0.7, {"rounds": 1, "ste_epochs": 8}, False),
+    "target 0.97 (the 1-bit peers' bytes), rounds 1 without coordinate epochs, 9 STE": (
+        0.97, {"rounds": 1, "coordinate_epochs": 0, "ste_epochs": 9}, False),
+    "target 0.7, rounds 1 without coordinate epochs, 9 STE": (
+        0.7, {"rounds": 1, "coordinate_epochs": 0, "ste_epochs": 9}, False),
+    "target 2, rounds 1 without coordinate epochs, 9 STE": (
+        2.0, {"rounds": 1, "coordinate_epochs": 0, "ste_epochs": 9}, False),
 }
 
 
