@@ -3,16 +3,19 @@
     pip install -c constraints-cpu.txt -e ".[peers]"             # torchao and brevitas (optional extra)
     python bench/peers.py --threads 1                            # the char-level LM, every method
     python bench/peers.py --batches 25 --lrs 3e-4 1e-3 3e-3      # shorter epochs (the same for every method)
+    python bench/peers.py --batches 12 --targets 1 2 --per-bit-targets --alq-lrs 1e-3 3e-3   # some ALQ rows only
 
 Network: the causal character-level transformer of ``bench/char_lm.py`` on the same corpus and split. Every method
 starts from the same float model (trained once by ``char_lm.py``'s float recipe and cached under
 ``bench/runs/peers/``), sees the same batches (the same seeded windows, batch size and epochs as ``char_lm.py``'s
 ALQ schedule, ``--batches`` per epoch) and quantizes the same weights: every parameter of two or more dimensions
 (character and position embeddings, attention and feed-forward matrices, the output head); biases and norms stay
-float for all. Methods: ALQ (default, and ``per_bit=True``) at each ``--targets``; each peer of
-:func:`peer_methods.peers` at each learning rate of ``--lrs`` (the best one on validation is the peer's point);
-a float control trained as long. Each peer run is checked quantized: before its last step and after training, no
-group of the weights the forward uses takes more than its 2^bits values (:func:`peer_methods.check_quantized`).
+float for all. Methods: ALQ (default, and ``per_bit=True``) at each ``--targets`` and each learning rate of
+``--alq-lrs`` (``lr`` and ``ste_lr`` alike, the final coordinate epochs following STE's rate; the best one on
+validation is the point of each target, as for the peers); each peer of :func:`peer_methods.peers` at each
+learning rate of ``--lrs`` (the best one on validation is the peer's point); a float control trained as long.
+Each peer run is checked quantized: before its last step and after training, no group of the weights the forward
+uses takes more than its 2^bits values (:func:`peer_methods.check_quantized`).
 
 Per run: validation loss (nats/char; the learning rates of the peers are chosen on the same validation text, which
 can only favour the peers), bytes as stored (:mod:`peer_bytes`), bits per quantized weight counted both ways and
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import itertools
 import json
 import os
 import statistics
@@ -94,16 +98,19 @@ def timing(times: list[float], reference: float, seconds: float) -> dict:
             "step_ratio": median / reference, "fit_seconds": seconds, "steps": len(times)}
 
 
-def run_alq(model, train_ids, val_ids, target: float, config: dict, seed: int, per_bit: bool) -> dict:
+def run_alq(model, train_ids, val_ids, target: float, config: dict, seed: int, per_bit: bool, lr: float) -> dict:
+    """ALQ at ``target`` bits with ``lr`` for the basis, coordinate and pruning epochs and ``ste_lr = lr`` for STE
+    (the final coordinate epochs continue from STE's last rate, ALQ's default)."""
     from alq_lightning import bit_summary
 
     from peer_methods import StepTimer
 
     reference = float_step(model, train_ids, config, seed)
     timer = StepTimer()
-    result = char_lm.quantize(model, train_ids, target, config, seed, callbacks=[timer], per_bit=per_bit)
+    result = char_lm.quantize(model, train_ids, target, {**config, "lr": lr}, seed, callbacks=[timer],
+                              per_bit=per_bit, ste_lr=lr)
     module = result.pop("module")
-    return {"method": "ALQ per_bit" if per_bit else "ALQ", "target_bits": target,
+    return {"method": "ALQ per_bit" if per_bit else "ALQ", "target_bits": target, "lr": lr,
             "val_loss": char_lm.evaluate(module.model, val_ids), **alq_storage(bit_summary(module)),
             **timing(timer.times, reference, result["seconds"]),
             "layers": result["layers"], "float_names": result["float_names"]}
@@ -143,13 +150,19 @@ def run_control(model, train_ids, val_ids, config: dict, seed: int) -> dict:
             "model_bytes": 4 * numel, "fit_seconds": seconds, "step_seconds_median": statistics.median(timer.times)}
 
 
+def swept(runs: list[dict]) -> dict[tuple[str, float | None], list[dict]]:
+    """The runs of each learning-rate sweep (every run but the float control), keyed by ``(method, ALQ's
+    target_bits or None)``, in the order first met."""
+    sweeps: dict[tuple[str, float | None], list[dict]] = {}
+    for run in runs:
+        if "lr" in run:
+            sweeps.setdefault((run["method"], run.get("target_bits")), []).append(run)
+    return sweeps
+
+
 def best_points(runs: list[dict]) -> list[dict]:
-    """ALQ runs as they are; per peer, its run of lowest validation loss over the learning rates."""
-    points = [r for r in runs if r["method"].startswith("ALQ")]
-    peers = [r for r in runs if "lr" in r]
-    for method in dict.fromkeys(r["method"] for r in peers):
-        points.append(best_run([r for r in peers if r["method"] == method], "val_loss"))
-    return points
+    """Per peer and per ALQ method and target, its run of lowest validation loss over the learning rates."""
+    return [best_run(group, "val_loss") for group in swept(runs).values()]
 
 
 def plot(record: dict, path: Path) -> None:
@@ -163,8 +176,8 @@ def plot(record: dict, path: Path) -> None:
     colors = plt.get_cmap("tab20").colors
     for index, point in enumerate(best_points(record["runs"])):
         family = point["settings"]["library"] if "settings" in point else point["method"]
-        label = point["method"] + (f" (target {point['target_bits']:g})" if "target_bits" in point
-                                   else f" (lr {point['lr']:g})")
+        label = point["method"] + (f" (target {point['target_bits']:g}, " if "target_bits" in point else " (") + \
+            f"lr {point['lr']:g})"
         ax.scatter(point["model_bytes"] / 1024, point["val_loss"], marker=markers[family], label=label, s=40,
                    color=colors[index % len(colors)])
     for run in record["runs"]:
@@ -199,23 +212,25 @@ def markdown(record: dict) -> str:
              f"; all {record['quantized_weights']} weights of the {len(record['quantized_names'])} parameters of two "
              f"or more dimensions quantized by every method, biases and norms ({record['remainder_bytes']} B) "
              f"float. Peers: best of learning rates {', '.join(f'{lr:g}' for lr in record['lrs'])} on validation "
-             f"(the loss reported is on the same text, which can only favour them).", "",
+             f"(the loss reported is on the same text, which can only favour them); ALQ: best on validation of "
+             f"the learning rates listed below for each target (`lr` and `ste_lr` alike).", "",
              "| method | val loss | model bytes | code bits / weight | stored bits / weight | step time vs float |",
              "|---|---|---|---|---|---|"]
     if control:
         lines.append(f"| float control | {control['val_loss']:.4f} | {control['model_bytes']} | 32 | 32 | 1 |")
     for p in sorted(points, key=lambda p: p["model_bytes"]):
-        name = p["method"] + (f", target {p['target_bits']:g}" if "target_bits" in p else f", lr {p['lr']:g}")
+        name = p["method"] + (f", target {p['target_bits']:g}" if "target_bits" in p else "") + f", lr {p['lr']:g}"
         lines.append(f"| {name} | {p['val_loss']:.4f} | {p['model_bytes']} | {p['code_bits']:.3f} | "
                      f"{p['stored_bits']:.3f} | {p['step_ratio']:.2f}× |")
-    sweeps = [r for r in record["runs"] if "lr" in r]
+    sweeps = swept(record["runs"])
     if sweeps:
-        lines += ["", "Every peer run (validation loss at each learning rate; the most distinct values in a row or "
-                  "block of the forward weights before the last step / after training):", ""]
-        for method in dict.fromkeys(r["method"] for r in sweeps):
-            tried = ", ".join(f"{r['lr']:g}: {r['val_loss']:.4f} ({r['max_levels_last_step']}/{r['max_levels_after']})"
-                              for r in sweeps if r["method"] == method)
-            lines.append(f"- {method}: {tried}")
+        lines += ["", "Every run (validation loss at each learning rate; for a peer, the most distinct values in a "
+                  "row or block of the forward weights before the last step / after training):", ""]
+        for (method, target), group in sweeps.items():
+            tried = ", ".join(f"{r['lr']:g}: {r['val_loss']:.4f}" + (
+                f" ({r['max_levels_last_step']}/{r['max_levels_after']})" if "max_levels_after" in r else "")
+                for r in sorted(group, key=lambda r: r["lr"]))
+            lines.append(f"- {method}" + (f", target {target:g}" if target is not None else "") + f": {tried}")
     return "\n".join(lines)
 
 
@@ -227,6 +242,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", type=float, nargs="+", default=[1.0, 0.7, 0.5], help="ALQ target bits")
     parser.add_argument("--per-bit-targets", type=float, nargs="*", default=[1.0], help="ALQ per_bit targets")
     parser.add_argument("--lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3], help="peer learning rates")
+    parser.add_argument("--alq-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3],
+                        help="ALQ learning rates (lr and ste_lr alike), the same sweep as the peers' by default")
     parser.add_argument("--methods", nargs="*", default=None, help="only these peers (names of peer_methods.peers)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "peers_char_lm.json")
     parser.add_argument("--readme", type=Path, default=README)
@@ -234,6 +251,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("threads", "batches"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}={getattr(args, name)} must be >= 1")
+    for name in ("lrs", "alq_lrs"):
+        bad = [lr for lr in getattr(args, name) if not lr > 0]
+        if bad:
+            parser.error(f"--{name.replace('_', '-')}={bad} must be > 0")
     return args
 
 
@@ -266,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for run in record["runs"]:  # runs of an earlier invocation keep the commit they ran at
         run.setdefault("git_commit", record["git_commit"])
         run.setdefault("git_dirty", record["git_dirty"])
+        if run["method"].startswith("ALQ"):  # recorded before the ALQ sweep: ALQ's default lr = ste_lr = 1e-3
+            run.setdefault("lr", config["lr"])
     command = "python bench/peers.py " + " ".join(sys.argv[1:] if argv is None else argv)
     record["commands"] = [*record.get("commands", []), command]  # a rerun skips the runs already recorded
     record.update(command=command,
@@ -282,15 +305,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
         record["runs"].append({**run, "git_commit": record["git_commit"], "git_dirty": record["git_dirty"]})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")
-        print(f"{run['method']} {run.get('target_bits', '')}{run.get('lr', '')}: val loss {run['val_loss']:.4f}, "
+        print(f"{run['method']} {run.get('target_bits', '')} {run.get('lr', '')}: val loss {run['val_loss']:.4f}, "
               f"{run['model_bytes']} B", flush=True)
 
     if ("float control", None, None) not in done:
         save(run_control(model, train_ids, val_ids, config, data_seed))
     for per_bit, targets in ((False, args.targets), (True, args.per_bit_targets)):
-        for target in targets:
-            if ("ALQ per_bit" if per_bit else "ALQ", target, None) not in done:
-                save(run_alq(model, train_ids, val_ids, target, config, data_seed, per_bit))
+        for target, lr in itertools.product(targets, args.alq_lrs):
+            if ("ALQ per_bit" if per_bit else "ALQ", target, lr) not in done:
+                save(run_alq(model, train_ids, val_ids, target, config, data_seed, per_bit, lr))
     for peer in chosen:
         for lr in args.lrs:
             if (peer.name, None, lr) not in done:

@@ -119,3 +119,19 @@ def test_brevitas_trains_on_quantized_weights(peer_methods, bench_module, name):
     seen = forward_levels(peer_methods, bench_module, name)
     levels = next(p.levels for p in peer_methods.peers() if p.name == name)
     assert len(seen) == 6 and all(count <= levels for count in seen), seen
+
+
+def test_best_points_sweep_alq_per_target_like_the_peers(bench_module):
+    """The README's point of each peer and of each ALQ target is its run of lowest validation loss over the
+    learning rates; ALQ targets are separate points, the float control none."""
+    peers = bench_module("peers")
+    runs = [{"method": "float control", "val_loss": 1.8},
+            {"method": "ALQ", "target_bits": 1.0, "lr": 1e-3, "val_loss": 2.3},
+            {"method": "ALQ", "target_bits": 2.0, "lr": 1e-3, "val_loss": 1.96},
+            {"method": "ALQ", "target_bits": 1.0, "lr": 3e-3, "val_loss": 2.2},
+            {"method": "ALQ", "target_bits": 2.0, "lr": 3e-3, "val_loss": 1.99},
+            {"method": "ALQ per_bit", "target_bits": 1.0, "lr": 1e-3, "val_loss": 2.39},
+            {"method": "PARQ", "lr": 1e-3, "val_loss": 2.17},
+            {"method": "PARQ", "lr": 3e-3, "val_loss": 2.11}]
+    best = {(p["method"], p.get("target_bits")): p["lr"] for p in peers.best_points(runs)}
+    assert best == {("ALQ", 1.0): 3e-3, ("ALQ", 2.0): 1e-3, ("ALQ per_bit", 1.0): 1e-3, ("PARQ", None): 3e-3}
