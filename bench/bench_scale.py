@@ -236,6 +236,12 @@ def rank_job(rank: int, port: int, strategy: str, config: dict, directory: str) 
         "fit_seconds": time.perf_counter() - start, "avg_bits": network.avg_bits,
     }
     Path(directory, f"{strategy}{rank}.json").write_text(json.dumps(result))
+    # Skip Python's finalization: a gloo worker may release its last collective's tensors after it began, and a
+    # thread that needs the GIL then aborts the process (SIGABRT); FSDP2's process groups outlive
+    # destroy_process_group, so their threads can't be joined first.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port() -> int:

@@ -6,6 +6,7 @@ the seed, fits it under ``ModelParallelStrategy`` and saves what each rank holds
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -102,6 +103,16 @@ def fit(kind: str, alq_options: dict, path: Path, sharded: bool, world: int = 1,
     trainer.fit(build(kind, sharded), data, ckpt_path=ckpt_path)
 
 
+def leave() -> None:
+    """End a spawned process without Python's finalization. A gloo worker thread may release its last collective's
+    tensors only after the interpreter began finalizing, and a thread that needs the GIL then aborts the process
+    ("terminate called without an active exception", SIGABRT); FSDP2's process groups outlive
+    ``destroy_process_group``, so their threads can't be joined first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def sharded_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path,
                 sharded: bool = True) -> None:
     """The body of one spawned process: saves ``rank<r>.pt`` (FSDP2), or ``ddp<r>.pt`` (DDP, not ``sharded``)."""
@@ -109,6 +120,7 @@ def sharded_job(rank: int, world: int, port: int, kind: str, alq_options: dict, 
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     fit(kind, alq_options, directory / f"{'rank' if sharded else 'ddp'}{rank}.pt", sharded=sharded, world=world)
+    leave()
 
 
 def resume_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path) -> None:
@@ -121,6 +133,7 @@ def resume_job(rank: int, world: int, port: int, kind: str, alq_options: dict, d
         enable_checkpointing=True)
     fit(kind, alq_options, directory / f"resumed{rank}.pt", sharded=True, world=world,
         ckpt_path=directory / "ckpt" / "epoch=3.ckpt")
+    leave()
 
 
 def refusal_job(rank: int, world: int, port: int, directory: Path) -> None:
@@ -148,3 +161,4 @@ def refusal_job(rank: int, world: int, port: int, directory: Path) -> None:
             messages[case] = str(error)
     torch.save(messages, directory / f"refusals{rank}.pt")
     dist.destroy_process_group()
+    leave()
