@@ -15,6 +15,7 @@ _EXPORTS = {
     "summary": ("BitSummary", "bit_summary"),
     "packed.io": ("ExportReport", "export_packed", "load_packed"),
     "packed.inference": ("PackedModel", "load_packed_for_inference"),
+    "consolidate": ("consolidate_checkpoint",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [*_MODULE_OF, "__version__"]

@@ -1,4 +1,5 @@
-"""Command-line entry points: the console scripts ``alq-export`` / ``alq-summary`` / ``alq-eval`` and ``python -m
+"""Command-line entry points: the console scripts ``alq-export`` / ``alq-summary`` / ``alq-eval`` /
+``alq-consolidate`` and ``python -m
 alq_lightning COMMAND ...`` (``alq-train`` is :func:`alq_lightning.app.train.main`). The commands live in
 :mod:`alq_lightning.packed.cli` and :mod:`alq_lightning.app.evaluate`, which load when one runs."""
 from __future__ import annotations
@@ -10,6 +11,7 @@ COMMANDS = {
     "export": "write a Lightning checkpoint's ALQ model as a bit-packed file (alq-export)",
     "summary": "verify a packed file and print its per-layer table (alq-summary)",
     "eval": "a packed file's test accuracy on a data module, with its bytes and bits (alq-eval)",
+    "consolidate": "write a sharded (FSDP2) checkpoint folder as one checkpoint file (alq-consolidate)",
 }
 
 
@@ -22,6 +24,8 @@ def run(command: str, argv: Sequence[str] | None, prog: str) -> int:
         from alq_lightning.packed.cli import summary_main as main
     elif command == "eval":
         from alq_lightning.app.evaluate import eval_main as main
+    elif command == "consolidate":
+        from alq_lightning.consolidate import consolidate_main as main
     else:
         raise ValueError(f"unknown command {command!r}; the commands are {', '.join(COMMANDS)}")
     return main(None if argv is None else list(argv), prog=prog)
@@ -43,6 +47,11 @@ def evaluate(argv: Sequence[str] | None = None) -> int:
     return run("eval", argv, "alq-eval")
 
 
+def consolidate(argv: Sequence[str] | None = None) -> int:
+    """``alq-consolidate FOLDER FILE.ckpt``, the same as ``python -m alq_lightning consolidate ...``."""
+    return run("consolidate", argv, "alq-consolidate")
+
+
 def usage(prog: str) -> str:
     lines = [f"usage: {prog} {{{','.join(COMMANDS)}}} ...", "", "commands:"]
     lines += [f"  {name:<9} {about}" for name, about in COMMANDS.items()]
@@ -51,7 +60,7 @@ def usage(prog: str) -> str:
 
 
 def dispatch(argv: Sequence[str] | None = None, prog: str = "python -m alq_lightning") -> int:
-    """``python -m alq_lightning COMMAND ARGS...``: run ``COMMAND`` (``export``, ``summary``, ``eval``) on ``ARGS``.
+    """``python -m alq_lightning COMMAND ARGS...``: run ``COMMAND`` (``export``, ``summary``, ``eval``, ``consolidate``) on ``ARGS``.
     No command, or an unknown one, prints the usage naming the commands to stderr and returns 2 (argparse's
     status for bad usage); ``-h`` / ``--help`` prints it to stdout and returns 0."""
     args = list(sys.argv[1:] if argv is None else argv)

@@ -29,6 +29,8 @@ from .layers import SHARDS, LayerSelection, QuantizedLayer, float_remainder, zer
 from .network import MultiBitNetwork
 
 T = TypeVar("T")
+SHARDED_KEY = ".sharded"  # checkpoint["alq"] of a sharded checkpoint: {SHARDED_KEY: {layer: latent weights held}};
+# no layer name starts with a dot
 
 
 @dataclass
@@ -208,6 +210,46 @@ class ShardedNetwork(MultiBitNetwork):
                 whole[name] = {**gathered, "steps": tensors["steps"]}
         return whole
 
+    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """Each process's state as a sharded checkpoint holds it (``torch.distributed.checkpoint`` writes each
+        shard from its process; nothing is gathered): ``{checkpoint_key(layer, key): DTensor}`` (:func:`rows_view`)
+        and the replicated step counters (``key`` ``"steps"``). The latent weights are there only while held
+        (STE)."""
+        if len({checkpoint_key(name, "") for name in self.layers}) != len(self.layers):
+            raise ValueError(f"layer names {sorted(self.layers)} collide as checkpoint keys (dots read as '/')")
+        tensors = {}
+        for name, layer in self.layers.items():
+            for key, tensor in layer.multibit_tensors().items():
+                if key != "latent" or tensor.numel():
+                    tensors[checkpoint_key(name, key)] = rows_view(tensor.detach().contiguous(), layer)
+            tensors[checkpoint_key(name, "steps")] = torch.tensor(self.steps()[name])
+        return tensors
+
+    def latents_held(self) -> dict[str, bool]:
+        """``{layer: whether its latent weights are held}``, saved beside :meth:`sharded_state_dict`."""
+        return {name: layer.buffer("latent").numel() > 0 for name, layer in self.layers.items()}
+
+    def load_sharded(self, path: str, latents: Mapping[str, bool]) -> None:
+        """Load each process's shard of :meth:`sharded_state_dict` from the sharded checkpoint folder ``path``,
+        written by as many processes (``latents``: its :meth:`latents_held`). Collective."""
+        from torch.distributed.checkpoint import load
+
+        if set(latents) != set(self.layers):
+            raise ValueError(f"checkpoint has multi-bit layers {sorted(latents)}, the model has {sorted(self.layers)}")
+        state, local = {}, {}
+        for name, layer in self.layers.items():
+            local[name] = {}
+            for key, tensor in layer.multibit_tensors().items():
+                if key == "latent":
+                    rows = layer.layout.num_groups if latents[name] else 0
+                    tensor = tensor.new_empty(rows, layer.layout.group_size)
+                local[name][key] = target = torch.zeros_like(tensor)
+                if target.numel():
+                    state[checkpoint_key(name, key)] = rows_view(target, layer)
+            local[name]["steps"] = state[checkpoint_key(name, "steps")] = torch.zeros(2, dtype=torch.long)
+        load({"state_dict": state}, checkpoint_id=path)  # beside the model's, in Lightning's "state_dict"
+        super().load_state_tensors(local)
+
     def load_state_tensors(self, tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
         """Load each process's groups of the whole model's state (:meth:`state_tensors`, or a single process's)."""
         local = {}
@@ -221,6 +263,22 @@ class ShardedNetwork(MultiBitNetwork):
                            for key, tensor in saved.items()}
         super().load_state_tensors(local)
 
+
+
+def checkpoint_key(layer: str, key: str) -> str:
+    """The key of ``layer``'s tensor ``key`` in a sharded checkpoint's ``state_dict``: ``alq/<layer>/<key>``, the
+    layer's dots written as ``/`` (``torch.distributed.checkpoint`` reads dotted keys as module paths)."""
+    return f"alq/{layer.replace('.', '/')}/{key}"
+
+
+def rows_view(tensor: torch.Tensor, layer: ShardedLayer) -> DTensor:
+    """The local groups ``tensor [G_local, ...]`` of ``layer`` as a view of the whole layer's ``[R, G / R, ...]``,
+    a DTensor split on its ``R`` rows as FSDP2 splits the weight (every group lies within one row)."""
+    rows = layer.full_layout.shape[0]
+    local = tensor.view(-1, layer.full_layout.num_groups // rows, *tensor.shape[1:])
+    shape = torch.Size((rows, *local.shape[1:]))
+    return DTensor.from_local(local, layer.param.device_mesh, [Shard(0)], run_check=False, shape=shape,
+                              stride=torch.empty(shape, device="meta").stride())
 
 
 def hold_optimizer_state(optimizers: Sequence[torch.optim.Optimizer], layers: Mapping[str, ShardedLayer]) -> None:

@@ -29,6 +29,7 @@ SCRIPTS = {
     "alq-export": "alq_lightning.cli:export",
     "alq-summary": "alq_lightning.cli:summary",
     "alq-eval": "alq_lightning.cli:evaluate",
+    "alq-consolidate": "alq_lightning.cli:consolidate",
 }
 
 
@@ -48,7 +49,7 @@ def run_module(*args: str, cwd: Path | None = None) -> subprocess.CompletedProce
                           capture_output=True, text=True, timeout=120)
 
 
-def test_pyproject_declares_the_four_console_scripts_and_each_resolves_to_a_callable():
+def test_pyproject_declares_the_console_scripts_and_each_resolves_to_a_callable():
     assert PYPROJECT["project"]["scripts"] == SCRIPTS
     for name, target in SCRIPTS.items():
         assert callable(resolve(target)), name
@@ -68,7 +69,8 @@ def test_console_scripts_of_the_installed_metadata_resolve_to_callables():
 def test_console_script_functions_name_themselves_in_their_usage(capsys):
     for function, usage in ((cli.export, "usage: alq-export [-h] [--coord-bits {16,32}]"),
                             (cli.summary, "usage: alq-summary [-h] path"),
-                            (cli.evaluate, "usage: alq-eval [-h] [--model MODEL] [--data DATA] [--run RUN]")):
+                            (cli.evaluate, "usage: alq-eval [-h] [--model MODEL] [--data DATA] [--run RUN]"),
+                            (cli.consolidate, "usage: alq-consolidate [-h] folder file")):
         with pytest.raises(SystemExit) as done:
             function(["--help"])
         assert done.value.code == 0
@@ -90,6 +92,7 @@ def test_train_py_is_the_packaged_app():
     ("summary", "usage: python -m alq_lightning summary [-h] path"),
     ("export", "usage: python -m alq_lightning export [-h] [--coord-bits {16,32}]"),
     ("eval", "usage: python -m alq_lightning eval [-h] [--model MODEL] [--data DATA] [--run RUN] [--bitwise]"),
+    ("consolidate", "usage: python -m alq_lightning consolidate [-h] folder file"),
 ])
 def test_module_commands_print_their_usage(command, usage):
     done = run_module(command, "--help")
@@ -110,8 +113,8 @@ def test_module_command_passes_its_arguments_on(tmp_path):
 def test_unknown_or_missing_command_is_a_usage_error_naming_the_commands(args, problem):
     done = run_module(*args)
     assert done.returncode == 2 and done.stdout == ""
-    assert f"python -m alq_lightning: error: {problem} (choose from export, summary, eval)" in done.stderr
-    assert "usage: python -m alq_lightning {export,summary,eval} ..." in done.stderr
+    assert f"python -m alq_lightning: error: {problem} (choose from export, summary, eval, consolidate)" in done.stderr
+    assert "usage: python -m alq_lightning {export,summary,eval,consolidate} ..." in done.stderr
 
 
 def test_the_commands_run_only_through_the_package(tmp_path):
@@ -129,8 +132,9 @@ def test_the_commands_run_only_through_the_package(tmp_path):
 def test_module_help_lists_the_commands():
     done = run_module("--help")
     assert done.returncode == 0
-    assert done.stdout.startswith("usage: python -m alq_lightning {export,summary,eval} ...")
+    assert done.stdout.startswith("usage: python -m alq_lightning {export,summary,eval,consolidate} ...")
     assert "\n  export " in done.stdout and "\n  summary " in done.stdout and "\n  eval " in done.stdout
+    assert "\n  consolidate " in done.stdout
 
 
 def test_py_typed_is_shipped_as_package_data():

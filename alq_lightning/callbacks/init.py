@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -13,7 +14,7 @@ from typing_extensions import override
 from ..core import QuadraticConfig
 from ..layers import LayerSelection, attach
 from ..network import MultiBitNetwork
-from ..sharded import attach_network, hold_optimizer_state
+from ..sharded import SHARDED_KEY, ShardedNetwork, attach_network, hold_optimizer_state
 from ..summary import bit_summary
 from .arguments import check
 
@@ -176,7 +177,12 @@ class ALQInit(Callback):
 
     @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = self.network.state_tensors()
+        if isinstance(self.network, ShardedNetwork) and getattr(trainer.strategy, "_save_distributed_checkpoint", 0):
+            # a sharded checkpoint: each process writes its own shard of the state with the model's
+            checkpoint["state_dict"].update(self.network.sharded_state_dict())
+            checkpoint[CHECKPOINT_KEY] = {SHARDED_KEY: self.network.latents_held()}
+        else:
+            checkpoint[CHECKPOINT_KEY] = self.network.state_tensors()
         checkpoint[STRUCTURES_KEY] = self.network.structures()
 
     @override
@@ -188,7 +194,16 @@ class ALQInit(Callback):
                 "ALQCallback attached. Load its dense weights with LightningModule.load_from_checkpoint instead"
             )
         self.network.check_structures(checkpoint.get(STRUCTURES_KEY, {}))
-        self.network.load_state_tensors(tensors)
+        if SHARDED_KEY not in tensors:
+            self.network.load_state_tensors(tensors)
+        elif isinstance(self.network, ShardedNetwork) and trainer.ckpt_path and Path(trainer.ckpt_path).is_dir():
+            self.network.load_sharded(trainer.ckpt_path, tensors[SHARDED_KEY])
+        else:
+            raise ValueError(
+                "the checkpoint holds the ALQ state of a sharded fit, in the shards of its folder: resume it under "
+                "ModelParallelStrategy on as many processes, or make one file of it first with "
+                "alq_lightning.consolidate_checkpoint(folder, file) (python -m alq_lightning consolidate)"
+            )
 
 
 def held(trainer: Trainer, kind: type, attr: str) -> dict[int, tuple[Any, Callback]]:

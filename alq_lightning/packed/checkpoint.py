@@ -15,12 +15,14 @@ import importlib
 import pickle
 import zipfile
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..activations import CHECKPOINT_KEY
+from ..consolidate import read_sharded_checkpoint
 from ..core import GroupLayout, MultiBitState, auto_layout
 from ..layers import LayerSelection, attach, resolve
 from ..models import MODEL_NAMES, build_model
@@ -82,8 +84,10 @@ def architecture(hparams: Mapping[str, Any], **given: Any) -> tuple[str, dict[st
 
 
 def read_checkpoint(path: str) -> Mapping[str, Any]:
-    """The Lightning checkpoint at ``path`` (``torch.load`` with ``weights_only=True``); ValueError saying what
-    was expected and what was found otherwise."""
+    """The Lightning checkpoint at ``path`` (``torch.load`` with ``weights_only=True``; a sharded checkpoint's
+    folder consolidated in memory); ValueError saying what was expected and what was found otherwise."""
+    if Path(path).is_dir():
+        return read_sharded_checkpoint(path)
     with open(path, "rb") as handle:
         start = handle.read(len(MAGIC))
     if start == MAGIC:

@@ -36,7 +36,8 @@ def export_main(argv: Sequence[str] | None = None, prog: str = "python -m alq_li
     the command in the usage text (``alq-export``, ``python -m alq_lightning export``)."""
     parser = argparse.ArgumentParser(prog=prog,
                                      description="Write a Lightning checkpoint's ALQ model as a bit-packed file.")
-    parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) written with ALQ attached")
+    parser.add_argument("checkpoint", help="Lightning checkpoint (.ckpt) written with ALQ attached, or the folder of a "
+                                           "sharded (FSDP2) one")
     parser.add_argument("output", help="packed file to write (.alq)")
     parser.add_argument("--coord-bits", type=int, choices=(16, 32), default=32, help="coordinate precision")
     parser.add_argument("--model", choices=MODEL_NAMES, help="architecture, when the hyper-parameters lack it")

@@ -13,6 +13,7 @@ import torch
 
 from alq_lightning import bit_summary
 from alq_lightning.models import build_model
+from alq_lightning.packed.cli import export_main
 from alq_lightning.packed.io import load_packed, read_packed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,3 +42,6 @@ def test_default_job_sharded_on_two_processes(tmp_path):
     assert results["storage_bytes"]["coords32"] == bit_summary(model).storage_bytes
     assert (out / "last.ckpt" / "meta.pt").is_file(), "Lightning's sharded checkpoint"
     assert "alq" in torch.load(out / "last.ckpt" / "meta.pt", weights_only=True)
+    # the sharded checkpoint of the fit's end exports, consolidated in memory, to the run's own file
+    assert export_main([str(out / "last.ckpt"), str(tmp_path / "from_checkpoint.alq")]) == 0
+    assert (tmp_path / "from_checkpoint.alq").read_bytes() == packed.read_bytes()

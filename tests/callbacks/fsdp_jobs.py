@@ -123,8 +123,9 @@ def sharded_job(rank: int, world: int, port: int, kind: str, alq_options: dict, 
     leave()
 
 
-def resume_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path) -> None:
-    """A sharded fit that checkpoints every epoch (``directory/ckpt``), then the same fit resumed from epoch 3's."""
+def resume_job(rank: int, world: int, port: int, kind: str, alq_options: dict, directory: Path,
+               epoch: int = 3) -> None:
+    """A sharded fit that checkpoints every epoch (``directory/ckpt``), then the same fit resumed from ``epoch``'s."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0",
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -132,7 +133,7 @@ def resume_job(rank: int, world: int, port: int, kind: str, alq_options: dict, d
     fit(kind, alq_options, directory / f"full{rank}.pt", sharded=True, world=world, callbacks=[every_epoch],
         enable_checkpointing=True)
     fit(kind, alq_options, directory / f"resumed{rank}.pt", sharded=True, world=world,
-        ckpt_path=directory / "ckpt" / "epoch=3.ckpt")
+        ckpt_path=directory / "ckpt" / f"epoch={epoch}.ckpt")
     leave()
 
 

@@ -9,12 +9,15 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from fsdp_jobs import build, fit, refusal_job, resume_job, sharded_job
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.checkpoint import FileSystemReader
 
 from alq_lightning import export_packed
+from alq_lightning.consolidate import consolidate_main
 from alq_lightning.activations import attach_activations
 from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.network import MultiBitNetwork
+from alq_lightning.packed.checkpoint import read_checkpoint
+from alq_lightning.sharded import SHARDED_KEY, checkpoint_key
 
 SCHEDULE = dict(target_bits=0.8, max_bits=3, rounds=2, basis_epochs=1, coordinate_epochs=1, ste_epochs=1,
                 final_coordinate_epochs=1)
@@ -95,9 +98,10 @@ def test_layers_fsdp2_cannot_serve_by_rows_are_refused_by_name(tmp_path):
 
 @pytest.mark.slow
 def test_resume_from_a_sharded_checkpoint_is_exact_and_its_consolidation_resumes_in_one_process(tmp_path):
-    """The ALQ state travels in the checkpoint's metadata, gathered whole onto the first process."""
-    options = dict(SCHEDULE, exclude=[])
-    mp.spawn(resume_job, args=(2, free_port(), "mlp", options, tmp_path), nprocs=2)
+    """The ALQ state travels in the model's shards, each process writing its own rows (nothing in ``meta.pt`` but
+    which layers held latent weights); consolidated to one file, a single process resumes from it."""
+    options = dict(SCHEDULE, exclude=[], ste_epochs=2, structures={"net.1": "subchannelwise(2)"})  # 2 groups a row
+    mp.spawn(resume_job, args=(2, free_port(), "mlp", options, tmp_path, 6), nprocs=2)  # from within STE
     for rank in range(2):
         full, resumed = (torch.load(tmp_path / f"{run}{rank}.pt", weights_only=True) for run in ("full", "resumed"))
         assert full["avg_bits"] == resumed["avg_bits"]
@@ -106,15 +110,29 @@ def test_resume_from_a_sharded_checkpoint_is_exact_and_its_consolidation_resumes
                 assert torch.equal(resumed["state"][name][key], tensor), f"rank {rank}: {name}.{key}"
         for key, tensor in full["model"].items():
             assert torch.equal(resumed["model"][key], tensor), f"rank {rank}: {key}"
-    consolidated = tmp_path / "epoch3.ckpt"
-    consolidate(tmp_path / "ckpt" / "epoch=3.ckpt", consolidated)
+    folder = tmp_path / "ckpt" / "epoch=6.ckpt"
+    held = {epoch: torch.load(tmp_path / "ckpt" / f"epoch={epoch}.ckpt" / "meta.pt", weights_only=True)["alq"]
+            for epoch in range(9)}
+    assert held[6] == {SHARDED_KEY: {"net.1": True, "net.3": True}}  # the latent weights of STE's first epoch
+    assert all(held[epoch] == {SHARDED_KEY: {"net.1": False, "net.3": False}} for epoch in range(9) if epoch != 6)
+    chunks = FileSystemReader(folder).read_metadata().state_dict_metadata
+    for name, rows in (("net.1", 32), ("net.3", 4)):
+        for key in ("codes", "coords", "mask", "weight_m", "coord_vmax", "latent"):
+            offsets = [chunk.offsets[0] for chunk in chunks[f"state_dict.{checkpoint_key(name, key)}"].chunks]
+            assert sorted(offsets) == [0, rows // 2], f"{name}.{key}: one shard of rows per process"
+    consolidated = tmp_path / "epoch6.ckpt"
+    assert consolidate_main([str(folder), str(consolidated)]) == 0
+    whole_state = torch.load(consolidated, weights_only=True)["alq"]
+    assert whole_state["net.1"]["latent"].shape == (64, 32) and whole_state["net.3"]["codes"].shape == (4, 32)
+    assert not any(key.startswith("alq/") for key in torch.load(consolidated, weights_only=True)["state_dict"])
+    assert torch.equal(read_checkpoint(str(folder))["alq"]["net.1"]["coords"], whole_state["net.1"]["coords"])
     fit("mlp", options, tmp_path / "single.pt", sharded=False, ckpt_path=consolidated)
     single = torch.load(tmp_path / "single.pt", weights_only=True)
     ranks = [torch.load(tmp_path / f"full{rank}.pt", weights_only=True) for rank in range(2)]
     for name, state in single["state"].items():
         for key in ("codes", "mask"):
             assert torch.equal(whole(ranks, name, key), state[key]), f"{name}.{key}"
-        # as in the fit test: half-batch against full-batch gradient sums, over the last 4 epochs
+        # as in the fit test: half-batch against full-batch gradient sums, over the last 3 epochs
         torch.testing.assert_close(whole(ranks, name, "coords"), state["coords"], rtol=1e-4, atol=1e-4)
 
 
@@ -155,18 +173,6 @@ def test_sharded_fit_on_one_gpu_equals_the_plain_fit(tmp_path, kind):
         # weights; seen equal or within rounding
         torch.testing.assert_close(sharded["state"][name]["coords"].cpu(), state["coords"].cpu(), rtol=1e-4, atol=1e-4)
     assert (tmp_path / "rank.alq").stat().st_size == (tmp_path / "single.alq").stat().st_size
-
-
-def consolidate(folder, output) -> None:
-    """One file from a Trainer's sharded checkpoint: torch's consolidation of the model and optimizer shards, plus the
-    rest from ``meta.pt``, optimizers listed as Lightning lists them. (Lightning's ``consolidate_checkpoint`` reads
-    ``"model"``, which only Fabric writes.)"""
-    dcp_to_torch_save(folder, output)
-    checkpoint = torch.load(output, weights_only=True)
-    checkpoint.update(torch.load(folder / "meta.pt", weights_only=True))
-    count = sum(key.startswith("optimizer_") for key in checkpoint)
-    checkpoint["optimizer_states"] = [checkpoint.pop(f"optimizer_{index}") for index in range(count)]
-    torch.save(checkpoint, output)
 
 
 @pytest.mark.slow

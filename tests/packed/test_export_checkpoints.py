@@ -419,8 +419,8 @@ def test_command_line_help(capsys):
                            "[--num-classes NUM_CLASSES] [--input-size INPUT_SIZE] [--prefix PREFIX] "
                            "[--module CLASS_PATH] checkpoint output ")
     assert (" checkpoint output Write a Lightning checkpoint's ALQ model as a bit-packed file. positional "
-            "arguments: checkpoint Lightning checkpoint (.ckpt) written with ALQ attached output packed file to write "
-            "(.alq) ") in text
+            "arguments: checkpoint Lightning checkpoint (.ckpt) written with ALQ attached, or the folder of a sharded "
+            "(FSDP2) one output packed file to write (.alq) ") in text
     assert text.endswith(" --coord-bits {16,32} coordinate precision --model "
                          "{lenet5,vgg_small,resnet20,resnet18,resnet34,vit_tiny} architecture, when the "
                          "hyper-parameters lack it --in-channels IN_CHANNELS --num-classes NUM_CLASSES --input-size "
