@@ -3,6 +3,7 @@
     apt-get install fortunes                           # the corpus: Debian's fortune cookies (once)
     python bench/char_lm.py --threads 1                # float training, then ALQ at 1 and 0.7 bits
     python bench/char_lm.py --smoke --out /tmp/s.json  # tiny sizes, a few seconds (no RESULTS.md section)
+    python bench/char_lm.py --fsdp2 --no-control       # each ALQ fit sharded by FSDP2 on 2 CPU processes
 
 Corpus: the English fortune cookies of Debian's ``fortunes`` package (which pulls in ``fortunes-min``), every
 file of ``/usr/share/games/fortunes`` (about 2.5 MB of quotations, jokes, poems and literature), read in name
@@ -391,6 +392,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes for a quick test")
     parser.add_argument("--targets", type=float, nargs="+", default=[1.0, 0.7])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fsdp2", action="store_true", help="each ALQ fit sharded by FSDP2 on 2 CPU processes "
+                        "(bench/char_lm_sharded.py); no RESULTS.md section")
     parser.add_argument("--no-control", action="store_true",
                         help="skip the control: the float model trained on as many further batches as ALQ sees")
     parser.add_argument("--corpus", type=Path, nargs="+", default=None, help=f"text files (default: {FORTUNES})")
@@ -411,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     config = copy.deepcopy(SMOKE if args.smoke else FULL)
     out = args.out or HERE / "results" / ("char_lm_smoke.json" if args.smoke else "char_lm.json")
-    results_md = args.results_md or (None if args.smoke else HERE / "RESULTS.md")
+    results_md = args.results_md or (None if args.smoke or args.fsdp2 else HERE / "RESULTS.md")
     began = time.perf_counter()
 
     files = [Path(p) for p in args.corpus] if args.corpus else corpus_files()
@@ -451,7 +454,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     runs = []
     for target in args.targets:
-        result = quantize(model, train_ids, target, config["alq"], args.seed + 1)
+        if args.fsdp2:
+            from char_lm_sharded import quantize_sharded
+
+            result = quantize_sharded(model, train_ids, target, config["alq"], args.seed + 1)
+        else:
+            result = quantize(model, train_ids, target, config["alq"], args.seed + 1)
         quantized = result.pop("module").model
         loss = evaluate(quantized, val_ids)
         runs.append({"target_bits": target, "val_loss": loss, "perplexity": perplexity(loss), **result})
@@ -466,7 +474,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "command": "python bench/char_lm.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"), "hardware": hardware(),
         "threads": args.threads, "torch": torch.__version__, "lightning": L.__version__,
-        "alq_lightning_path": str(package), **git_state(package), "smoke": args.smoke, "seed": args.seed,
+        "alq_lightning_path": str(package), **git_state(package), "smoke": args.smoke, "fsdp2": args.fsdp2,
+        "seed": args.seed,
         "corpus": corpus, "model": {"vocab": len(VOCAB), **config["model"]},
         "num_parameters": len(dict(model.named_parameters())), "num_weights": num_weights,
         "num_matrices": len(matrices), "num_other": num_other,

@@ -147,3 +147,20 @@ def test_quantized_inputs_of_the_char_transformer(char_lm, tmp_path, caplog):
         assert torch.equal(load_packed(tmp_path / "m.alq", fresh).eval()(x), quantized)
         alq.activations._enable(False)
         assert not torch.allclose(module(x), quantized, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_the_char_transformer_quantized_by_fsdp2_on_two_processes_equals_the_single_process_run(char_lm, tmp_path):
+    """``--fsdp2``: every weight matrix (the raw position table and attention's raw ``in_proj_weight`` among them)
+    sharded on rows over 2 processes, each taking half of every batch; the packed file the fit ends with holds the
+    single-process run's bits per layer and, up to float rounding of the half-batch gradient sums, its loss."""
+    arguments = ["--smoke", "--no-control", "--corpus", str(TEXT), "--targets", "1", "0.7"]
+    single = char_lm.main([*arguments, "--out", str(tmp_path / "single.json")])
+    sharded = char_lm.main([*arguments, "--fsdp2", "--out", str(tmp_path / "sharded.json")])
+    assert sharded["fsdp2"] and not single["fsdp2"]
+    for one, two in zip(single["alq"], sharded["alq"]):
+        assert two["quantized_parameters"] == 7 and two["quantized_names"] == one["quantized_names"]
+        assert two["avg_bits"] == one["avg_bits"] <= one["target_bits"]
+        assert [layer["avg_bits"] for layer in two["layers"]] == [layer["avg_bits"] for layer in one["layers"]]
+        assert two["packed_file_bytes"] > two["storage_bytes"] > 0
+        assert two["val_loss"] == pytest.approx(one["val_loss"], abs=1e-4)
