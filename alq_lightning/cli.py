@@ -60,9 +60,9 @@ def usage(prog: str) -> str:
 
 
 def dispatch(argv: Sequence[str] | None = None, prog: str = "python -m alq_lightning") -> int:
-    """``python -m alq_lightning COMMAND ARGS...``: run ``COMMAND`` (``export``, ``summary``, ``eval``, ``consolidate``) on ``ARGS``.
-    No command, or an unknown one, prints the usage naming the commands to stderr and returns 2 (argparse's
-    status for bad usage); ``-h`` / ``--help`` prints it to stdout and returns 0."""
+    """``python -m alq_lightning COMMAND ARGS...``: run ``COMMAND`` (``export``, ``summary``, ``eval``,
+    ``consolidate``) on ``ARGS``. No command, or an unknown one, prints the usage naming the commands to stderr
+    and returns 2 (argparse's status for bad usage); ``-h`` / ``--help`` prints it to stdout and returns 0."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
         print(usage(prog))

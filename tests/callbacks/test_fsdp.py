@@ -12,8 +12,8 @@ from fsdp_jobs import build, fit, refusal_job, resume_job, sharded_job
 from torch.distributed.checkpoint import FileSystemReader
 
 from alq_lightning import export_packed
-from alq_lightning.consolidate import consolidate_main
 from alq_lightning.activations import attach_activations
+from alq_lightning.consolidate import consolidate_main
 from alq_lightning.layers import LayerSelection, attach
 from alq_lightning.network import MultiBitNetwork
 from alq_lightning.packed.checkpoint import read_checkpoint
