@@ -33,7 +33,6 @@ import datetime
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -55,7 +54,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from alq_lightning import ALQCallback
 from alq_lightning.sharded import row_chunk
 
-from common import git_state, hardware, write_section
+from common import exit_without_finalizing, free_port, git_state, hardware, write_section
 
 HERE = Path(__file__).resolve().parent
 WORLD = 2
@@ -236,18 +235,7 @@ def rank_job(rank: int, port: int, strategy: str, config: dict, directory: str) 
         "fit_seconds": time.perf_counter() - start, "avg_bits": network.avg_bits,
     }
     Path(directory, f"{strategy}{rank}.json").write_text(json.dumps(result))
-    # Skip Python's finalization: a gloo worker may release its last collective's tensors after it began, and a
-    # thread that needs the GIL then aborts the process (SIGABRT); FSDP2's process groups outlive
-    # destroy_process_group, so their threads can't be joined first.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    exit_without_finalizing()
 
 
 def run(strategy: str, config: dict) -> list[dict]:

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
-import sys
 import tempfile
 import time
 import warnings
@@ -27,6 +25,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from char_lm import CharLM, CharTransformer, RandomWindows, alq_epochs, check_all_quantized
+from common import exit_without_finalizing, free_port
 
 WORLD = 2
 KEYS = ("max_bits", "rounds", "basis_epochs", "coordinate_epochs", "pruning_epochs", "ste_epochs",
@@ -78,17 +77,7 @@ def rank_job(rank: int, port: int, model: CharTransformer, train_ids: torch.Tens
                         callbacks=[alq], num_sanity_val_steps=0)
     trainer.fit(module, torch.utils.data.DataLoader(HalfBatches(windows, rank, WORLD), batch_size=None))
     export_packed(module.model, path)
-    # skip Python's finalization: a gloo worker may release its last collective's tensors after it began, and a
-    # thread that needs the GIL then aborts the process (SIGABRT)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    exit_without_finalizing()
 
 
 def quantize_sharded(model: CharTransformer, train_ids: torch.Tensor, target: float, config: dict, seed: int) -> dict:

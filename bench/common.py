@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -50,3 +52,20 @@ def write_section(path: Path, key: str, text: str) -> None:
         current = current.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(current)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def exit_without_finalizing() -> None:
+    """End a spawned process of a gloo process group with status 0, skipping Python's finalization: a gloo worker
+    may release its last collective's tensors after finalization began, and a thread that needs the GIL then aborts
+    the process (SIGABRT); FSDP2's process groups outlive ``destroy_process_group``, so their threads can't be
+    joined first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
